@@ -1,0 +1,1 @@
+"""Input pipelines: image classification (TFDS, scikit-learn digits) and language modelling."""

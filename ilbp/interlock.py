@@ -1,0 +1,289 @@
+"""Interlocking gradients: the engine (`interlocking_grads`) and its spec (`interlocking_loss`).
+
+Notation (DESIGN.md §2), 1-based as in the paper: stages k = 1..K with a_0 = x and
+a_k = f_k(θ_k, a_{k-1}); heads k = 1..K-1 with L_k = aux_loss(h_k(φ_k, a_k), y); the task loss
+L_K = loss(a_K, y). With reach n, loss L_j's gradient flows back through stages
+max(1, j-n+1)..j and no further, and t(k) = min(k+n-1, K) is the furthest loss reaching stage k.
+
+  combine="furthest":  grad θ_k = ∂L_{t(k)}/∂θ_k
+  combine="sum":       grad θ_k = Σ_{j=k..t(k)} ∂L_j/∂θ_k
+  always:              grad φ_k = ∂L_k/∂φ_k
+
+`interlocking_loss` states this with `stop_gradient` masks: each loss recomputes its own view of
+the stages it reaches. It is the readable spec and the test oracle, not a training engine:
+after autodiff XLA does not merge the recomputed views (DESIGN.md §3), so it costs up to 1.4x
+plain backprop.
+
+`interlocking_grads` runs every stage forward once under `jax.vjp`, then walks cotangents
+backwards, calling a stage's VJP once per loss that passes through it and keeping the parameter
+half only where the strategy says so. Losses whose gradient would reach no stage parameter are
+not propagated at all (e.g. the heads' losses under global training), and XLA removes the
+halves of each VJP that are not used, so global costs what plain backprop costs and local less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from ilbp.strategy import Strategy
+from ilbp.strategy import strategy as parse_strategy
+
+PyTree = Any
+
+
+def loss_users(strategy: Strategy, num_stages: int) -> list[list[int]]:
+  """Which stages' parameters each loss trains (0-based stages and losses).
+
+  Args:
+    strategy: the training strategy.
+    num_stages: K.
+
+  Returns:
+    A list of K lists: entry j holds the stages k (ascending) whose parameter gradient takes a
+    term from loss j (loss K-1 is the task loss). An empty list means loss j trains only its
+    own head.
+  """
+  K = num_stages
+  n = strategy.reach_for(K)
+  users = []
+  for j in range(K):
+    reached = range(max(0, j - n + 1), j + 1)
+    if strategy.combine == "sum":
+      users.append(list(reached))
+    else:
+      users.append([k for k in reached if min(k + n - 1, K - 1) == j])
+  return users
+
+
+def _check(stage_fns, head_fns, stage_params, head_params, strategy) -> Strategy:
+  K = len(stage_fns)
+  if K < 1:
+    raise ValueError("interlocking_grads needs at least one stage function, got 0.")
+  if len(head_fns) != K - 1:
+    raise ValueError(
+      f"Got {K} stage functions and {len(head_fns)} head functions; "
+      f"every stage but the last needs a head, so expected {K - 1} head functions."
+    )
+  if len(stage_params) != K:
+    raise ValueError(f"Got {K} stage functions but {len(stage_params)} stage parameter trees.")
+  if len(head_params) != K - 1:
+    raise ValueError(f"Got {K - 1} head functions but {len(head_params)} head parameter trees.")
+  return parse_strategy(strategy) if not isinstance(strategy, Strategy) else strategy
+
+
+def interlocking_grads(
+  stage_fns: Sequence[Callable],
+  head_fns: Sequence[Callable],
+  stage_params: Sequence[PyTree],
+  head_params: Sequence[PyTree],
+  inputs: PyTree,
+  labels: PyTree,
+  *,
+  strategy: Strategy | str,
+  loss_fn: Callable,
+  aux_loss_fn: Callable | None = None,
+  has_aux: bool = False,
+  loss_has_aux: bool = False,
+):
+  """Gradients of every stage and head under an interlocking strategy, one forward pass.
+
+  Args:
+    stage_fns: K callables `f_k(params_k, a) -> a_k`; stage K's output is the logits.
+    head_fns: K-1 callables `h_k(head_params_k, a_k) -> logits`.
+    stage_params: K parameter pytrees.
+    head_params: K-1 parameter pytrees.
+    inputs: a_0, the network input.
+    labels: passed unchanged to the loss functions (any pytree, e.g. a batch dict).
+    strategy: a Strategy, or a name accepted by `ilbp.strategy`.
+    loss_fn: `loss_fn(logits, labels) -> scalar` for the last stage.
+    aux_loss_fn: the same for the heads; defaults to `loss_fn`.
+    has_aux: if True, stage and head functions return `(output, aux)` (e.g. updated BatchNorm
+      statistics); the aux values of the single forward pass are returned as a fourth result
+      `{"stages": [...], "heads": [...]}`.
+    loss_has_aux: if True, loss functions return `(loss, metrics_dict)`; those metrics are
+      reported per head as `head{k}/{name}`.
+
+  Returns:
+    `(stage_grads, head_grads, metrics)` (plus the aux dict when `has_aux`): lists of gradient
+    pytrees shaped like `stage_params` / `head_params`, and `metrics` with every loss's value as
+    `head{k}/loss`, k = 1..K (head K is the network's own output).
+
+  Raises:
+    ValueError: if the numbers of functions and parameter trees do not fit together.
+  """
+  strategy = _check(stage_fns, head_fns, stage_params, head_params, strategy)
+  aux_loss_fn = loss_fn if aux_loss_fn is None else aux_loss_fn
+  K = len(stage_fns)
+  users = loss_users(strategy, K)
+  metrics = {}
+
+  # Forward: each stage runs exactly once; its VJP closure keeps the residuals.
+  acts, vjps, stage_aux = [inputs], [], []
+  for k in range(K):
+    if has_aux:
+      a, vjp, aux = jax.vjp(stage_fns[k], stage_params[k], acts[-1], has_aux=True)
+      stage_aux.append(aux)
+    else:
+      a, vjp = jax.vjp(stage_fns[k], stage_params[k], acts[-1])
+    acts.append(a)
+    vjps.append(vjp)
+
+  # Losses: the gradient of each loss with respect to its stage's output, where needed.
+  incoming: list[dict[int, PyTree]] = [{} for _ in range(K)]
+  head_grads, head_aux = [], []
+  for j in range(K):
+    a_j = acts[j + 1]
+    needs_input = bool(users[j])
+    if j < K - 1:
+      fn = _head_loss(head_fns[j], aux_loss_fn, labels, has_aux, loss_has_aux)
+      argnums = (0, 1) if needs_input else 0
+      (loss, (h_aux, loss_metrics)), grads = jax.value_and_grad(fn, argnums, has_aux=True)(
+        head_params[j], a_j
+      )
+      head_grads.append(grads[0] if needs_input else grads)
+      head_aux.append(h_aux)
+      cot = grads[1] if needs_input else None
+    else:
+      fn = _head_loss(None, loss_fn, labels, False, loss_has_aux)
+      (loss, (_, loss_metrics)), cot = jax.value_and_grad(fn, 1, has_aux=True)(None, a_j)
+    metrics[f"head{j + 1}/loss"] = loss
+    metrics.update({f"head{j + 1}/{name}": v for name, v in loss_metrics.items()})
+    if needs_input:
+      incoming[j][j] = cot
+
+  # Backward: walk stages top-down, routing each loss's cotangent only as far as it is used.
+  stage_grads: list[PyTree] = [None] * K
+  for k in reversed(range(K)):
+    arrived = incoming[k]
+    param_losses = [j for j in arrived if k in users[j]]
+    input_losses = [j for j in arrived if users[j][0] < k]
+    # Σ_j vjp(c_j)_θ = vjp(Σ_j c_j)_θ: one weight-gradient pass however many losses train θ_k.
+    total = _tree_sum([arrived[j] for j in param_losses])
+    d_params, d_input = vjps[k](total)
+    stage_grads[k] = d_params
+    if len(param_losses) == 1 and param_losses[0] in input_losses:
+      # The one loss that trains θ_k also continues below: reuse the same VJP call.
+      incoming[k - 1][param_losses[0]] = d_input
+      input_losses.remove(param_losses[0])
+    for j in input_losses:
+      # Losses stay separate below k: the stages there pick among them by reach.
+      incoming[k - 1][j] = vjps[k](arrived[j])[1]
+
+  if has_aux:
+    return stage_grads, head_grads, metrics, {"stages": stage_aux, "heads": head_aux}
+  return stage_grads, head_grads, metrics
+
+
+def interlocking_loss(
+  stage_fns: Sequence[Callable],
+  head_fns: Sequence[Callable],
+  stage_params: Sequence[PyTree],
+  head_params: Sequence[PyTree],
+  inputs: PyTree,
+  labels: PyTree,
+  *,
+  strategy: Strategy | str,
+  loss_fn: Callable,
+  aux_loss_fn: Callable | None = None,
+) -> jax.Array:
+  """The stop_gradient composition whose `jax.grad` equals `interlocking_grads`.
+
+  The spec in code: loss L_j recomputes stages max(1, j-n+1)..j from a detached input, with
+  live parameters exactly at the stages it trains (`loss_users`) and stop_gradient elsewhere;
+  the total is the plain sum of all losses. Arguments as for `interlocking_grads` (without the
+  aux options).
+
+  Returns:
+    The scalar sum of all K losses, whose gradient is the interlocking gradient.
+  """
+  strategy = _check(stage_fns, head_fns, stage_params, head_params, strategy)
+  aux_loss_fn = loss_fn if aux_loss_fn is None else aux_loss_fn
+  K = len(stage_fns)
+  n = strategy.reach_for(K)
+  users = loss_users(strategy, K)
+  sg = jax.lax.stop_gradient
+
+  # A detached forward pass provides every view's starting point.
+  detached = [sg(inputs)]
+  for k in range(K):
+    detached.append(sg(stage_fns[k](stage_params[k], detached[-1])))
+
+  total = 0.0
+  for j in range(K):
+    lo = max(0, j - n + 1)
+    a = detached[lo]
+    for k in range(lo, j + 1):
+      theta = stage_params[k] if k in users[j] else sg(stage_params[k])
+      a = stage_fns[k](theta, a)
+    if j < K - 1:
+      total = total + aux_loss_fn(head_fns[j](head_params[j], a), labels)
+    else:
+      total = total + loss_fn(a, labels)
+  return total
+
+
+def backprop_grads(
+  stage_fns: Sequence[Callable],
+  head_fns: Sequence[Callable],
+  stage_params: Sequence[PyTree],
+  head_params: Sequence[PyTree],
+  inputs: PyTree,
+  labels: PyTree,
+  *,
+  loss_fn: Callable,
+  aux_loss_fn: Callable | None = None,
+  has_aux: bool = False,
+):
+  """Plain end-to-end backprop with heads trained on detached activations: the cost baseline.
+
+  One forward pass; `jax.grad` of the task loss for the stages, and each head's own loss on
+  `stop_gradient(a_k)` for the heads. Equal to `interlocking_grads` with the global strategy;
+  the benchmarks and cost tests measure every strategy against this. Arguments as for
+  `interlocking_grads`.
+
+  Returns:
+    `(stage_grads, head_grads)`, plus `{"stages": [...], "heads": [...]}` aux when `has_aux`.
+  """
+  _check(stage_fns, head_fns, stage_params, head_params, Strategy(None))
+  aux_loss_fn = loss_fn if aux_loss_fn is None else aux_loss_fn
+
+  def total_loss(stage_params, head_params):
+    a, stage_aux, head_aux, total = inputs, [], [], 0.0
+    for k, f in enumerate(stage_fns):
+      a, aux = f(stage_params[k], a) if has_aux else (f(stage_params[k], a), None)
+      stage_aux.append(aux)
+      if k < len(head_fns):
+        out = head_fns[k](head_params[k], jax.lax.stop_gradient(a))
+        logits, h_aux = out if has_aux else (out, None)
+        head_aux.append(h_aux)
+        total = total + aux_loss_fn(logits, labels)
+    return total + loss_fn(a, labels), {"stages": stage_aux, "heads": head_aux}
+
+  (stage_grads, head_grads), aux = jax.grad(total_loss, (0, 1), has_aux=True)(
+    list(stage_params), list(head_params)
+  )
+  return (stage_grads, head_grads, aux) if has_aux else (stage_grads, head_grads)
+
+
+def _head_loss(head_fn, loss_fn, labels, has_aux, loss_has_aux):
+  """`fn(head_params, a) -> (loss, (head_aux, loss_metrics))` for value_and_grad."""
+
+  def fn(params, a):
+    if head_fn is None:
+      logits, h_aux = a, None
+    elif has_aux:
+      logits, h_aux = head_fn(params, a)
+    else:
+      logits, h_aux = head_fn(params, a), None
+    out = loss_fn(logits, labels)
+    loss, loss_metrics = out if loss_has_aux else (out, {})
+    return loss, (h_aux, loss_metrics)
+
+  return fn
+
+
+def _tree_sum(trees: list[PyTree]) -> PyTree:
+  return trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *trees)

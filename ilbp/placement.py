@@ -1,0 +1,74 @@
+"""Device meshes and shardings: where arrays live. Never decides gradients.
+
+Data parallelism runs through `jax.jit` shardings over a "data" mesh axis: the batch is split
+along its leading dimension, the train state is replicated, and XLA inserts the gradient
+all-reduce. The same code runs on one CPU, several forced CPU devices, a GPU host or a TPU
+slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis mesh ("data",) over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the "data" axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """Raises a clear error when the global batch does not split evenly over the data axis."""
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ValueError(
+      f"batch_size={batch_size} does not split over {n} data-parallel devices; "
+      f"use a multiple of {n} (e.g. {n * max(1, batch_size // n)})."
+    )
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Turns this process's numpy batch into global arrays sharded over the "data" axis."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (e.g. a fresh train state) replicated on every device of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+  """jit with explicit shardings: state replicated and donated, batch split over "data"."""
+  return jax.jit(
+    train_step,
+    in_shardings=(replicated(mesh), batch_sharding(mesh)),
+    out_shardings=(replicated(mesh), replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
+def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+  """jit for evaluation: state replicated (not donated), batch split, sums replicated."""
+  return jax.jit(
+    eval_step,
+    in_shardings=(replicated(mesh), batch_sharding(mesh)),
+    out_shardings=replicated(mesh),
+  )
