@@ -1,0 +1,473 @@
+"""Image classification input pipelines: CIFAR-10/100 and ImageNet (TFDS), digits (scikit-learn).
+
+`get_data(name, batch_size=..., seed=...)` returns an `ImageData`: an endless, resumable train
+stream and a padded, masked eval pass, as numpy batches for this process.
+
+Determinism contract. Each process sees a stream of examples: epoch after epoch of its own share
+of the train split, each epoch in an order that depends only on (seed, epoch); example number i of
+the stream is augmented with stateless random ops keyed by (seed, global index of i). Batch `s` is
+stream examples [s * b, (s + 1) * b), so the train batches are a pure function of (seed, step,
+process count) and `train_batches(s)` yields exactly what `train_batches(0)` yields from batch s
+on. Resuming costs O(1) epochs, not O(s): the skipped epochs are never built, and inside the
+current epoch the skipped records are read but never decoded or augmented.
+
+Shuffling (TFDS) is a buffer shuffle of the still-encoded records over a fixed read order
+(`shuffle_files=False`): the whole split for CIFAR (~120 MB of PNGs), `_IMAGENET_SHUFFLE_BUFFER`
+records for ImageNet, whose prepared files TFDS already wrote in a random order. Calling
+`tf.random.set_seed` changes that order (consistently), because tf.data mixes the global seed
+into shuffle seeds; ilbp never calls it.
+
+Augmentation (`augment=True`, train split only):
+  * CIFAR: zero-pad 4 pixels per side (black, before normalisation, as in He et al. 2016), random
+    32x32 crop, random horizontal flip.
+  * ImageNet: Inception-style random-resized crop (area 8%-100%, aspect 3/4-4/3, 10 attempts, then
+    a centre crop) resized bicubically to `image_size`, random horizontal flip. Eval: centre crop
+    of 0.875 of the shorter side, resized to `image_size` (224/256 at the default size).
+  * digits: none. The 8x8 digits are already centred and size-normalised, and a 1-pixel shift is
+    12.5% of the field, so `augment` has no effect.
+Images are then scaled to [0, 1] and normalised with per-channel dataset mean/std.
+
+Digits: the 1,797 images of `sklearn.datasets.load_digits` are split without any randomness:
+within each class, every fifth image in file order (positions 4, 9, 14, ...) is held out. That
+gives 1,442 train and 355 test images, stratified, identical for every seed and machine.
+
+Multi-process: each process reads `tfds.even_splits(split, process_count)[process_index]`; train
+shares drop the remainder so every process has the same epoch length; eval shares may differ by
+one example, so every process pads to the same number of eval batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+_INT64_MAX = np.iinfo(np.int64).max
+# Tags that separate the random streams derived from one user seed.
+_SHUFFLE_TAG = 1
+_AUGMENT_TAG = 2
+_IMAGENET_SHUFFLE_BUFFER = 10_000  # ~1.1 GB of encoded JPEGs per process.
+_IMAGENET_EVAL_CROP = 0.875
+_CIFAR_PAD = 4
+
+
+def _hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow (used only for input) off the GPUs/TPUs that JAX needs."""
+  # Once TF's devices are initialised (someone used TF first) changing them is a RuntimeError,
+  # and whoever initialised them has decided what TF sees.
+  with contextlib.suppress(RuntimeError):
+    tf.config.set_visible_devices([], "GPU")
+
+
+_hide_accelerators_from_tf()
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+  """An image classification dataset, as this process sees it.
+
+  Attributes:
+    train_batches: `start_step -> iterator`; an endless stream of per-process train batches
+      {"image": float32 [b, H, W, C], "label": int32 [b]} (numpy), starting at batch `start_step`.
+    eval_batches: `() -> iterator`; one pass over this process's share of the eval split,
+      {"image", "label", "mask"}, all batches full size; `mask` is float32, 1 for real examples
+      and 0 for padding, so each example counts exactly once.
+    num_train_examples: train examples in one epoch, summed over processes.
+    num_eval_examples: eval examples, summed over processes (padding excluded).
+    num_classes: number of labels.
+    image_shape: (H, W, C) of every image.
+  """
+
+  train_batches: Callable[[int], Iterator[dict]]
+  eval_batches: Callable[[], Iterator[dict]]
+  num_train_examples: int
+  num_eval_examples: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+  tfds_name: str
+  eval_split: str
+  mean: tuple[float, ...]  # Per channel, for images in [0, 1].
+  std: tuple[float, ...]
+  shuffle_buffer: int | None  # None: the whole per-process split.
+  native_size: int | None  # None: images vary in size and are resized to `image_size`.
+  default_size: int
+
+
+_TFDS_SPECS = {
+  "cifar10": _TfdsSpec(
+    "cifar10", "test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), None, 32, 32
+  ),
+  "cifar100": _TfdsSpec(
+    "cifar100", "test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), None, 32, 32
+  ),
+  "imagenet2012": _TfdsSpec(
+    "imagenet2012",
+    "validation",
+    (0.485, 0.456, 0.406),
+    (0.229, 0.224, 0.225),
+    _IMAGENET_SHUFFLE_BUFFER,
+    None,
+    224,
+  ),
+}
+_VALID_NAMES = (*_TFDS_SPECS, "digits")
+
+
+def get_data(
+  name: str,
+  *,
+  batch_size: int,
+  seed: int,
+  eval_batch_size: int | None = None,
+  image_size: int | None = None,
+  data_dir: str | None = None,
+  augment: bool = True,
+) -> ImageData:
+  """Builds the input pipelines of one image classification dataset.
+
+  Args:
+    name: "cifar10", "cifar100", "imagenet2012" or "digits".
+    batch_size: global train batch size; each process gets `batch_size // jax.process_count()`.
+    seed: non-negative; fixes the shuffle order and the augmentation of every train example.
+    eval_batch_size: global eval batch size; defaults to `batch_size`.
+    image_size: output side for ImageNet (default 224). CIFAR and digits keep their native size
+      (32 and 8); any other value is an error.
+    data_dir: TFDS data directory (default: TFDS's own, `~/tensorflow_datasets`). Unused for
+      digits.
+    augment: apply the train augmentation described in the module docstring.
+
+  Returns:
+    The `ImageData` of this process.
+
+  Raises:
+    ValueError: unknown name, bad batch sizes, negative seed or unsupported image size.
+    FileNotFoundError: ImageNet has not been prepared under `data_dir` (the message says how).
+  """
+  if name not in _VALID_NAMES:
+    raise ValueError(f"Unknown image dataset {name!r}; valid names: {', '.join(_VALID_NAMES)}.")
+  if seed < 0:
+    raise ValueError(f"seed must be non-negative, got {seed}.")
+  per_batch = _per_process(batch_size, "batch_size")
+  per_eval_batch = _per_process(
+    batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size"
+  )
+  if name == "digits":
+    if image_size not in (None, 8):
+      raise ValueError(f"digits images are 8x8; image_size={image_size} is not supported.")
+    return _digits(per_batch, per_eval_batch, seed)
+  spec = _TFDS_SPECS[name]
+  if spec.native_size is not None and image_size not in (None, spec.native_size):
+    raise ValueError(
+      f"{name} images are {spec.native_size}x{spec.native_size}; "
+      f"image_size={image_size} is not supported."
+    )
+  return _tfds_data(
+    spec, per_batch, per_eval_batch, seed, image_size or spec.default_size, data_dir, augment
+  )
+
+
+def _per_process(global_batch: int, what: str) -> int:
+  """The share of a global batch that one process loads."""
+  processes = jax.process_count()
+  if global_batch <= 0 or global_batch % processes:
+    raise ValueError(
+      f"{what}={global_batch} must be a positive multiple of the number of processes ({processes})."
+    )
+  return global_batch // processes
+
+
+def _pad_batch(batch: dict, size: int) -> dict:
+  """Pads a numpy eval batch to `size` rows with zeros and adds the `mask`."""
+  real = len(batch["label"])
+  padded = {k: np.zeros((size, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+  for k, v in batch.items():
+    padded[k][:real] = v
+  padded["mask"] = (np.arange(size) < real).astype(np.float32)
+  return padded
+
+
+def _padded_eval_pass(batches: Iterator[dict], size: int, num_batches: int) -> Iterator[dict]:
+  """Yields exactly `num_batches` full-size batches: real ones, then all-padding ones.
+
+  Every process must run the same number of eval steps (the jitted step is a collective), even
+  when its share of the eval split is one example shorter.
+  """
+  template, count = None, 0
+  for batch in batches:
+    template = _pad_batch(batch, size)
+    count += 1
+    yield template
+  if template is None:
+    raise ValueError("The eval split of this process is empty.")
+  for _ in range(count, num_batches):
+    yield {k: np.zeros_like(v) for k, v in template.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS datasets (CIFAR, ImageNet).
+
+
+def _tfds_data(
+  spec: _TfdsSpec,
+  per_batch: int,
+  per_eval_batch: int,
+  seed: int,
+  image_size: int,
+  data_dir: str | None,
+  augment: bool,
+) -> ImageData:
+  """`get_data` for the TFDS datasets."""
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  # Preparing ImageNet takes hours and needs files only a person can fetch: never start it
+  # implicitly (`as_dataset` below explains instead). CIFAR downloads itself the first time.
+  needs_manual_download = bool(builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+  if not needs_manual_download:
+    builder.download_and_prepare()  # A no-op once the dataset is prepared.
+
+  options = tf.data.Options()
+  options.deterministic = True  # Parallel maps and interleaves keep their input order.
+  # Files are read in a fixed order (`shuffle_files=False` below); the per-epoch order comes
+  # from a seeded shuffle buffer, whose seed can depend on the epoch inside one tf.data graph.
+  read_config = tfds.ReadConfig(options=options)
+  process, processes = jax.process_index(), jax.process_count()
+
+  def encoded(split) -> tf.data.Dataset:
+    # SkipDecoding keeps images as encoded bytes, so records skipped on resume and records
+    # waiting in the shuffle buffer are never decoded.
+    return builder.as_dataset(
+      split=split,
+      shuffle_files=False,
+      read_config=read_config,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
+
+  train_split = tfds.even_splits("train", n=processes, drop_remainder=True)[process]
+  try:
+    train_ds = encoded(train_split)
+  except AssertionError as e:  # What tfds 4.9 raises for "could not find data in <data_dir>".
+    if needs_manual_download and not builder.is_prepared():
+      raise FileNotFoundError(_manual_download_message(builder)) from e
+    raise
+  # Cardinality, not `info.splits`: it is what this process will actually read (and under
+  # `tfds.testing.mock_data` the two disagree).
+  num_train = int(train_ds.cardinality())
+  eval_splits = tfds.even_splits(spec.eval_split, n=processes, drop_remainder=False)
+  eval_counts = [int(encoded(s).cardinality()) for s in eval_splits]
+  eval_ds = encoded(eval_splits[process])
+
+  if spec.native_size is None:
+    train_fn = functools.partial(_imagenet_train, size=image_size)
+    eval_fn = functools.partial(_imagenet_eval, size=image_size)
+  else:
+    train_fn, eval_fn = _cifar_train, _cifar_eval
+  if not augment:
+    train_fn = lambda image, key: eval_fn(image)
+  mean = tf.constant(spec.mean, tf.float32) * 255.0
+  std = tf.constant(spec.std, tf.float32) * 255.0
+
+  def finish(image, label) -> dict:
+    # Static shapes for the batched numpy arrays; also fails loudly on an odd CIFAR image.
+    image = tf.ensure_shape(image, (image_size, image_size, 3))
+    image = (tf.cast(image, tf.float32) - mean) / std
+    return {"image": image, "label": tf.cast(label, tf.int32)}
+
+  def train_example(index, example) -> dict:
+    # One key per example from its position in the global stream (all processes interleaved),
+    # so augmentation does not depend on where a run started.
+    key = tf.random.experimental.stateless_fold_in(
+      tf.constant([_AUGMENT_TAG, seed], tf.int64), index * processes + process
+    )
+    return finish(train_fn(example["image"], key), example["label"])
+
+  def epoch(number) -> tf.data.Dataset:
+    key = tf.random.experimental.stateless_fold_in(
+      tf.constant([_SHUFFLE_TAG, seed], tf.int64), number
+    )
+    shuffle_seed = tf.random.stateless_uniform(
+      [], seed=key, minval=None, maxval=None, dtype=tf.int64
+    )
+    buffer = spec.shuffle_buffer or num_train
+    return train_ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+
+  def train_batches(start_step: int = 0) -> Iterator[dict]:
+    if start_step < 0:
+      raise ValueError(f"start_step must be non-negative, got {start_step}.")
+    first = start_step * per_batch  # Position in this process's example stream.
+    first_epoch, offset = divmod(first, num_train)
+    ds = tf.data.Dataset.range(first_epoch, _INT64_MAX).flat_map(epoch)
+    ds = ds.skip(offset).enumerate(start=first)
+    ds = ds.map(train_example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(per_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(options).as_numpy_iterator()
+
+  def eval_batches() -> Iterator[dict]:
+    ds = eval_ds.map(
+      lambda ex: finish(eval_fn(ex["image"]), ex["label"]), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    ds = ds.batch(per_eval_batch).prefetch(tf.data.AUTOTUNE).with_options(options)
+    num_batches = math.ceil(max(eval_counts) / per_eval_batch)
+    return _padded_eval_pass(ds.as_numpy_iterator(), per_eval_batch, num_batches)
+
+  return ImageData(
+    train_batches=train_batches,
+    eval_batches=eval_batches,
+    num_train_examples=num_train * processes,
+    num_eval_examples=sum(eval_counts),
+    num_classes=builder.info.features["label"].num_classes,
+    image_shape=(image_size, image_size, 3),
+  )
+
+
+def _manual_download_message(builder: tfds.core.DatasetBuilder) -> str:
+  """Says where the ImageNet tar files go and how to prepare them."""
+  root = builder.data_dir_root
+  manual = root / "downloads" / "manual"
+  return (
+    f"{builder.name} is not prepared in {root} (looked for {builder.data_dir}). It needs a "
+    f"manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+    f"https://image-net.org/download-images, registration required) in {manual}/ and prepare "
+    f"it once (hours) with\n"
+    f"  tfds build {builder.name} --data_dir={root} --manual_dir={manual}\n"
+    f"or, from Python,\n"
+    f"  tfds.builder('{builder.name}', data_dir='{root}').download_and_prepare()\n"
+    f"(tensorflow-datasets 4.9.10 also needs `importlib_resources` to prepare, and "
+    f"`apache-beam` for the `tfds` command)."
+  )
+
+
+def _cifar_train(encoded: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+  """Decodes a CIFAR PNG; zero-pads, randomly crops back to 32x32 and flips."""
+  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  image = tf.io.decode_png(encoded, channels=3)
+  size = tf.shape(image)
+  pad = [[_CIFAR_PAD, _CIFAR_PAD], [_CIFAR_PAD, _CIFAR_PAD], [0, 0]]
+  image = tf.image.stateless_random_crop(tf.pad(image, pad), size, seed=crop_key)
+  return tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+
+
+def _cifar_eval(encoded: tf.Tensor) -> tf.Tensor:
+  """Decodes a CIFAR PNG."""
+  return tf.io.decode_png(encoded, channels=3)
+
+
+def _imagenet_train(encoded: tf.Tensor, key: tf.Tensor, *, size: int) -> tf.Tensor:
+  """Inception-style random-resized crop of a JPEG, then a random flip.
+
+  Decodes only the sampled window (`decode_and_crop_jpeg`), as flax's ImageNet example does.
+  """
+  box_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  shape = tf.io.extract_jpeg_shape(encoded)
+  begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+    seed=box_key,
+    min_object_covered=0.1,
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    area_range=(0.08, 1.0),
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
+  # After 10 failed attempts the sampler returns the whole image; Inception-style pipelines
+  # fall back to the eval centre crop instead.
+  failed = tf.reduce_all(tf.equal(box_size[:2], shape[:2]))
+  window = tf.stack([begin[0], begin[1], box_size[0], box_size[1]])
+  window = tf.where(failed, _center_window(shape), window)
+  image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+  image = _resize(image, size)
+  return tf.image.stateless_random_flip_left_right(image, seed=flip_key)
+
+
+def _imagenet_eval(encoded: tf.Tensor, *, size: int) -> tf.Tensor:
+  """Centre crop of 0.875 of the shorter side of a JPEG, resized to `size`."""
+  window = _center_window(tf.io.extract_jpeg_shape(encoded))
+  return _resize(tf.image.decode_and_crop_jpeg(encoded, window, channels=3), size)
+
+
+def _center_window(shape: tf.Tensor) -> tf.Tensor:
+  """[y, x, h, w] of the centred square with side 0.875 * the shorter side."""
+  height, width = shape[0], shape[1]
+  side = tf.cast(
+    _IMAGENET_EVAL_CROP * tf.cast(tf.minimum(height, width), tf.float32) + 0.5, tf.int32
+  )
+  side = tf.maximum(side, 1)
+  return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  # Bicubic overshoots; clip back to the pixel range so normalisation sees what a PNG could hold.
+  image = tf.image.resize(image, [size, size], method="bicubic")
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn digits.
+
+_DIGITS_HOLDOUT_EVERY = 5  # Every fifth image of each class is held out for eval.
+
+
+def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Train/test images in [0, 1], (N, 8, 8, 1) float32, and int32 labels; RNG-free split."""
+  # Imported here: scikit-learn is only needed for this dataset.
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]  # Pixels are 0..16.
+  labels = digits.target.astype(np.int32)
+  held_out = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    held_out[np.flatnonzero(labels == c)[_DIGITS_HOLDOUT_EVERY - 1 :: _DIGITS_HOLDOUT_EVERY]] = 1
+  return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
+
+
+def _digits(per_batch: int, per_eval_batch: int, seed: int) -> ImageData:
+  """`get_data` for scikit-learn's digits, in numpy (the whole dataset is under 1 MB)."""
+  train_x, train_y, test_x, test_y = _digits_split()
+  mean, std = train_x.mean(), train_x.std()  # One channel; statistics of the train split.
+  train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+  process, processes = jax.process_index(), jax.process_count()
+  # Same shares as tfds.even_splits: equal contiguous train shares, eval shares within one.
+  num_train = len(train_y) // processes
+  train_x = train_x[process * num_train : (process + 1) * num_train]
+  train_y = train_y[process * num_train : (process + 1) * num_train]
+  eval_shares = np.array_split(np.arange(len(test_y)), processes)
+
+  @functools.lru_cache(maxsize=2)  # A batch spans at most a few epochs; keep the last two.
+  def order(epoch: int) -> np.ndarray:
+    return np.random.default_rng([_SHUFFLE_TAG, seed, epoch]).permutation(num_train)
+
+  def train_batches(start_step: int = 0) -> Iterator[dict]:
+    if start_step < 0:
+      raise ValueError(f"start_step must be non-negative, got {start_step}.")
+    for step in range(start_step, _INT64_MAX):
+      epochs, offsets = np.divmod(np.arange(step * per_batch, (step + 1) * per_batch), num_train)
+      index = np.array([order(int(e))[o] for e, o in zip(epochs, offsets)])
+      yield {"image": train_x[index], "label": train_y[index]}
+
+  def eval_batches() -> Iterator[dict]:
+    share = eval_shares[process]
+    batches = (
+      {"image": test_x[i], "label": test_y[i]}
+      for i in np.array_split(share, range(per_eval_batch, len(share), per_eval_batch))
+    )
+    num_batches = math.ceil(max(map(len, eval_shares)) / per_eval_batch)
+    return _padded_eval_pass(batches, per_eval_batch, num_batches)
+
+  return ImageData(
+    train_batches=train_batches,
+    eval_batches=eval_batches,
+    num_train_examples=num_train * processes,
+    num_eval_examples=len(test_y),
+    num_classes=10,
+    image_shape=(8, 8, 1),
+  )
