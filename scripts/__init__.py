@@ -1,0 +1,1 @@
+"""Benchmarks and table-reproduction scripts (run with python -m scripts.NAME)."""

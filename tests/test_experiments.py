@@ -1,0 +1,249 @@
+"""End-to-end runs of `train_and_evaluate` through the experiment configs.
+
+Every strategy, both model families, TFDS datasets under `tfds.testing.mock_data`, the offline
+digits and stdlib data; resume == uninterrupted (also after a crash between checkpoints); NaN
+stops with the step; bad configs fail before any compute.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import (
+  resnet_cifar10,
+  resnet_digits,
+  resnet_imagenet,
+  transformer_lm1b,
+  transformer_stdlib,
+)
+from ilbp import trainer
+from ilbp.checkpoint import Checkpointer
+
+STRATEGIES = ("local", "pairwise", "3wise", "global")
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _tiny(module, arg, **overrides):
+  config = module.get_config(arg + ",runlocal=1")
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resnet_cifar10_every_strategy_mock_data(tmp_path, strategy):
+  config = _tiny(resnet_cifar10, f"strategy={strategy},stages=3", total_steps=2)
+  with tfds.testing.mock_data(num_examples=64):
+    final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == 2
+  for k in (1, 2, 3):
+    assert 0.0 <= final[f"eval/head{k}/accuracy"] <= 1.0
+    assert math.isfinite(final[f"eval/head{k}/loss"])
+  rows = _metrics(tmp_path)
+  assert {"train/head3/loss", "train/steps_per_sec", "train/grad_norm/stage1"} <= set(rows[0])
+  assert os.path.exists(tmp_path / "config.json")
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+  assert os.listdir(tmp_path / "checkpoints")
+
+
+def test_resnet_imagenet_mock_data(tmp_path):
+  config = _tiny(resnet_imagenet, "strategy=pairwise,stages=2", total_steps=2)
+  with tfds.testing.mock_data(num_examples=32):
+    final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert set(final) >= {"eval/head1/accuracy", "eval/head2/accuracy"}
+
+
+@pytest.mark.parametrize("strategy", ("local", "pairwise", "global"))
+def test_transformer_stdlib_every_strategy(tmp_path, strategy):
+  config = _tiny(transformer_stdlib, f"strategy={strategy},stages=2", total_steps=2)
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  for k in (1, 2):
+    ppl = final[f"eval/head{k}/perplexity"]
+    assert 1.0 < ppl < 1000.0
+    np.testing.assert_allclose(math.log(ppl), final[f"eval/head{k}/loss"], rtol=1e-5)
+
+
+def test_transformer_lm1b_mock_data(tmp_path):
+  config = _tiny(transformer_lm1b, "strategy=3wise,stages=4", total_steps=2)
+  with tfds.testing.mock_data(num_examples=64):
+    final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert set(final) >= {f"eval/head{k}/perplexity" for k in range(1, 5)}
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _crash_after(monkeypatch, num_batches):
+  """Makes the next run's input stream die after `num_batches` batches, like a preemption."""
+  real_build = trainer.build
+
+  def build(config, workdir):
+    model, data, task = real_build(config, workdir)
+
+    def train_batches(start):
+      for i, batch in enumerate(data.train_batches(start)):
+        if i == num_batches:
+          raise _Preempted(f"killed after {num_batches} batches")
+        yield batch
+
+    return model, type(data)(**{**data.__dict__, "train_batches": train_batches}), task
+
+  monkeypatch.setattr(trainer, "build", build)
+
+
+def _params(workdir, step):
+  """The parameters saved at `step`, as nested dicts of arrays."""
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return ckpt.restore(step)["params"]
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.parametrize("module", [resnet_digits, transformer_stdlib])
+def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch, module):
+  arg = "strategy=pairwise,stages=2"
+  # Checkpoints at steps 2 and 4 (6 steps, checkpoint every 2); the crash comes at step 3.
+  config = _tiny(module, arg, total_steps=6, checkpoint_every_steps=2, eval_every_steps=6)
+  straight = tmp_path / "straight"
+  final_a = trainer.train_and_evaluate(config, str(straight))
+
+  resumed = tmp_path / "resumed"
+  with monkeypatch.context() as m:
+    _crash_after(m, 3)
+    with pytest.raises(_Preempted):
+      trainer.train_and_evaluate(config, str(resumed))
+  assert sorted(int(s) for s in os.listdir(resumed / "checkpoints") if s.isdigit()) == [2]
+  final_b = trainer.train_and_evaluate(config, str(resumed))
+
+  assert final_a == pytest.approx(final_b, rel=1e-6, abs=1e-7)
+  a, b = _params(straight, 6), _params(resumed, 6)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  # The train metrics logged after the resume match the uninterrupted run's.
+  last_a = [r for r in _metrics(straight) if r["step"] == 6 and "train/head2/loss" in r][-1]
+  last_b = [r for r in _metrics(resumed) if r["step"] == 6 and "train/head2/loss" in r][-1]
+  assert last_a["train/head2/loss"] == pytest.approx(last_b["train/head2/loss"], rel=1e-6)
+
+
+def test_incompatible_resume_is_refused_unless_overridden(tmp_path):
+  config = _tiny(resnet_digits, "strategy=pairwise,stages=2", total_steps=2)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  before = (tmp_path / "metrics.jsonl").read_text()
+  for arg in ("strategy=local,stages=2", "strategy=pairwise,stages=3"):
+    other = _tiny(resnet_digits, arg, total_steps=2)
+    with pytest.raises(ValueError, match="different configuration"):
+      trainer.train_and_evaluate(other, str(tmp_path))
+  assert (tmp_path / "metrics.jsonl").read_text() == before
+  assert json.loads((tmp_path / "config.json").read_text())["strategy"] == "pairwise"
+  # The user may override: same shapes, another strategy, train on to step 3.
+  other = _tiny(resnet_digits, "strategy=local,stages=2", total_steps=3, allow_config_change=True)
+  assert trainer.train_and_evaluate(other, str(tmp_path))["step"] == 3
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
+  config = _tiny(resnet_digits, "strategy=pairwise,stages=2", total_steps=6)
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  real_build = trainer.build
+
+  def build(config, workdir):
+    model, data, task = real_build(config, workdir)
+
+    def train_batches(start):
+      for step, batch in enumerate(data.train_batches(start), start=start + 1):
+        if step == 3:
+          batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        yield batch
+
+    return model, type(data)(**{**data.__dict__, "train_batches": train_batches}), task
+
+  monkeypatch.setattr(trainer, "build", build)
+  with pytest.raises(trainer.NonFiniteLossError, match="at step 3"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps == [2]
+  assert [r["step"] for r in _metrics(tmp_path) if "train/head1/loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"strategy": "twowise"}, "Unknown strategy"),
+    ({"num_stages": 0}, "num_stages must be >= 1"),
+    ({"model.name": "resnet21"}, "resnet20"),
+    ({"model.split": "1,1"}, "split"),
+    ({"model.split": "two,two"}, "balanced"),
+    ({"optimizer.name": "lamb"}, "sgd, adamw"),
+    ({"model.dtype": "float16"}, "float32, bfloat16"),
+    ({"dataset.name": "mnist"}, "digits"),
+  ],
+)
+def test_bad_configs_fail_before_compute(tmp_path, monkeypatch, overrides, message):
+  config = _tiny(resnet_digits, "strategy=pairwise,stages=3", **overrides)
+  compiled = []
+  monkeypatch.setattr(trainer.placement, "jit_train_step", lambda *a: compiled.append(a))
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not compiled
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_config_arguments_are_validated():
+  with pytest.raises(ValueError, match="Unknown config argument 'stage'"):
+    resnet_cifar10.get_config("stage=4")
+  with pytest.raises(ValueError, match="not a int"):
+    resnet_cifar10.get_config("stages=four")
+  config = resnet_cifar10.get_config("strategy=3wise,stages=5")
+  assert (config.strategy, config.num_stages, config.model.name) == ("3wise", 5, "resnet34_cifar")
+  for module in (resnet_cifar10, resnet_imagenet, resnet_digits, transformer_lm1b):
+    c = module.get_config()
+    for field in (
+      "strategy",
+      "num_stages",
+      "seed",
+      "batch_size",
+      "total_steps",
+      "eval_every_steps",
+      "checkpoint_every_steps",
+      "learning_rate",
+    ):
+      assert field in c, (module.__name__, field)
+
+
+def test_binary_runs_from_the_command_line(tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.resnet",
+    "--config",
+    "experiments/configs/resnet_digits.py:strategy=local,stages=2,runlocal=1",
+    "--workdir",
+    str(tmp_path),
+    "--config.total_steps=2",
+    "--config.seed=3",
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "[eval] step 2: accuracy h1=" in out.stdout
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 3
+  wrong = subprocess.run(
+    [sys.executable, "-m", "experiments.transformer", *cmd[3:]], capture_output=True, text=True
+  )
+  assert wrong.returncode != 0 and "python -m experiments.resnet" in wrong.stderr
