@@ -1,0 +1,381 @@
+"""Cost of one interlocking training step relative to plain backprop, measured in one run.
+
+Usage (from the repository root):
+
+  .venv/bin/python -m scripts.benchmark_step                       # resnet20, batch 32, K=4
+  .venv/bin/python -m scripts.benchmark_step --model=transformer   # 4-layer LM, d=128, K=4
+  .venv/bin/python -m scripts.benchmark_step --resnet=resnet56 --batch=128 --stages=8 \
+      --strategies=local,pairwise,3wise,global --combine=sum --json_out=/tmp/step.json
+
+Inputs are random tensors of the task's shapes (the cost of a step does not depend on the
+values). Every row is compiled and timed in this process against the baseline: plain
+end-to-end backprop (`ilbp.interlock.backprop_grads`, heads trained on detached activations),
+compiled the same way, with the same model, batch, RNG and optimizer.
+
+Columns:
+  strategy    the strategy's name (`backprop` is the baseline itself).
+  GFLOP       XLA cost analysis of the jitted gradient computation (`StagedModel.grads`, the
+              engine `interlocking_grads`; for the baseline, `backprop_grads`).
+  FLOPs/bp    GFLOP divided by the baseline's.
+  spec/bp     the same for `jax.grad` of the stop_gradient spec `interlocking_loss`: what a
+              naive implementation would cost, i.e. what the engine saves.
+  temp MiB    XLA's compiled temporary memory (`memory_analysis().temp_size_in_bytes`) of the
+              engine's gradient computation (spec MiB: of the spec's).
+  step ms     median wall time of one full jitted train step (`train.make_train_step`:
+              gradients + optimizer update, state donated), blocking on the results, over
+              --repeats steps after --warmup steps. Rows are timed round-robin (one step of
+              every row, then the next round) so drift on a shared machine hits all alike.
+  IQR ms      interquartile range of those step times.
+  time/bp     step ms divided by the baseline's step ms.
+
+The baseline step is `train.make_train_step` run on a thin adapter whose `grads` calls
+`backprop_grads`; its metrics lack the per-head loss/accuracy values (a few reductions).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from ilbp import interlock, tasks, train
+from ilbp.models import resnet, transformer
+from ilbp.profiling import compiled_cost
+from ilbp.staged import StagedModel
+from ilbp.strategy import Strategy
+from ilbp.strategy import strategy as parse_strategy
+
+_MODEL = flags.DEFINE_enum("model", "resnet", ["resnet", "transformer"], "Model family.")
+_RESNET = flags.DEFINE_string("resnet", "resnet20", "ResNet name (ilbp.models.resnet.NAMES).")
+_HEAD = flags.DEFINE_string(
+  "head", None, "Aux head: resnet conv|pool (default conv), transformer linear|block (linear)."
+)
+_STAGES = flags.DEFINE_integer("stages", 4, "Number of stages K.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size (images, or sequences).")
+_STRATEGIES = flags.DEFINE_list(
+  "strategies", ["local", "pairwise", "3wise", "global"], "Strategies to compare."
+)
+_COMBINE = flags.DEFINE_enum("combine", "furthest", ["furthest", "sum"], "Combine rule.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per row.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per row first (compilation included).")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", None, ["sgd", "adamw"], "Default sgd / adamw (LM).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_SPEC = flags.DEFINE_bool("spec", True, "Also compile the stop_gradient spec (spec/bp column).")
+_LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
+_D_MODEL = flags.DEFINE_integer("d_model", 128, "Transformer width.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
+_D_FF = flags.DEFINE_integer("d_ff", 512, "Transformer MLP width.")
+_VOCAB = flags.DEFINE_integer("vocab", 1024, "Transformer vocabulary size.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Transformer sequence length.")
+_DROPOUT = flags.DEFINE_float("dropout", 0.1, "Transformer dropout rate.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
+
+_MIB = 2**20
+
+
+class BackpropModel:
+  """Adapter giving a StagedModel the baseline's gradients behind the `grads` interface.
+
+  `train.make_train_step` calls only `model.grads`, so the baseline step is built by the same
+  code as every strategy's step; only the gradient computation differs.
+  """
+
+  def __init__(self, model: StagedModel):
+    self.model = model
+
+  def grads(self, params, state, inputs, labels, *, strategy, loss_fn, rng=None, **kwargs):
+    """Plain backprop gradients and the new model state; metrics are empty.
+
+    Args:
+      params, state, inputs, labels, rng: as for `StagedModel.grads`.
+      strategy: ignored (the baseline is always end-to-end backprop).
+      loss_fn: the task loss; `(loss, metrics)` if `loss_has_aux` is passed and True.
+      **kwargs: `loss_has_aux` is honoured; anything else is ignored.
+
+    Returns:
+      (grads, new_state, {}), laid out like `StagedModel.grads`' results.
+    """
+    del strategy
+    scalar_loss = (lambda z, b: loss_fn(z, b)[0]) if kwargs.get("loss_has_aux") else loss_fn
+    stage_fns, head_fns = self.model.stage_fns(state, train=True, rng=rng)
+    stage_grads, head_grads, aux = interlock.backprop_grads(
+      stage_fns,
+      head_fns,
+      list(params["stages"]),
+      list(params["heads"]),
+      inputs,
+      labels,
+      loss_fn=scalar_loss,
+      has_aux=True,
+    )
+    grads = {"stages": tuple(stage_grads), "heads": tuple(head_grads)}
+    return grads, {"stages": tuple(aux["stages"]), "heads": tuple(aux["heads"])}, {}
+
+
+def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
+  """The model, task, random batch and a one-line description chosen by the flags.
+
+  Args:
+    rng: key for the random batch.
+
+  Returns:
+    (model, task, batch, description).
+  """
+  dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+  b, k = _BATCH.value, _STAGES.value
+  if _MODEL.value == "resnet":
+    model = resnet.make_model(
+      _RESNET.value, num_classes=10, num_stages=k, head=_HEAD.value or "conv", dtype=dtype
+    )
+    batch = {
+      "image": jax.random.normal(rng, (b, 32, 32, 3), jnp.float32),
+      "label": jax.random.randint(rng, (b,), 0, 10),
+    }
+    return model, tasks.Classification(), batch, resnet.describe_split(model) + ", 32x32x3 inputs"
+  model = transformer.make_model(
+    vocab_size=_VOCAB.value,
+    num_layers=_LAYERS.value,
+    num_stages=k,
+    d_model=_D_MODEL.value,
+    num_heads=_NUM_HEADS.value,
+    d_ff=_D_FF.value,
+    max_len=_SEQ_LEN.value,
+    dropout_rate=_DROPOUT.value,
+    head=_HEAD.value or "linear",
+    dtype=dtype,
+  )
+  tokens = jax.random.randint(rng, (b, _SEQ_LEN.value + 1), 0, _VOCAB.value)
+  batch = {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "weights": jnp.ones((b, _SEQ_LEN.value), jnp.float32),
+  }
+  info = model.info
+  params = sum(info["stage_params"]) + (k - 1) * info["head_params"]
+  desc = (
+    f"transformer LM: {_LAYERS.value} layers ({'+'.join(map(str, info['layers_per_stage']))}), "
+    f"d={_D_MODEL.value}, heads={_NUM_HEADS.value}, d_ff={_D_FF.value}, vocab={_VOCAB.value}, "
+    f"seq {_SEQ_LEN.value}, dropout {_DROPOUT.value}, {_HEAD.value or 'linear'} aux heads, "
+    f"{params / 1e6:.2f}M params incl. heads"
+  )
+  return model, tasks.LanguageModeling(), batch, desc
+
+
+def spec_grads_fn(model: StagedModel, task: Any, strategy: Strategy) -> Callable:
+  """`fn(params, state, batch, rng) -> grads`: jax.grad of the stop_gradient spec."""
+  scalar_loss = lambda z, b: task.loss(z, b)[0]
+
+  def fn(params, state, batch, rng):
+    stage_fns, head_fns = model.stage_fns(state, train=True, rng=rng)
+    drop_aux = lambda fns: [lambda p, a, f=f: f(p, a)[0] for f in fns]
+
+    def loss(p):
+      return interlock.interlocking_loss(
+        drop_aux(stage_fns),
+        drop_aux(head_fns),
+        list(p["stages"]),
+        list(p["heads"]),
+        task.inputs(batch),
+        batch,
+        strategy=strategy,
+        loss_fn=scalar_loss,
+      )
+
+    return jax.grad(loss)(params)
+
+  return fn
+
+
+def grads_fn(model: Any, task: Any, strategy: Strategy) -> Callable:
+  """`fn(params, state, batch, rng)`: the gradients as the train step computes them."""
+  return lambda params, state, batch, rng: model.grads(
+    params,
+    state,
+    task.inputs(batch),
+    batch,
+    strategy=strategy,
+    loss_fn=task.loss,
+    rng=rng,
+    loss_has_aux=True,
+  )
+
+
+def forward_flops(model: StagedModel, params, state, inputs) -> tuple[float, float]:
+  """XLA FLOPs of one inference forward pass: (stages only, auxiliary heads only).
+
+  Shows how much of a step the heads are: with K-1 heads, a head that is large next to a stage
+  (e.g. a conv head on a narrow ResNet, or a d x vocab readout on a small LM) dominates.
+  """
+  stage_fns, _ = model.stage_fns(state, train=False)
+
+  def stages_only(params, inputs):
+    a = inputs
+    for f, p in zip(stage_fns, params["stages"]):
+      a = f(p, a)[0]
+    return a
+
+  def everything(params, inputs):
+    return model.apply(params, state, inputs, train=False)[0]
+
+  stages = compiled_cost(stages_only, params, inputs)["flops"]
+  return stages, compiled_cost(everything, params, inputs)["flops"] - stages
+
+
+def time_steps(steps: dict[str, Callable], states: dict, batch: dict) -> dict[str, list[float]]:
+  """Runs every jitted step --warmup times, then --repeats rounds of one step each, timed.
+
+  Args:
+    steps: row name -> jitted `step(state, batch)` that donates its state.
+    states: row name -> initial TrainState (consumed).
+    batch: the batch fed to every step.
+
+  Returns:
+    row name -> list of --repeats wall times in seconds.
+  """
+  for name, step in steps.items():
+    for _ in range(_WARMUP.value):
+      states[name], metrics = step(states[name], batch)
+      jax.block_until_ready((states[name], metrics))
+  times = {name: [] for name in steps}
+  for _ in range(_REPEATS.value):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      states[name], metrics = step(states[name], batch)
+      jax.block_until_ready((states[name], metrics))
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def fmt(value: float | None, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+  """Prints the rows as an aligned text table."""
+  columns = [
+    ("strategy", "strategy", "s"),
+    ("GFLOP", "gflop", ".3f"),
+    ("FLOPs/bp", "flops_ratio", ".3f"),
+    ("spec/bp", "spec_flops_ratio", ".3f"),
+    ("temp MiB", "temp_mib", ".1f"),
+    ("spec MiB", "spec_temp_mib", ".1f"),
+    ("step ms", "step_ms", ".2f"),
+    ("IQR ms", "step_iqr_ms", ".2f"),
+    ("time/bp", "time_ratio", ".3f"),
+  ]
+  cells = [[title for title, _, _ in columns]]
+  cells += [[fmt(row[key], spec) for _, key, spec in columns] for row in rows]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  for i, line in enumerate(cells):
+    first = line[0].ljust(widths[0])
+    print("  ".join([first] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
+    if i == 0:
+      print("  ".join("-" * w for w in widths))
+
+
+def main(argv: list[str]) -> None:
+  """Builds the model, measures every row and prints (and optionally saves) the table."""
+  del argv
+  wall_start = time.perf_counter()
+  rng = jax.random.PRNGKey(_SEED.value)
+  model, task, batch, desc = build(jax.random.fold_in(rng, 1))
+  default_opt = "adamw" if _MODEL.value == "transformer" else "sgd"
+  opt_name = _OPTIMIZER.value or default_opt
+  optimizer, _ = train.make_optimizer(
+    name=opt_name, learning_rate=1e-3 if opt_name == "adamw" else 0.1, schedule="constant"
+  )
+  state = train.create_train_state(model, optimizer, rng, task.inputs(batch))
+  params, model_state, step_rng = state.params, state.model_state, state.rng
+  k = model.num_stages
+  device = jax.devices()[0]
+
+  print(
+    f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} x "
+    f"{device.device_kind} (step runs on one) | python {platform.python_version()}"
+  )
+  print(f"model: {desc}")
+  print(
+    f"batch {_BATCH.value} | K={k} stages | combine={_COMBINE.value} | optimizer {opt_name} | "
+    f"dtype {_DTYPE.value} | {_WARMUP.value} warm-up + {_REPEATS.value} timed steps per row"
+  )
+
+  fwd_stages, fwd_heads = forward_flops(model, params, model_state, task.inputs(batch))
+  print(
+    f"forward GFLOP per batch (XLA): stages {fwd_stages / 1e9:.4g}, {k - 1} aux heads "
+    f"{fwd_heads / 1e9:.4g} ({fwd_heads / fwd_stages:.3g}x the stages)"
+  )
+
+  baseline = BackpropModel(model)
+  strategies = {name: parse_strategy(name, _COMBINE.value) for name in _STRATEGIES.value}
+  row_models = {"backprop": (baseline, Strategy(None, _COMBINE.value))}
+  row_models.update({s.name: (model, s) for s in strategies.values()})
+
+  costs, spec_costs = {}, {}
+  for name, (m, strat) in row_models.items():
+    costs[name] = compiled_cost(grads_fn(m, task, strat), params, model_state, batch, step_rng)
+    if name != "backprop" and _SPEC.value:
+      spec = spec_grads_fn(model, task, strat)
+      spec_costs[name] = compiled_cost(spec, params, model_state, batch, step_rng)
+  compile_done = time.perf_counter()
+
+  steps, states = {}, {}
+  for name, (m, strat) in row_models.items():
+    step = train.make_train_step(m, task, strat, optimizer)
+    steps[name] = jax.jit(step, donate_argnums=0)
+    states[name] = jax.tree.map(jnp.copy, state)
+  times = time_steps(steps, states, batch)
+
+  base_flops = costs["backprop"]["flops"]
+  base_ms = 1e3 * statistics.median(times["backprop"])
+  rows = []
+  for name, (_, strat) in row_models.items():
+    ms = [1e3 * t for t in times[name]]
+    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], 0, ms[0])
+    spec = spec_costs.get(name)
+    rows.append(
+      {
+        "strategy": name,
+        "reach": strat.reach_for(k),
+        "combine": None if name == "backprop" else strat.combine,
+        "gflop": costs[name]["flops"] / 1e9,
+        "flops_ratio": costs[name]["flops"] / base_flops,
+        "spec_flops_ratio": spec["flops"] / base_flops if spec else None,
+        "temp_mib": costs[name]["temp_bytes"] / _MIB,
+        "spec_temp_mib": spec["temp_bytes"] / _MIB if spec else None,
+        "step_ms": statistics.median(ms),
+        "step_iqr_ms": q3 - q1,
+        "step_min_ms": min(ms),
+        "time_ratio": statistics.median(ms) / base_ms,
+        "step_ms_all": ms,
+        "model": _MODEL.value,
+        "description": desc,
+        "batch": _BATCH.value,
+        "stages": k,
+        "dtype": _DTYPE.value,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "jax": jax.__version__,
+        "forward_gflop_stages": fwd_stages / 1e9,
+        "forward_gflop_heads": fwd_heads / 1e9,
+      }
+    )
+  print()
+  print_table(rows)
+  total = time.perf_counter() - wall_start
+  print(f"\ncompile (cost analysis) {compile_done - wall_start:.1f} s, total {total:.1f} s")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(rows, f, indent=1)
+    print(f"wrote {len(rows)} rows to {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
