@@ -68,21 +68,25 @@ def test_resnet_imagenet_mock_data(tmp_path):
   assert set(final) >= {"eval/head1/accuracy", "eval/head2/accuracy"}
 
 
-@pytest.mark.parametrize("strategy", ("local", "pairwise", "global"))
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_transformer_stdlib_every_strategy(tmp_path, strategy):
-  config = _tiny(transformer_stdlib, f"strategy={strategy},stages=2", total_steps=2)
+  config = _tiny(transformer_stdlib, f"strategy={strategy},stages=4", total_steps=2)
   final = trainer.train_and_evaluate(config, str(tmp_path))
-  for k in (1, 2):
+  for k in (1, 2, 3, 4):
     ppl = final[f"eval/head{k}/perplexity"]
     assert 1.0 < ppl < 1000.0
     np.testing.assert_allclose(math.log(ppl), final[f"eval/head{k}/loss"], rtol=1e-5)
 
 
-def test_transformer_lm1b_mock_data(tmp_path):
-  config = _tiny(transformer_lm1b, "strategy=3wise,stages=4", total_steps=2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_transformer_lm1b_every_strategy_mock_data(tmp_path, strategy):
+  config = _tiny(transformer_lm1b, f"strategy={strategy},stages=4", total_steps=2)
   with tfds.testing.mock_data(num_examples=64):
     final = trainer.train_and_evaluate(config, str(tmp_path))
-  assert set(final) >= {f"eval/head{k}/perplexity" for k in range(1, 5)}
+  assert final["step"] == 2
+  for k in (1, 2, 3, 4):
+    assert math.isfinite(final[f"eval/head{k}/perplexity"])
+  assert "train/head4/loss" in _metrics(tmp_path)[0]
 
 
 class _Preempted(Exception):
@@ -193,10 +197,16 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
     ({"optimizer.name": "lamb"}, "sgd, adamw"),
     ({"model.dtype": "float16"}, "float32, bfloat16"),
     ({"dataset.name": "mnist"}, "digits"),
+    ({"family": "transformer", "model.d_model": 33}, "divisible"),
+    ({"family": "transformer", "dataset.tokenizer": "words"}, "sentencepiece"),
+    ({"family": "transformer", "model.positions": "sinusoidal"}, "rotary"),
+    ({"family": "transformer", "num_stages": 5}, "num_stages"),
   ],
 )
 def test_bad_configs_fail_before_compute(tmp_path, monkeypatch, overrides, message):
-  config = _tiny(resnet_digits, "strategy=pairwise,stages=3", **overrides)
+  family = overrides.pop("family", "resnet")
+  module = resnet_digits if family == "resnet" else transformer_stdlib
+  config = _tiny(module, "strategy=pairwise,stages=3", **overrides)
   compiled = []
   monkeypatch.setattr(trainer.placement, "jit_train_step", lambda *a: compiled.append(a))
   with pytest.raises(ValueError, match=message):

@@ -44,8 +44,7 @@ def get_config(arg: str | None = None):
   c.dataset.cache_dir = common.ml_collections.config_dict.placeholder(str)  # None = workdir.
 
   if args.runlocal:
-    transformer_model(c, args, num_layers=2, d_model=32, num_heads=2, d_ff=64, dtype="float32")
-    c.num_stages = min(c.num_stages, 2)
+    transformer_model(c, args, num_layers=4, d_model=32, num_heads=2, d_ff=64, dtype="float32")
     c.dataset.max_files = 8
     c.dataset.seq_len = 32
     c.batch_size = c.eval_batch_size = 8
