@@ -171,6 +171,74 @@ class StagedModel:
     new_state = {"stages": tuple(aux["stages"]), "heads": tuple(aux["heads"])}
     return grads, new_state, metrics
 
+  def backprop_grads(
+    self,
+    params: PyTree,
+    state: PyTree,
+    inputs: jax.Array,
+    labels: PyTree,
+    *,
+    loss_fn: Callable,
+    aux_loss_fn: Callable | None = None,
+    rng: jax.Array | None = None,
+    loss_has_aux: bool = False,
+  ) -> tuple[PyTree, PyTree, dict]:
+    """The cost baseline: end-to-end backprop, heads trained on detached activations.
+
+    Same arguments and results as `grads` (metrics empty), so a train step built with
+    `train.make_train_step` can run it in place of the engine for benchmarks.
+    """
+    scalar = lambda fn: None if fn is None else (lambda z, y: fn(z, y)[0]) if loss_has_aux else fn
+    stage_fns, head_fns = self.stage_fns(state, train=True, rng=rng)
+    stage_grads, head_grads, aux = interlock.backprop_grads(
+      stage_fns,
+      head_fns,
+      list(params["stages"]),
+      list(params["heads"]),
+      inputs,
+      labels,
+      loss_fn=scalar(loss_fn),
+      aux_loss_fn=scalar(aux_loss_fn),
+      has_aux=True,
+    )
+    grads = {"stages": tuple(stage_grads), "heads": tuple(head_grads)}
+    return grads, {"stages": tuple(aux["stages"]), "heads": tuple(aux["heads"])}, {}
+
+  def spec_grads(
+    self,
+    params: PyTree,
+    state: PyTree,
+    inputs: jax.Array,
+    labels: PyTree,
+    *,
+    strategy: Strategy,
+    loss_fn: Callable,
+    aux_loss_fn: Callable | None = None,
+    rng: jax.Array | None = None,
+  ) -> PyTree:
+    """`jax.grad` of the stop_gradient spec `interlocking_loss`, in training mode.
+
+    The oracle `grads` must equal, and what a naive implementation would cost. Batch statistics
+    are those of the training-mode forward pass; the updated statistics are dropped.
+    """
+    stage_fns, head_fns = self.stage_fns(state, train=True, rng=rng)
+    drop_aux = lambda fns: [lambda p, a, f=f: f(p, a)[0] for f in fns]
+
+    def total(p):
+      return interlock.interlocking_loss(
+        drop_aux(stage_fns),
+        drop_aux(head_fns),
+        list(p["stages"]),
+        list(p["heads"]),
+        inputs,
+        labels,
+        strategy=strategy,
+        loss_fn=loss_fn,
+        aux_loss_fn=aux_loss_fn,
+      )
+
+    return jax.grad(total)(params)
+
 
 def _init_key(rng: jax.Array) -> jax.Array:
   """An RBG key derived from `rng` for parameter initialisation.

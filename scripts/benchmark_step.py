@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from ilbp import interlock, tasks, train
+from ilbp import tasks, train
 from ilbp.models import resnet, transformer
 from ilbp.profiling import compiled_cost
 from ilbp.staged import StagedModel
@@ -82,7 +82,7 @@ _MIB = 2**20
 
 
 class BackpropModel:
-  """Adapter giving a StagedModel the baseline's gradients behind the `grads` interface.
+  """Adapter putting the baseline (`StagedModel.backprop_grads`) behind the `grads` interface.
 
   `train.make_train_step` calls only `model.grads`, so the baseline step is built by the same
   code as every strategy's step; only the gradient computation differs.
@@ -91,33 +91,9 @@ class BackpropModel:
   def __init__(self, model: StagedModel):
     self.model = model
 
-  def grads(self, params, state, inputs, labels, *, strategy, loss_fn, rng=None, **kwargs):
-    """Plain backprop gradients and the new model state; metrics are empty.
-
-    Args:
-      params, state, inputs, labels, rng: as for `StagedModel.grads`.
-      strategy: ignored (the baseline is always end-to-end backprop).
-      loss_fn: the task loss; `(loss, metrics)` if `loss_has_aux` is passed and True.
-      **kwargs: `loss_has_aux` is honoured; anything else is ignored.
-
-    Returns:
-      (grads, new_state, {}), laid out like `StagedModel.grads`' results.
-    """
-    del strategy
-    scalar_loss = (lambda z, b: loss_fn(z, b)[0]) if kwargs.get("loss_has_aux") else loss_fn
-    stage_fns, head_fns = self.model.stage_fns(state, train=True, rng=rng)
-    stage_grads, head_grads, aux = interlock.backprop_grads(
-      stage_fns,
-      head_fns,
-      list(params["stages"]),
-      list(params["heads"]),
-      inputs,
-      labels,
-      loss_fn=scalar_loss,
-      has_aux=True,
-    )
-    grads = {"stages": tuple(stage_grads), "heads": tuple(head_grads)}
-    return grads, {"stages": tuple(aux["stages"]), "heads": tuple(aux["heads"])}, {}
+  def grads(self, params, state, inputs, labels, *, strategy, **kwargs):
+    del strategy  # The baseline is always end-to-end backprop.
+    return self.model.backprop_grads(params, state, inputs, labels, **kwargs)
 
 
 def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
@@ -171,27 +147,15 @@ def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
 
 def spec_grads_fn(model: StagedModel, task: Any, strategy: Strategy) -> Callable:
   """`fn(params, state, batch, rng) -> grads`: jax.grad of the stop_gradient spec."""
-  scalar_loss = lambda z, b: task.loss(z, b)[0]
-
-  def fn(params, state, batch, rng):
-    stage_fns, head_fns = model.stage_fns(state, train=True, rng=rng)
-    drop_aux = lambda fns: [lambda p, a, f=f: f(p, a)[0] for f in fns]
-
-    def loss(p):
-      return interlock.interlocking_loss(
-        drop_aux(stage_fns),
-        drop_aux(head_fns),
-        list(p["stages"]),
-        list(p["heads"]),
-        task.inputs(batch),
-        batch,
-        strategy=strategy,
-        loss_fn=scalar_loss,
-      )
-
-    return jax.grad(loss)(params)
-
-  return fn
+  return lambda params, state, batch, rng: model.spec_grads(
+    params,
+    state,
+    task.inputs(batch),
+    batch,
+    strategy=strategy,
+    loss_fn=lambda z, b: task.loss(z, b)[0],
+    rng=rng,
+  )
 
 
 def grads_fn(model: Any, task: Any, strategy: Strategy) -> Callable:

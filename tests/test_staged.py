@@ -8,7 +8,6 @@ import pytest
 from conftest import conv_bn_model
 
 import ilbp
-from ilbp import interlock
 from ilbp.profiling import compiled_cost
 from ilbp.staged import StagedModel
 from ilbp.tasks import Classification
@@ -20,22 +19,7 @@ STRATEGIES = ("local", "pairwise", "3wise", "global")
 
 def _spec_grads(model, params, state, batch, strategy):
   """jax.grad of the stop_gradient spec, with batch statistics in training mode."""
-  stage_fns, head_fns = model.stage_fns(state, train=True)
-  drop = lambda fns: [lambda p, a, f=f: f(p, a)[0] for f in fns]
-
-  def loss(p):
-    return ilbp.interlocking_loss(
-      drop(stage_fns),
-      drop(head_fns),
-      list(p["stages"]),
-      list(p["heads"]),
-      batch["image"],
-      batch,
-      strategy=strategy,
-      loss_fn=LOSS,
-    )
-
-  return jax.grad(loss)(params)
+  return model.spec_grads(params, state, batch["image"], batch, strategy=strategy, loss_fn=LOSS)
 
 
 def test_init_layout_and_apply_shapes(image_batch):
@@ -100,17 +84,7 @@ def test_cost_relative_to_backprop():
   params, state = model.init(jax.random.PRNGKey(0), images)
 
   def backprop(params, state, batch):
-    stage_fns, head_fns = model.stage_fns(state, train=True)
-    return interlock.backprop_grads(
-      stage_fns,
-      head_fns,
-      list(params["stages"]),
-      list(params["heads"]),
-      batch["image"],
-      batch,
-      loss_fn=LOSS,
-      has_aux=True,
-    )
+    return model.backprop_grads(params, state, batch["image"], batch, loss_fn=LOSS)
 
   base = compiled_cost(backprop, params, state, batch)["flops"]
   ratio = {}

@@ -1,0 +1,51 @@
+"""The scripts run and print their tables (tiny settings: these check plumbing, not speed)."""
+
+import json
+import subprocess
+import sys
+
+
+def _run(args):
+  out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_benchmark_step_prints_every_strategy(tmp_path):
+  path = tmp_path / "rows.json"
+  stdout = _run(
+    [
+      "scripts.benchmark_step",
+      "--resnet=resnet_tiny",
+      "--head=pool",
+      "--batch=4",
+      "--stages=3",
+      "--strategies=local,global",
+      "--nospec",
+      "--warmup=1",
+      "--repeats=2",
+      f"--json_out={path}",
+    ]
+  )
+  for name in ("backprop", "local", "global"):
+    assert f"\n{name} " in stdout
+  rows = {r["strategy"]: r for r in json.loads(path.read_text())}
+  assert abs(rows["global"]["flops_ratio"] - 1.0) < 0.05
+  assert rows["local"]["flops_ratio"] < rows["global"]["flops_ratio"]
+
+
+def test_compare_strategies_prints_table(tmp_path):
+  stdout = _run(
+    [
+      "scripts.compare_strategies",
+      "--config",
+      "experiments/configs/resnet_digits.py:runlocal=1,stages=2",
+      "--strategies=local,global",
+      f"--workdir={tmp_path}",
+    ]
+  )
+  assert "| strategy | head 1 | head 2 (output) |" in stdout
+  assert "| local |" in stdout and "| global |" in stdout
+  rows = json.loads((tmp_path / "results.json").read_text())
+  assert [r["strategy"] for r in rows] == ["local", "global"]
+  assert (tmp_path / "table.md").exists()
