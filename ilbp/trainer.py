@@ -161,11 +161,10 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[StagedModel,
 class _Sinks:
   """metrics.jsonl for scripts, TensorBoard for people, a readable console line."""
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+  def __init__(self, workdir: str):
     self.primary = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
-    self.config = config
 
   def write(self, step: int, scalars: dict) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -290,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train.make_train_step(model, task, strategy, tx, schedule), mesh
   )
   eval_step = placement.jit_eval_step(train.make_eval_step(model, task), mesh)
-  sinks = _Sinks(workdir, config)
+  sinks = _Sinks(workdir)
   start = int(state.step)
   batches = data.train_batches(start)
   pending: list[tuple[int, dict]] = []
