@@ -6,8 +6,9 @@
 
 Model: resnet20 (He et al.: 3 groups of 3 basic blocks) cut into 3 stages, pool heads.
 300 steps at batch 64 (~13 epochs), SGD + momentum, cosine schedule.
-Hardware: 2-core CPU. Wall time and test accuracy, measured by `scripts/quickstart.py` on
-such a machine: see README.md (numbers there are from a real run).
+Hardware: 2-core CPU, ~20 s per strategy. Test accuracy at heads 1/2/3, measured by
+`scripts/compare_strategies.py` (seed 0): local 99.2/99.4/99.2%, pairwise 89.3/99.2/98.3%,
+global 76.9/94.6/98.3%.
 """
 
 from experiments.configs import common
