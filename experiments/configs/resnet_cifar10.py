@@ -7,8 +7,8 @@ Command (Cloud TPU VM v3-8 / one GPU host):
 Model: the authors' wide 4-group ResNet-34-style net (resnet34_cifar), cut into `stages` parts
 by measured FLOPs, with the authors' conv auxiliary heads. 64k steps of SGD + momentum at batch
 128 (~164 epochs), cosine schedule.
-Expected wall time: not yet measured on TPU/GPU. Expected accuracy: not yet measured here; the
-paper reports global ≈ 95%, local several points lower, pairwise close to global (Table 2).
+Expected wall time and accuracy: not yet measured (no accelerator so far); compare against the
+paper's CIFAR-10 table for the same strategy.
 `runlocal=1` shrinks model and run to something that finishes on a laptop CPU.
 """
 

@@ -7,7 +7,7 @@ Command (Cloud TPU VM v3-8 or larger; ImageNet prepared under data_dir, see READ
 
 90 epochs at global batch 1024 (≈ 112,590 steps), SGD + Nesterov momentum, lr 0.4 with 5 warm-up
 epochs and cosine decay, weight decay 1e-4, label smoothing 0.1, bfloat16 compute.
-Expected wall time and accuracy: not yet measured; the paper reports global ≈ 76% top-1.
+Expected wall time and accuracy: not yet measured (no accelerator so far).
 """
 
 from experiments.configs import common

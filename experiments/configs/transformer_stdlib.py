@@ -6,7 +6,8 @@ tokens. Command:
     --config experiments/configs/transformer_stdlib.py:strategy=pairwise,stages=4 --workdir DIR
 
 4 layers (one per stage), d_model 128, 4 heads, d_ff 512, 128-byte sequences, batch 32,
-AdamW 3e-3 with warm-up and cosine decay, 400 steps. Hardware: 2-core CPU, a few minutes.
+AdamW 3e-3 with warm-up and cosine decay, 400 steps. Hardware: 2-core CPU, 4–5 minutes per
+strategy (measured on a shared machine).
 Eval perplexity per head for local / pairwise / global: see WORKSPACE.md (measured).
 """
 
