@@ -9,7 +9,7 @@ follow the flax lm1b example: 8 pre-LN decoder layers, d_model 512, 8 heads, d_f
 SentencePiece vocabulary trained on the training text (cached in the workdir), 256-token packed
 sequences, batch 256, AdamW 1e-3 with 4k warm-up steps and cosine decay, 200k steps, bfloat16
 compute. Each aux head is LayerNorm + its own d_model × vocab projection (16.4M parameters,
-33.6 MFLOPs per token), the same size as the output layer.
+32.8 MFLOPs per token), the same size as the output layer.
 Expected wall time and perplexity: not yet measured.
 """
 
