@@ -167,9 +167,7 @@ class StagedModel:
       has_aux=True,
       loss_has_aux=loss_has_aux,
     )
-    grads = {"stages": tuple(stage_grads), "heads": tuple(head_grads)}
-    new_state = {"stages": tuple(aux["stages"]), "heads": tuple(aux["heads"])}
-    return grads, new_state, metrics
+    return _freeze({"stages": stage_grads, "heads": head_grads}), _freeze(aux), metrics
 
   def backprop_grads(
     self,
@@ -201,8 +199,7 @@ class StagedModel:
       aux_loss_fn=scalar(aux_loss_fn),
       has_aux=True,
     )
-    grads = {"stages": tuple(stage_grads), "heads": tuple(head_grads)}
-    return grads, {"stages": tuple(aux["stages"]), "heads": tuple(aux["heads"])}, {}
+    return _freeze({"stages": stage_grads, "heads": head_grads}), _freeze(aux), {}
 
   def spec_grads(
     self,
@@ -218,7 +215,7 @@ class StagedModel:
   ) -> PyTree:
     """`jax.grad` of the stop_gradient spec `interlocking_loss`, in training mode.
 
-    The oracle `grads` must equal, and what a naive implementation would cost. Batch statistics
+    The oracle that `grads` must equal, and the cost of a naive implementation. Batch statistics
     are those of the training-mode forward pass; the updated statistics are dropped.
     """
     stage_fns, head_fns = self.stage_fns(state, train=True, rng=rng)
