@@ -264,8 +264,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f"strategy={strategy.name} combine={strategy.combine} info={model.info}"
   )
 
-  example = next(iter(data.eval_batches()))
-  example_inputs = task.inputs(example)
+  # Parameter shapes do not depend on the batch: initialise on one example built from the
+  # data's known shapes, rather than starting an input pipeline just to look at a batch.
+  if config.family == "resnet":
+    example_inputs = jnp.zeros((1, *data.image_shape), jnp.float32)
+  else:
+    example_inputs = jnp.zeros((1, config.dataset.seq_len), jnp.int32)
   init = lambda rng: train.create_train_state(model, tx, rng, example_inputs)
   rng = jax.random.PRNGKey(config.seed)
   checkpointer = ckpt.Checkpointer(
