@@ -23,6 +23,7 @@ halves of each VJP that are not used, so global costs what plain backprop costs 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,128 @@ def _check(stage_fns, head_fns, stage_params, head_params, strategy) -> Strategy
   return parse_strategy(strategy) if not isinstance(strategy, Strategy) else strategy
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardOp:
+  """One VJP call of one stage: the unit every executor schedules.
+
+  Attributes:
+    stage: k (0-based).
+    losses: the losses whose cotangents (with respect to a_k) this op consumes; all must have
+      arrived before it runs.
+    params: the losses whose cotangents sum into θ_k's gradient (empty: input gradient only).
+    passes: the losses whose cotangent with respect to a_{k-1} goes on to stage k-1.
+  """
+
+  stage: int
+  losses: tuple[int, ...]
+  params: tuple[int, ...]
+  passes: tuple[int, ...]
+
+
+def backward_plan(strategy: Strategy, num_stages: int) -> list[list[BackwardOp]]:
+  """The routing rule, once: which VJP calls each stage makes per batch, in arrival order.
+
+  Loss j's gradient reaches stages users[j][0]..j (`loss_users`). At stage k it either trains
+  θ_k, or only passes through to reach lower stages, or both. Σ_j vjp(c_j)_θ = vjp(Σ_j c_j)_θ,
+  so a stage makes one weight-gradient call for all the losses that train it, plus one
+  input-gradient call per loss that passes on alone. When the single loss that trains θ_k also
+  passes on, one call serves both. Input-only calls come first (in ascending j: a stage's own
+  head's loss arrives before the losses from above), the weight call last; under "furthest"
+  its losses are the furthest to arrive.
+
+  Args:
+    strategy: the training strategy.
+    num_stages: K.
+
+  Returns:
+    K lists of BackwardOp; every stage has exactly one op with non-empty `params`.
+  """
+  users = loss_users(strategy, num_stages)
+  plan = []
+  for k in range(num_stages):
+    arriving = [j for j in range(k, num_stages) if users[j] and users[j][0] <= k]
+    params = tuple(j for j in arriving if k in users[j])
+    passing = [j for j in arriving if users[j][0] < k]
+    merged = params[0] if len(params) == 1 and params[0] in passing else None
+    ops = [BackwardOp(k, (j,), (), (j,)) for j in passing if j != merged]
+    ops.append(BackwardOp(k, params, params, () if merged is None else (merged,)))
+    plan.append(ops)
+  return plan
+
+
+def stage_forward(stage_fn: Callable, params: PyTree, x: PyTree, *, has_aux: bool = False):
+  """One stage's forward under `jax.vjp`.
+
+  Returns:
+    `(a_k, vjp, aux)`: the output, its VJP (a pytree: it can leave and re-enter `jax.jit`, so
+    a pipelined executor keeps it as the stored residuals of an in-flight microbatch), and
+    the stage's aux output (None without `has_aux`).
+  """
+  if has_aux:
+    return jax.vjp(stage_fn, params, x, has_aux=True)
+  a, vjp = jax.vjp(stage_fn, params, x)
+  return a, vjp, None
+
+
+def loss_step(
+  head_fn: Callable | None,
+  loss_fn: Callable,
+  head_params: PyTree,
+  a: PyTree,
+  labels: PyTree,
+  *,
+  needs_input: bool,
+  has_aux: bool = False,
+  loss_has_aux: bool = False,
+):
+  """One loss: its value, its head's gradient and (when it trains a stage) d loss / d a_k.
+
+  Args:
+    head_fn: `h_k`, or None for the task loss on the last stage's output.
+    loss_fn: the loss for these logits.
+    head_params: φ_k (ignored for the task loss).
+    a: the stage output a_k.
+    labels: passed to `loss_fn`.
+    needs_input: whether the loss trains any stage (`loss_users`): only then is its cotangent
+      with respect to a_k computed.
+    has_aux, loss_has_aux: as for `interlocking_grads`.
+
+  Returns:
+    `(loss, loss_metrics, head_grads, cotangent, head_aux)`; head_grads is None for the task
+    loss, cotangent None when not `needs_input`.
+  """
+  fn = _head_loss(head_fn, loss_fn, labels, has_aux, loss_has_aux)
+  if head_fn is None:
+    if not needs_input:
+      loss, (_, metrics) = fn(None, a)
+      return loss, metrics, None, None, None
+    (loss, (_, metrics)), cot = jax.value_and_grad(fn, 1, has_aux=True)(None, a)
+    return loss, metrics, None, cot, None
+  argnums = (0, 1) if needs_input else 0
+  (loss, (h_aux, metrics)), grads = jax.value_and_grad(fn, argnums, has_aux=True)(head_params, a)
+  head_grads, cot = grads if needs_input else (grads, None)
+  return loss, metrics, head_grads, cot, h_aux
+
+
+def stage_backward(vjp: Callable, op: BackwardOp, arrived: dict[int, PyTree]):
+  """Runs one BackwardOp of a stage.
+
+  Args:
+    vjp: the stage's VJP from `stage_forward`.
+    op: from `backward_plan`.
+    arrived: loss index -> cotangent with respect to this stage's output; must hold op.losses.
+
+  Returns:
+    `(param_grads, passed)`: θ_k's gradient term (None for an input-only op) and
+    {loss j: cotangent with respect to the stage's input} for the losses in `op.passes`.
+  """
+  if op.params:
+    d_params, d_input = vjp(_tree_sum([arrived[j] for j in op.params]))
+  else:
+    d_params, d_input = None, vjp(arrived[op.losses[0]])[1]
+  return d_params, {j: d_input for j in op.passes}
+
+
 def interlocking_grads(
   stage_fns: Sequence[Callable],
   head_fns: Sequence[Callable],
@@ -89,6 +212,9 @@ def interlocking_grads(
   loss_has_aux: bool = False,
 ):
   """Gradients of every stage and head under an interlocking strategy, one forward pass.
+
+  A loop over the per-stage primitives (`stage_forward`, `loss_step`, `stage_backward` in
+  `backward_plan` order) that the pipelined executors also call, one microbatch at a time.
 
   Args:
     stage_fns: K callables `f_k(params_k, a) -> a_k`; stage K's output is the logits.
@@ -120,57 +246,45 @@ def interlocking_grads(
   users = loss_users(strategy, K)
   metrics = {}
 
-  # Forward: each stage runs exactly once; its VJP closure keeps the residuals.
+  # Forward: each stage runs exactly once; its VJP keeps the residuals.
   acts, vjps, stage_aux = [inputs], [], []
   for k in range(K):
-    if has_aux:
-      a, vjp, aux = jax.vjp(stage_fns[k], stage_params[k], acts[-1], has_aux=True)
-      stage_aux.append(aux)
-    else:
-      a, vjp = jax.vjp(stage_fns[k], stage_params[k], acts[-1])
+    a, vjp, aux = stage_forward(stage_fns[k], stage_params[k], acts[-1], has_aux=has_aux)
     acts.append(a)
     vjps.append(vjp)
+    stage_aux.append(aux)
 
-  # Losses: the gradient of each loss with respect to its stage's output, where needed.
+  # Losses: each head's gradient, and each loss's cotangent at its stage where it is used.
   incoming: list[dict[int, PyTree]] = [{} for _ in range(K)]
   head_grads, head_aux = [], []
   for j in range(K):
-    a_j = acts[j + 1]
-    needs_input = bool(users[j])
-    if j < K - 1:
-      fn = _head_loss(head_fns[j], aux_loss_fn, labels, has_aux, loss_has_aux)
-      argnums = (0, 1) if needs_input else 0
-      (loss, (h_aux, loss_metrics)), grads = jax.value_and_grad(fn, argnums, has_aux=True)(
-        head_params[j], a_j
-      )
-      head_grads.append(grads[0] if needs_input else grads)
+    is_head = j < K - 1
+    loss, loss_metrics, h_grads, cot, h_aux = loss_step(
+      head_fns[j] if is_head else None,
+      aux_loss_fn if is_head else loss_fn,
+      head_params[j] if is_head else None,
+      acts[j + 1],
+      labels,
+      needs_input=bool(users[j]),
+      has_aux=has_aux and is_head,
+      loss_has_aux=loss_has_aux,
+    )
+    if is_head:
+      head_grads.append(h_grads)
       head_aux.append(h_aux)
-      cot = grads[1] if needs_input else None
-    else:
-      fn = _head_loss(None, loss_fn, labels, False, loss_has_aux)
-      (loss, (_, loss_metrics)), cot = jax.value_and_grad(fn, 1, has_aux=True)(None, a_j)
     metrics[f"head{j + 1}/loss"] = loss
     metrics.update({f"head{j + 1}/{name}": v for name, v in loss_metrics.items()})
-    if needs_input:
+    if cot is not None:
       incoming[j][j] = cot
 
-  # Backward: walk stages top-down, routing each loss's cotangent only as far as it is used.
+  # Backward: stages top-down, each loss's cotangent routed only as far as it is used.
   stage_grads: list[PyTree] = [None] * K
-  for k in reversed(range(K)):
-    arrived = incoming[k]
-    param_losses = [j for j in arrived if k in users[j]]
-    input_losses = [j for j in arrived if users[j][0] < k]
-    # Σ_j vjp(c_j)_θ = vjp(Σ_j c_j)_θ: one weight-gradient pass however many losses train θ_k.
-    total = _tree_sum([arrived[j] for j in param_losses])
-    d_params, d_input = vjps[k](total)
-    stage_grads[k] = d_params
-    if len(param_losses) == 1 and param_losses[0] in input_losses:
-      # The one loss that trains θ_k also continues below: reuse the same VJP call.
-      incoming[k - 1][param_losses[0]] = d_input
-      input_losses.remove(param_losses[0])
-    for j in input_losses:
-      # Losses stay separate below k: the stages there pick among them by reach.
-      incoming[k - 1][j] = vjps[k](arrived[j])[1]
+  for k, ops in reversed(list(enumerate(backward_plan(strategy, K)))):
+    for op in ops:
+      d_params, passed = stage_backward(vjps[k], op, incoming[k])
+      if op.params:
+        stage_grads[k] = d_params
+      incoming[k - 1].update(passed)
 
   if has_aux:
     return stage_grads, head_grads, metrics, {"stages": stage_aux, "heads": head_aux}
