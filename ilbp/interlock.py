@@ -302,16 +302,24 @@ def interlocking_loss(
   strategy: Strategy | str,
   loss_fn: Callable,
   aux_loss_fn: Callable | None = None,
-) -> jax.Array:
+  has_aux: bool = False,
+):
   """The stop_gradient composition whose `jax.grad` equals `interlocking_grads`.
 
   The spec in code: loss L_j recomputes stages max(1, j-n+1)..j from a detached input, with
   live parameters exactly at the stages it trains (`loss_users`) and stop_gradient elsewhere;
-  the total is the plain sum of all losses. Arguments as for `interlocking_grads` (without the
-  aux options).
+  the total is the plain sum of all losses. Arguments as for `interlocking_grads`.
+
+  Args:
+    has_aux: if True, stage and head functions return `(output, aux)` and loss functions
+      `(loss, metrics_dict)` (both of `interlocking_grads`' aux options at once), and the
+      result is `(total, (metrics, aux))` for `jax.grad(..., has_aux=True)`: `metrics` as
+      `interlocking_grads` reports them, `aux` = {"stages": [...], "heads": [...]} from the
+      detached forward pass (stages) and the one view that runs each head.
 
   Returns:
-    The scalar sum of all K losses, whose gradient is the interlocking gradient.
+    The scalar sum of all K losses, whose gradient is the interlocking gradient (with aux as
+    above when `has_aux`).
   """
   strategy = _check(stage_fns, head_fns, stage_params, head_params, strategy)
   aux_loss_fn = loss_fn if aux_loss_fn is None else aux_loss_fn
@@ -319,23 +327,34 @@ def interlocking_loss(
   n = strategy.reach_for(K)
   users = loss_users(strategy, K)
   sg = jax.lax.stop_gradient
+  split = (lambda out: out) if has_aux else (lambda out: (out, None))
+  scored = (lambda out: out) if has_aux else (lambda out: (out, {}))
 
   # A detached forward pass provides every view's starting point.
-  detached = [sg(inputs)]
+  detached, stage_aux = [sg(inputs)], []
   for k in range(K):
-    detached.append(sg(stage_fns[k](stage_params[k], detached[-1])))
+    a, aux = split(stage_fns[k](stage_params[k], detached[-1]))
+    detached.append(sg(a))
+    stage_aux.append(aux)
 
-  total = 0.0
+  total, metrics, head_aux = 0.0, {}, []
   for j in range(K):
     lo = max(0, j - n + 1)
     a = detached[lo]
     for k in range(lo, j + 1):
       theta = stage_params[k] if k in users[j] else sg(stage_params[k])
-      a = stage_fns[k](theta, a)
+      a = split(stage_fns[k](theta, a))[0]
     if j < K - 1:
-      total = total + aux_loss_fn(head_fns[j](head_params[j], a), labels)
+      logits, h_aux = split(head_fns[j](head_params[j], a))
+      head_aux.append(h_aux)
+      loss, loss_metrics = scored(aux_loss_fn(logits, labels))
     else:
-      total = total + loss_fn(a, labels)
+      loss, loss_metrics = scored(loss_fn(a, labels))
+    total = total + loss
+    metrics[f"head{j + 1}/loss"] = sg(loss)
+    metrics.update({f"head{j + 1}/{name}": sg(v) for name, v in loss_metrics.items()})
+  if has_aux:
+    return total, (metrics, {"stages": stage_aux, "heads": head_aux})
   return total
 
 

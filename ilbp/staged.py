@@ -1,14 +1,21 @@
 """A network cut depthwise into K stages, with an auxiliary head on every stage but the last.
 
-`StagedModel` holds K Flax stage modules and K-1 head modules and turns them into the pure
-functions `ilbp.interlock` works on. Module convention (every model family follows it):
+`StagedModel` holds K Flax stage modules and K-1 head modules and turns them into explicit
+functions of their arguments. Module convention (every model family follows it):
 
   stage_k(x, train: bool = False) -> a_k          stage K's output is the task logits
   head_k(a_k, train: bool = False) -> logits      k = 1..K-1
 
 Dropout draws from the "dropout" RNG stream; BatchNorm keeps its running statistics in the
-"batch_stats" collection. Variables are split into `params` (trained) and `state` (everything
-else, e.g. batch_stats), each laid out as {"stages": (v_1..v_K), "heads": (v_1..v_{K-1})}.
+"batch_stats" collection. Variables are laid out **by stage**, so that stage k's whole state can
+live on stage k's devices: `params` and `state` are K-tuples of {"stage": ..., "head": ...}
+(the last stage's "head" is empty); `params` holds the trained variables, `state` everything
+else (e.g. batch_stats).
+
+The explicit per-stage functions (`stage_apply`, `head_apply`, `init_stage`) take everything as
+arguments; the executors jit them one stage at a time. `gradients` computes one batch's
+gradients of the whole model by one of three methods (the engine, the stop_gradient spec, or the
+plain-backprop cost baseline) with one signature.
 """
 
 from __future__ import annotations
@@ -24,12 +31,20 @@ from ilbp import interlock
 from ilbp.strategy import Strategy
 
 PyTree = Any
+GRADIENT_METHODS = ("engine", "spec", "backprop")
 
 
 def _split(variables: dict) -> tuple[PyTree, PyTree]:
   variables = dict(variables)
   params = variables.pop("params", {})
   return params, variables
+
+
+def stage_keys(rng: jax.Array | None, k: int) -> tuple[jax.Array | None, jax.Array | None]:
+  """The (stage, head) keys of stage k (0-based), folded from a step's or microbatch's key."""
+  if rng is None:
+    return None, None
+  return jax.random.fold_in(rng, 2 * k), jax.random.fold_in(rng, 2 * k + 1)
 
 
 class StagedModel:
@@ -60,181 +75,167 @@ class StagedModel:
   def num_stages(self) -> int:
     return len(self.stages)
 
-  def init(self, rng: jax.Array, inputs: jax.Array) -> tuple[PyTree, PyTree]:
-    """Initialises every stage and head on an example batch.
+  # --- One stage at a time -----------------------------------------------------------------
+
+  def stage_apply(self, k: int, params, state, x, *, train: bool, rng=None):
+    """a_k = f_k(θ_k, a_{k-1}): `(output, new_stage_state)`; params/state are stage k's."""
+    return _apply(self.stages[k], params["stage"], state["stage"], x, train, stage_keys(rng, k)[0])
+
+  def head_apply(self, k: int, params, state, a, *, train: bool, rng=None):
+    """Head k's logits from a_k: `(logits, new_head_state)` (k < K-1)."""
+    return _apply(self.heads[k], params["head"], state["head"], a, train, stage_keys(rng, k)[1])
+
+  def init_stage(self, k: int, rng: jax.Array, input_spec: jax.ShapeDtypeStruct):
+    """Initialises stage k (and its head) from its input's abstract shape alone.
+
+    Jit it with stage k's output shardings to create the variables on stage k's devices.
+
+    Args:
+      k: 0-based stage index.
+      rng: the model's init key (the same for every stage; stage k folds its own from it).
+      input_spec: shape and dtype of a_{k-1} (for k = 0, of the network input).
+
+    Returns:
+      `(params_k, state_k)`, each {"stage": ..., "head": ...}.
+    """
+    rng = _init_key(rng)
+    x = jnp.zeros(input_spec.shape, input_spec.dtype)
+    key = jax.random.fold_in(rng, 2 * k)
+    params, state = _split(self.stages[k].init({"params": key, "dropout": key}, x, train=False))
+    head_params, head_state = {}, {}
+    if k < len(self.heads):
+      a = self.stages[k].apply({"params": params, **state}, x, train=False)
+      hkey = jax.random.fold_in(rng, 2 * k + 1)
+      head_params, head_state = _split(
+        self.heads[k].init({"params": hkey, "dropout": hkey}, a, train=False)
+      )
+    return {"stage": params, "head": head_params}, {"stage": state, "head": head_state}
+
+  def input_specs(self, inputs: Any) -> list[jax.ShapeDtypeStruct]:
+    """The abstract input of every stage (a_0 .. a_{K-1}) for a network input like `inputs`."""
+    specs = [jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)]
+    for k in range(self.num_stages - 1):
+      init = lambda rng, k=k: self.init_stage(k, rng, specs[-1])
+      params, state = jax.eval_shape(init, jax.random.key(0))
+      out = jax.eval_shape(
+        lambda p, s, x, k=k: self.stage_apply(k, p, s, x, train=False)[0], params, state, specs[-1]
+      )
+      specs.append(jax.ShapeDtypeStruct(out.shape, out.dtype))
+    return specs
+
+  # --- The whole model ---------------------------------------------------------------------
+
+  def init(self, rng: jax.Array, inputs: jax.Array) -> tuple[tuple, tuple]:
+    """Initialises every stage and head for inputs shaped like `inputs`.
 
     Args:
       rng: PRNG key; stage k and head k get independent keys folded from it.
       inputs: an example input batch (only its shape and dtype matter).
 
     Returns:
-      (params, state), each {"stages": tuple, "heads": tuple}.
+      (params, state), each a K-tuple of {"stage": ..., "head": ...}.
     """
-    params, state = {"stages": [], "heads": []}, {"stages": [], "heads": []}
-    rng = _init_key(rng)
-    a = inputs
-    for k, stage in enumerate(self.stages):
-      key = jax.random.fold_in(rng, 2 * k)
-      variables = stage.init({"params": key, "dropout": key}, a, train=False)
-      p, s = _split(variables)
-      params["stages"].append(p)
-      state["stages"].append(s)
-      a = stage.apply(variables, a, train=False)
-      if k < len(self.heads):
-        hkey = jax.random.fold_in(rng, 2 * k + 1)
-        hp, hs = _split(self.heads[k].init({"params": hkey, "dropout": hkey}, a, train=False))
-        params["heads"].append(hp)
-        state["heads"].append(hs)
-    return _freeze(params), _freeze(state)
+    per_stage = [self.init_stage(k, rng, s) for k, s in enumerate(self.input_specs(inputs))]
+    return tuple(p for p, _ in per_stage), tuple(s for _, s in per_stage)
 
   def stage_fns(
     self, state: PyTree, *, train: bool, rng: jax.Array | None = None
   ) -> tuple[list[Callable], list[Callable]]:
-    """Pure functions for `ilbp.interlocking_grads(..., has_aux=True)`.
+    """The functions `ilbp.interlocking_grads(..., has_aux=True)` takes, with `state` and `rng`
+    bound: `f_k(stage_params_k, a) -> (a_k, new_stage_state_k)` and
+    `h_k(head_params_k, a_k) -> (logits, new_head_state_k)`."""
+    K = self.num_stages
 
-    Args:
-      state: non-parameter variables as returned by `init`.
-      train: training mode (batch statistics, dropout).
-      rng: dropout key; stage k and head k get independent keys folded from it.
+    def stage_fn(k):
+      return lambda p, a: self.stage_apply(k, {"stage": p}, state[k], a, train=train, rng=rng)
 
-    Returns:
-      (stage_fns, head_fns): `f_k(params_k, a) -> (a_k, new_state_k)` and
-      `h_k(head_params_k, a_k) -> (logits, new_head_state_k)`.
-    """
-    stage_fns = [
-      _module_fn(m, s, train, _fold(rng, 2 * k))
-      for k, (m, s) in enumerate(zip(self.stages, state["stages"]))
-    ]
-    head_fns = [
-      _module_fn(m, s, train, _fold(rng, 2 * k + 1))
-      for k, (m, s) in enumerate(zip(self.heads, state["heads"]))
-    ]
-    return stage_fns, head_fns
+    def head_fn(k):
+      return lambda p, a: self.head_apply(k, {"head": p}, state[k], a, train=train, rng=rng)
+
+    return [stage_fn(k) for k in range(K)], [head_fn(k) for k in range(K - 1)]
 
   def apply(
     self, params: PyTree, state: PyTree, inputs: jax.Array, *, train: bool = False, rng=None
-  ) -> tuple[list[jax.Array], PyTree]:
+  ) -> tuple[list[jax.Array], tuple]:
     """One forward pass through every stage and head (no gradients).
 
     Returns:
       (logits, new_state): K logits, heads 1..K-1 then the last stage's output.
     """
-    stage_fns, head_fns = self.stage_fns(state, train=train, rng=rng)
-    logits, new_state = [], {"stages": [], "heads": []}
+    logits, new_state = [], []
     a = inputs
-    for k, f in enumerate(stage_fns):
-      a, s = f(params["stages"][k], a)
-      new_state["stages"].append(s)
-      if k < len(head_fns):
-        out, hs = head_fns[k](params["heads"][k], a)
+    for k in range(self.num_stages):
+      a, s = self.stage_apply(k, params[k], state[k], a, train=train, rng=rng)
+      hs = state[k]["head"]
+      if k < len(self.heads):
+        out, hs = self.head_apply(k, params[k], state[k], a, train=train, rng=rng)
         logits.append(out)
-        new_state["heads"].append(hs)
+      new_state.append({"stage": s, "head": hs})
     logits.append(a)
-    return logits, _freeze(new_state)
+    return logits, tuple(new_state)
 
-  def grads(
+  def gradients(
     self,
     params: PyTree,
     state: PyTree,
     inputs: jax.Array,
     labels: PyTree,
     *,
-    strategy: Strategy,
     loss_fn: Callable,
-    aux_loss_fn: Callable | None = None,
+    strategy: Strategy | None = None,
+    method: str = "engine",
     rng: jax.Array | None = None,
-    loss_has_aux: bool = False,
-  ) -> tuple[PyTree, PyTree, dict]:
-    """Interlocking gradients of one training batch, from a single forward pass.
+  ) -> tuple[tuple, tuple, dict]:
+    """One batch's gradients of every stage and head, in training mode.
 
-    Every stage and head runs forward exactly once in training mode, so each BatchNorm's
-    running statistics are updated once per step.
+    Args:
+      params, state: K-tuples of {"stage", "head"} as from `init`.
+      inputs: the network input.
+      labels: passed to `loss_fn` (e.g. the batch's targets).
+      loss_fn: `loss_fn(logits, labels) -> (loss, metrics_dict)` for every head.
+      strategy: the interlocking strategy (ignored by "backprop").
+      method: "engine" (`interlocking_grads`: one forward, cotangents routed by strategy),
+        "spec" (`jax.grad` of the stop_gradient composition `interlocking_loss`: the literal
+        formulation, slower) or "backprop" (end-to-end backprop with heads trained on
+        detached activations: the cost baseline, equal to the engine under "global").
+      rng: dropout key; stage k and head k fold their own from it (`stage_keys`).
+
+    Every stage and head runs its training-mode forward once per call as far as running
+    statistics go: the new state is that of a single forward pass.
 
     Returns:
-      (grads, new_state, metrics), grads laid out like `params`.
+      (grads, new_state, metrics): grads laid out like `params`; metrics `head{k}/loss` and the
+      loss's own metrics for k = 1..K.
     """
+    if method not in GRADIENT_METHODS:
+      raise ValueError(f"Unknown gradient method {method!r}; valid: {', '.join(GRADIENT_METHODS)}.")
     stage_fns, head_fns = self.stage_fns(state, train=True, rng=rng)
-    stage_grads, head_grads, metrics, aux = interlock.interlocking_grads(
-      stage_fns,
-      head_fns,
-      list(params["stages"]),
-      list(params["heads"]),
-      inputs,
-      labels,
-      strategy=strategy,
-      loss_fn=loss_fn,
-      aux_loss_fn=aux_loss_fn,
-      has_aux=True,
-      loss_has_aux=loss_has_aux,
-    )
-    return _freeze({"stages": stage_grads, "heads": head_grads}), _freeze(aux), metrics
+    sp = [p["stage"] for p in params]
+    hp = [p["head"] for p in params[:-1]]
+    if method == "engine":
+      stage_grads, head_grads, metrics, aux = interlock.interlocking_grads(
+        stage_fns, head_fns, sp, hp, inputs, labels, strategy=strategy, loss_fn=loss_fn,
+        has_aux=True, loss_has_aux=True,
+      )  # fmt: skip
+    elif method == "spec":
+      total = lambda sp, hp: interlock.interlocking_loss(
+        stage_fns, head_fns, sp, hp, inputs, labels, strategy=strategy, loss_fn=loss_fn,
+        has_aux=True,
+      )  # fmt: skip
+      (stage_grads, head_grads), (metrics, aux) = jax.grad(total, (0, 1), has_aux=True)(sp, hp)
+    else:
+      stage_grads, head_grads, aux = interlock.backprop_grads(
+        stage_fns, head_fns, sp, hp, inputs, labels, loss_fn=lambda z, y: loss_fn(z, y)[0],
+        has_aux=True,
+      )  # fmt: skip
+      metrics = {}
+    return per_stage(stage_grads, head_grads), per_stage(aux["stages"], aux["heads"]), metrics
 
-  def backprop_grads(
-    self,
-    params: PyTree,
-    state: PyTree,
-    inputs: jax.Array,
-    labels: PyTree,
-    *,
-    loss_fn: Callable,
-    aux_loss_fn: Callable | None = None,
-    rng: jax.Array | None = None,
-    loss_has_aux: bool = False,
-  ) -> tuple[PyTree, PyTree, dict]:
-    """The cost baseline: end-to-end backprop, heads trained on detached activations.
 
-    Same arguments and results as `grads` (metrics empty), so a train step built with
-    `train.make_train_step` can run it in place of the engine for benchmarks.
-    """
-    scalar = lambda fn: None if fn is None else (lambda z, y: fn(z, y)[0]) if loss_has_aux else fn
-    stage_fns, head_fns = self.stage_fns(state, train=True, rng=rng)
-    stage_grads, head_grads, aux = interlock.backprop_grads(
-      stage_fns,
-      head_fns,
-      list(params["stages"]),
-      list(params["heads"]),
-      inputs,
-      labels,
-      loss_fn=scalar(loss_fn),
-      aux_loss_fn=scalar(aux_loss_fn),
-      has_aux=True,
-    )
-    return _freeze({"stages": stage_grads, "heads": head_grads}), _freeze(aux), {}
-
-  def spec_grads(
-    self,
-    params: PyTree,
-    state: PyTree,
-    inputs: jax.Array,
-    labels: PyTree,
-    *,
-    strategy: Strategy,
-    loss_fn: Callable,
-    aux_loss_fn: Callable | None = None,
-    rng: jax.Array | None = None,
-  ) -> PyTree:
-    """`jax.grad` of the stop_gradient spec `interlocking_loss`, in training mode.
-
-    The oracle that `grads` must equal, and the cost of a naive implementation. Batch statistics
-    are those of the training-mode forward pass; the updated statistics are dropped.
-    """
-    stage_fns, head_fns = self.stage_fns(state, train=True, rng=rng)
-    drop_aux = lambda fns: [lambda p, a, f=f: f(p, a)[0] for f in fns]
-
-    def total(p):
-      return interlock.interlocking_loss(
-        drop_aux(stage_fns),
-        drop_aux(head_fns),
-        list(p["stages"]),
-        list(p["heads"]),
-        inputs,
-        labels,
-        strategy=strategy,
-        loss_fn=loss_fn,
-        aux_loss_fn=aux_loss_fn,
-      )
-
-    return jax.grad(total)(params)
+def per_stage(stage_trees: Sequence[PyTree], head_trees: Sequence[PyTree]) -> tuple:
+  """K stage trees and K-1 head trees -> a K-tuple of {"stage", "head"} (last head empty)."""
+  heads = [*head_trees, {}]
+  return tuple({"stage": s, "head": h} for s, h in zip(stage_trees, heads))
 
 
 def _init_key(rng: jax.Array) -> jax.Array:
@@ -249,24 +250,11 @@ def _init_key(rng: jax.Array) -> jax.Array:
   return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
 
 
-def _fold(rng, i):
-  return None if rng is None else jax.random.fold_in(rng, i)
-
-
-def _freeze(tree: dict) -> dict:
-  return {key: tuple(value) for key, value in tree.items()}
-
-
-def _module_fn(module: nn.Module, state: PyTree, train: bool, rng) -> Callable:
-  """`fn(params, x) -> (y, new_state)` for one module, threading its mutable collections."""
-  mutable = list(state.keys()) if train else False
+def _apply(module: nn.Module, params, state, x, train: bool, rng) -> tuple[Any, dict]:
+  """`(y, new_state)` for one module, threading its mutable collections in training mode."""
+  variables = {"params": params, **state}
   rngs = {"dropout": rng} if rng is not None else {}
-
-  def fn(params, x):
-    variables = {"params": params, **state}
-    if mutable:
-      y, new_state = module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
-      return y, dict(new_state)
-    return module.apply(variables, x, train=train, rngs=rngs), state
-
-  return fn
+  if train and state:
+    y, new_state = module.apply(variables, x, train=True, rngs=rngs, mutable=list(state))
+    return y, dict(new_state)
+  return module.apply(variables, x, train=train, rngs=rngs), state

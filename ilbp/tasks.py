@@ -28,6 +28,11 @@ class Classification:
   def inputs(self, batch: dict) -> jax.Array:
     return batch[self.input_key]
 
+  def targets(self, batch: dict) -> dict:
+    """Everything the losses read: the batch without the network input, so that pipeline
+    stages 2..K never receive images or tokens."""
+    return {k: v for k, v in batch.items() if k != self.input_key}
+
   def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     """Mean cross-entropy (with optional label smoothing) and accuracy over the batch."""
     labels = batch["label"]
@@ -64,6 +69,11 @@ class LanguageModeling:
 
   def inputs(self, batch: dict) -> jax.Array:
     return batch[self.input_key]
+
+  def targets(self, batch: dict) -> dict:
+    """Everything the losses read: the batch without the network input, so that pipeline
+    stages 2..K never receive images or tokens."""
+    return {k: v for k, v in batch.items() if k != self.input_key}
 
   def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     """Token-weighted mean cross-entropy and token accuracy (padding has weight 0)."""

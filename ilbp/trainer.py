@@ -9,9 +9,13 @@ intervals. Outputs in `workdir`:
   events.out.*       TensorBoard (clu metric writers)
   checkpoints/       orbax checkpoints of the TrainState
 
-Resume order: the newest checkpoint in workdir/checkpoints, else a fresh initialisation.
-Batches are a pure function of (seed, step) and dropout keys are folded from the step, so a
-resumed run reproduces the uninterrupted one exactly.
+Resume order: the newest checkpoint in workdir/checkpoints, else a fresh initialisation. Every
+executor reads and writes the same TrainState, so a run may resume under another executor or
+microbatch count. Batches are a pure function of (seed, step) and dropout keys are folded from
+the step, so a resumed run reproduces the uninterrupted one exactly.
+
+The trainer does not know the model family (`ilbp.families` builds model, data and task) nor
+how a step runs or where arrays live (`ilbp.executor`).
 """
 
 from __future__ import annotations
@@ -20,31 +24,20 @@ import json
 import math
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 
 from ilbp import checkpoint as ckpt
-from ilbp import placement, tasks, train
-from ilbp.staged import StagedModel
+from ilbp import executor as executors
+from ilbp import families, state
 from ilbp.strategy import strategy as parse_strategy
-
-FAMILIES = ("resnet", "transformer")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
   """A training loss became NaN or infinite; the message names the step and the head."""
-
-
-def _dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; valid: {', '.join(DTYPES)}.")
-  return DTYPES[name]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -53,8 +46,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the bad field, its value and what is valid.
   """
-  if config.family not in FAMILIES:
-    raise ValueError(f"Unknown family {config.family!r}; valid: {', '.join(FAMILIES)}.")
+  families.validate(config)
   parse_strategy(config.strategy, config.combine)
   for field in ("num_stages", "batch_size", "total_steps", "eval_every_steps"):
     if int(config[field]) < 1:
@@ -69,113 +61,45 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}.")
-  _dtype(config.model.dtype)
-  if config.family == "resnet":
-    _parse_split(config.model.split)
+  executors.validate(config)
 
 
-def _parse_split(split) -> str | tuple[int, ...]:
-  """ "balanced", or blocks per stage as "3,3,3" (a string, so --config.model.split= works)."""
-  if not isinstance(split, str):
-    return tuple(int(x) for x in split)
-  if split.strip() == "balanced":
-    return "balanced"
-  try:
-    return tuple(int(x) for x in split.split(","))
-  except ValueError as e:
-    raise ValueError(
-      f"config.model.split={split!r}: use 'balanced' or blocks per stage such as '3,3,3'."
-    ) from e
+class _JsonlWriter(metric_writers.LoggingWriter):
+  """Scalars to `metrics.jsonl` for scripts, one JSON object per step: writes for the same
+  step (train metrics, clu's steps_per_sec, eval) are merged until `flush`. The rest of the
+  MetricWriter interface only logs."""
 
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+    self.last: dict[str, float] = {}
+    self._row: dict = {}
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[StagedModel, Any, Any]:
-  """Data, staged model and task for the config's family.
-
-  Model and data modules are imported here so that a ResNet run never imports the text
-  pipeline and vice versa.
-
-  Returns:
-    (model, data, task): data has train_batches(start_step) and eval_batches().
-  """
-  m, d = config.model, config.dataset
-  if config.family == "resnet":
-    from ilbp.data import images
-    from ilbp.models import resnet
-
-    data = images.get_data(
-      d.name,
-      batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size,
-      seed=config.seed,
-      image_size=d.get("image_size"),
-      data_dir=d.get("data_dir"),
-      augment=d.augment,
-    )
-    split = _parse_split(m.split)
-    model = resnet.make_model(
-      m.name,
-      num_classes=data.num_classes,
-      num_stages=config.num_stages,
-      split=split,
-      head=m.head,
-      input_shape=tuple(data.image_shape),
-      dtype=_dtype(m.dtype),
-    )
-    task = tasks.Classification(label_smoothing=config.get("label_smoothing", 0.0))
-  else:
-    from ilbp.data import text
-    from ilbp.models import transformer
-
-    data = text.get_data(
-      d.name,
-      batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size,
-      seq_len=d.seq_len,
-      seed=config.seed,
-      tokenizer=d.tokenizer,
-      vocab_size=d.vocab_size,
-      cache_dir=d.get("cache_dir") or os.path.join(workdir, "data_cache"),
-      max_eval_sequences=d.get("max_eval_sequences"),
-      data_dir=d.get("data_dir"),
-      **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
-    )
-    layers = m.get("layers_per_stage")
-    model = transformer.make_model(
-      vocab_size=data.vocab_size,
-      num_layers=m.num_layers,
-      num_stages=config.num_stages,
-      d_model=m.d_model,
-      num_heads=m.num_heads,
-      d_ff=m.d_ff,
-      max_len=d.seq_len,
-      dropout_rate=m.dropout_rate,
-      positions=m.positions,
-      head=m.head,
-      layers_per_stage=tuple(layers) if layers else None,
-      dtype=_dtype(m.dtype),
-    )
-    task = tasks.LanguageModeling()
-  return model, data, task
-
-
-class _Sinks:
-  """metrics.jsonl for scripts, TensorBoard for people, a readable console line."""
-
-  def __init__(self, workdir: str):
-    self.primary = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
-
-  def write(self, step: int, scalars: dict) -> None:
+  def write_scalars(self, step: int, scalars) -> None:
+    if self._row and self._row["step"] != int(step):
+      self.flush()
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.writer.write_scalars(step, scalars)
-    if self.primary:
+    self.last.update(scalars)
+    self._row = {"step": int(step), **self._row, **scalars}
+
+  def flush(self) -> None:
+    if self._row:
       with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **scalars}) + "\n")
+        f.write(json.dumps(self._row) + "\n")
+      self._row = {}
 
   def close(self) -> None:
-    self.writer.flush()
-    self.writer.close()
+    self.flush()
+
+
+def _writer(workdir: str) -> tuple[metric_writers.MetricWriter, _JsonlWriter | None]:
+  """TensorBoard for people and metrics.jsonl for scripts (process 0); logging elsewhere."""
+  primary = jax.process_index() == 0
+  default = metric_writers.create_default_writer(workdir, just_logging=not primary)
+  if not primary:
+    return default, None
+  jsonl = _JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  return metric_writers.MultiWriter([default, jsonl]), jsonl
 
 
 def _console(message: str) -> None:
@@ -193,13 +117,13 @@ def _eval_line(step: int, scalars: dict, num_stages: int) -> str:
   return f"[eval] step {step}: accuracy {per_head}"
 
 
-def evaluate(eval_step, state, data, task, mesh, num_stages: int, max_batches=None) -> dict:
+def evaluate(executor, st, data, task, num_stages: int, max_batches=None) -> dict:
   """One pass over the eval split; returns eval/head{k}/{loss,accuracy[,perplexity]}."""
   totals: dict[str, float] = {}
   for i, batch in enumerate(data.eval_batches()):
     if max_batches is not None and i >= max_batches:
       break
-    sums = jax.device_get(eval_step(state, placement.shard_batch(batch, mesh)))
+    sums = jax.device_get(executor.eval_step(st, batch))
     for key, value in sums.items():
       totals[key] = totals.get(key, 0.0) + float(value)
   out = {}
@@ -248,29 +172,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   config_dict = config.to_dict()
   ckpt.check_compatible(workdir, config_dict, allow_change=config.get("allow_config_change", False))
-  mesh = placement.data_mesh()
-  placement.check_batch_size(config.batch_size, mesh)
-  placement.check_batch_size(config.eval_batch_size, mesh)
-  tx, schedule = train.make_optimizer(
+  tx, schedule = state.make_optimizer(
     learning_rate=config.learning_rate, total_steps=config.total_steps, **config.optimizer
   )
-  model, data, task = build(config, workdir)
+  built = families.build(config, workdir)
+  model, data, task = built.model, built.data, built.task
+  executor = executors.make(config, model, task, strategy, tx, schedule, built.input_spec)
   # Written only once the config has proved buildable, so a typo never replaces the record.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
   _console(
     f"model: {config.family} {config.model.get('name', '')} K={model.num_stages} "
-    f"strategy={strategy.name} combine={strategy.combine} info={model.info}"
+    f"strategy={strategy.name} combine={strategy.combine} info={model.info}\n"
+    f"execution: {executor.description}"
   )
 
-  # Parameter shapes do not depend on the batch: initialise on one example built from the
-  # data's known shapes, rather than starting an input pipeline just to look at a batch.
-  if config.family == "resnet":
-    example_inputs = jnp.zeros((1, *data.image_shape), jnp.float32)
-  else:
-    example_inputs = jnp.zeros((1, config.dataset.seq_len), jnp.int32)
-  init = lambda rng: train.create_train_state(model, tx, rng, example_inputs)
   rng = jax.random.PRNGKey(config.seed)
   checkpointer = ckpt.Checkpointer(
     os.path.join(workdir, "checkpoints"),
@@ -279,68 +196,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   latest = checkpointer.latest_step()
   if latest is not None:
-    # Restore straight onto the abstract state: no throw-away initialisation in memory.
-    target = jax.eval_shape(init, rng)
-    target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement.replicated(mesh)), target
-    )
-    state = checkpointer.restore(latest, target)
+    # Restore straight onto the executor's abstract state (its shardings, whichever executor
+    # wrote the checkpoint): no throw-away initialisation in memory.
+    st = checkpointer.restore(latest, executor.state_target(rng))
     _console(f"Resumed from {workdir}/checkpoints at step {latest}.")
   else:
-    state = placement.replicate(jax.jit(init)(rng), mesh)
+    st = executor.init_state(rng)
 
-  train_step = placement.jit_train_step(
-    train.make_train_step(model, task, strategy, tx, schedule), mesh
+  writer, jsonl = _writer(workdir)
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=config.total_steps,
+    writer=writer,
+    every_steps=config.log_every_steps,
+    every_secs=None,
   )
-  eval_step = placement.jit_eval_step(train.make_eval_step(model, task), mesh)
-  sinks = _Sinks(workdir)
-  start = int(state.step)
+  start = int(jax.device_get(st.step))
+  progress(start)
   batches = data.train_batches(start)
   pending: list[tuple[int, dict]] = []
   last_eval: dict = {}
-  t0, t_last, steps_since = time.time(), time.time(), 0
+  t0 = time.time()
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = placement.shard_batch(next(batches), mesh)
-      state, metrics = train_step(state, batch)
+      st, metrics = executor.train_step(st, executor.put_batch(next(batches)))
       pending.append((step, metrics))
-      steps_since += 1
       is_last = step == config.total_steps
       do_eval = step % config.eval_every_steps == 0 or is_last
       do_ckpt = step % config.checkpoint_every_steps == 0 or is_last
-      if step % config.log_every_steps == 0 or do_eval or do_ckpt:
-        pending = jax.device_get(pending)
+      do_log = step % config.log_every_steps == 0 or do_eval or do_ckpt
+      if do_log:
+        pending = jax.device_get(pending)  # Waits for the step: the rate below is honest.
         _check_finite(pending)
-        elapsed = time.time() - t_last
+      # steps/s and ETA (clu ReportProgress) every log_every_steps, to every sink.
+      reported = progress(step)
+      if do_log:
         scalars = _mean_metrics(pending)
-        scalars["train/steps_per_sec"] = steps_since / max(elapsed, 1e-9)
-        scalars["train/examples_per_sec"] = scalars["train/steps_per_sec"] * config.batch_size
-        sinks.write(step, scalars)
-        eta = (config.total_steps - step) / max(scalars["train/steps_per_sec"], 1e-9)
+        writer.write_scalars(step, scalars)
+        rate = jsonl.last.get("steps_per_sec") if jsonl and reported else None
         _console(
           f"[train] step {step}/{config.total_steps}: loss "
           + " ".join(
             f"h{k}={scalars[f'train/head{k}/loss']:.4f}" for k in range(1, model.num_stages + 1)
           )
-          + f" | {scalars['train/steps_per_sec']:.2f} steps/s,"
-          f" {scalars['train/examples_per_sec']:.0f} examples/s, ETA {eta:.0f}s"
+          + (
+            f" | {rate:.2f} steps/s, {rate * config.batch_size:.0f} examples/s, "
+            f"ETA {(config.total_steps - step) / max(rate, 1e-9):.0f}s"
+            if rate
+            else ""
+          )
         )
-        pending, t_last, steps_since = [], time.time(), 0
+        pending = []
       if do_eval:
-        last_eval = evaluate(
-          eval_step, state, data, task, mesh, model.num_stages, config.get("max_eval_batches")
-        )
-        sinks.write(step, last_eval)
+        with progress.timed("eval"):
+          last_eval = evaluate(
+            executor, st, data, task, model.num_stages, config.get("max_eval_batches")
+          )
+        writer.write_scalars(step, last_eval)
         _console(_eval_line(step, last_eval, model.num_stages))
-        t_last = time.time()
+      if do_log or do_eval:
+        writer.flush()
       if do_ckpt:
-        checkpointer.save(step, state)
+        checkpointer.save(step, st)
   finally:
     checkpointer.close()
-    sinks.close()
+    writer.flush()
+    writer.close()
   if not last_eval:  # Resumed a run that had already finished: report its final evaluation.
-    last_eval = evaluate(
-      eval_step, state, data, task, mesh, model.num_stages, config.get("max_eval_batches")
-    )
+    last_eval = evaluate(executor, st, data, task, model.num_stages, config.get("max_eval_batches"))
   _console(f"Done: {config.total_steps} steps in {time.time() - t0:.1f}s this session.")
-  return {"step": int(state.step), **last_eval}
+  return {"step": int(jax.device_get(st.step)), **last_eval}

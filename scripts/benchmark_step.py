@@ -14,22 +14,23 @@ compiled the same way, with the same model, batch, RNG and optimizer.
 
 Columns:
   strategy    the strategy's name (`backprop` is the baseline itself).
-  GFLOP       XLA cost analysis of the jitted gradient computation (`StagedModel.grads`, the
-              engine `interlocking_grads`; for the baseline, `backprop_grads`).
+  GFLOP       XLA cost analysis of the jitted gradient computation (`StagedModel.gradients`:
+              the engine `interlocking_grads`; for the baseline, `backprop_grads`).
   FLOPs/bp    GFLOP divided by the baseline's.
   spec/bp     the same for `jax.grad` of the stop_gradient spec `interlocking_loss`: what a
               naive implementation would cost, i.e. what the engine saves.
   temp MiB    XLA's compiled temporary memory (`memory_analysis().temp_size_in_bytes`) of the
               engine's gradient computation (spec MiB: of the spec's).
-  step ms     median wall time of one full jitted train step (`train.make_train_step`:
+  step ms     median wall time of one full jitted train step (`steps.make_train_step`:
               gradients + optimizer update, state donated), blocking on the results, over
               --repeats steps after --warmup steps. Rows are timed round-robin (one step of
               every row, then the next round) so drift on a shared machine hits all alike.
   IQR ms      interquartile range of those step times.
   time/bp     step ms divided by the baseline's step ms.
 
-The baseline step is `train.make_train_step` run on a thin adapter whose `grads` calls
-`backprop_grads`; its metrics lack the per-head loss/accuracy values (a few reductions).
+The baseline step is `steps.make_train_step(..., gradients="backprop")`: the same step with the
+backprop gradients (`StagedModel.gradients(method="backprop")`); its metrics lack the per-head
+loss/accuracy values (a few reductions).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from ilbp import tasks, train
+from ilbp import state as train_state
+from ilbp import steps, tasks
 from ilbp.models import resnet, transformer
 from ilbp.profiling import compiled_cost
 from ilbp.staged import StagedModel
@@ -79,21 +81,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
 
 _MIB = 2**20
-
-
-class BackpropModel:
-  """Adapter putting the baseline (`StagedModel.backprop_grads`) behind the `grads` interface.
-
-  `train.make_train_step` calls only `model.grads`, so the baseline step is built by the same
-  code as every strategy's step; only the gradient computation differs.
-  """
-
-  def __init__(self, model: StagedModel):
-    self.model = model
-
-  def grads(self, params, state, inputs, labels, *, strategy, **kwargs):
-    del strategy  # The baseline is always end-to-end backprop.
-    return self.model.backprop_grads(params, state, inputs, labels, **kwargs)
 
 
 def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
@@ -145,30 +132,18 @@ def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
   return model, tasks.LanguageModeling(), batch, desc
 
 
-def spec_grads_fn(model: StagedModel, task: Any, strategy: Strategy) -> Callable:
-  """`fn(params, state, batch, rng) -> grads`: jax.grad of the stop_gradient spec."""
-  return lambda params, state, batch, rng: model.spec_grads(
+def grads_fn(model: StagedModel, task: Any, strategy: Strategy, method: str) -> Callable:
+  """`fn(params, state, batch, rng)`: the gradients as the train step computes them, by
+  `method` ("engine", "spec" or the "backprop" baseline; `StagedModel.gradients`)."""
+  return lambda params, state, batch, rng: model.gradients(
     params,
     state,
     task.inputs(batch),
-    batch,
-    strategy=strategy,
-    loss_fn=lambda z, b: task.loss(z, b)[0],
-    rng=rng,
-  )
-
-
-def grads_fn(model: Any, task: Any, strategy: Strategy) -> Callable:
-  """`fn(params, state, batch, rng)`: the gradients as the train step computes them."""
-  return lambda params, state, batch, rng: model.grads(
-    params,
-    state,
-    task.inputs(batch),
-    batch,
-    strategy=strategy,
+    task.targets(batch),
     loss_fn=task.loss,
+    strategy=strategy,
+    method=method,
     rng=rng,
-    loss_has_aux=True,
   )
 
 
@@ -182,8 +157,8 @@ def forward_flops(model: StagedModel, params, state, inputs) -> tuple[float, flo
 
   def stages_only(params, inputs):
     a = inputs
-    for f, p in zip(stage_fns, params["stages"]):
-      a = f(p, a)[0]
+    for f, p in zip(stage_fns, params):
+      a = f(p["stage"], a)[0]
     return a
 
   def everything(params, inputs):
@@ -253,10 +228,10 @@ def main(argv: list[str]) -> None:
   model, task, batch, desc = build(jax.random.fold_in(rng, 1))
   default_opt = "adamw" if _MODEL.value == "transformer" else "sgd"
   opt_name = _OPTIMIZER.value or default_opt
-  optimizer, _ = train.make_optimizer(
+  optimizer, _ = train_state.make_optimizer(
     name=opt_name, learning_rate=1e-3 if opt_name == "adamw" else 0.1, schedule="constant"
   )
-  state = train.create_train_state(model, optimizer, rng, task.inputs(batch))
+  state = train_state.create_train_state(model, optimizer, rng, task.inputs(batch))
   params, model_state, step_rng = state.params, state.model_state, state.rng
   k = model.num_stages
   device = jax.devices()[0]
@@ -277,30 +252,32 @@ def main(argv: list[str]) -> None:
     f"{fwd_heads / 1e9:.4g} ({fwd_heads / fwd_stages:.3g}x the stages)"
   )
 
-  baseline = BackpropModel(model)
   strategies = {name: parse_strategy(name, _COMBINE.value) for name in _STRATEGIES.value}
-  row_models = {"backprop": (baseline, Strategy(None, _COMBINE.value))}
-  row_models.update({s.name: (model, s) for s in strategies.values()})
+  # Row -> (strategy, gradient method): the baseline is the same model and train step with
+  # the end-to-end backprop gradients.
+  rows_spec = {"backprop": (Strategy(None, _COMBINE.value), "backprop")}
+  rows_spec.update({s.name: (s, "engine") for s in strategies.values()})
 
   costs, spec_costs = {}, {}
-  for name, (m, strat) in row_models.items():
-    costs[name] = compiled_cost(grads_fn(m, task, strat), params, model_state, batch, step_rng)
+  for name, (strat, method) in rows_spec.items():
+    fn = grads_fn(model, task, strat, method)
+    costs[name] = compiled_cost(fn, params, model_state, batch, step_rng)
     if name != "backprop" and _SPEC.value:
-      spec = spec_grads_fn(model, task, strat)
+      spec = grads_fn(model, task, strat, "spec")
       spec_costs[name] = compiled_cost(spec, params, model_state, batch, step_rng)
   compile_done = time.perf_counter()
 
-  steps, states = {}, {}
-  for name, (m, strat) in row_models.items():
-    step = train.make_train_step(m, task, strat, optimizer)
-    steps[name] = jax.jit(step, donate_argnums=0)
+  jitted, states = {}, {}
+  for name, (strat, method) in rows_spec.items():
+    step = steps.make_train_step(model, task, strat, optimizer, gradients=method)
+    jitted[name] = jax.jit(step, donate_argnums=0)
     states[name] = jax.tree.map(jnp.copy, state)
-  times = time_steps(steps, states, batch)
+  times = time_steps(jitted, states, batch)
 
   base_flops = costs["backprop"]["flops"]
   base_ms = 1e3 * statistics.median(times["backprop"])
   rows = []
-  for name, (_, strat) in row_models.items():
+  for name, (strat, _) in rows_spec.items():
     ms = [1e3 * t for t in times[name]]
     q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], 0, ms[0])
     spec = spec_costs.get(name)

@@ -45,7 +45,7 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def _throughput(rows: list[dict]) -> float | None:
-  rates = [r["train/steps_per_sec"] for r in rows if "train/steps_per_sec" in r]
+  rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
   rates = rates[1:] or rates  # The first interval includes compilation.
   return statistics.median(rates) if rates else None
 

@@ -74,10 +74,10 @@ def test_tiny_stage_and_head_shapes():
   expected = [(2, 8, 8, 4), (2, 8, 8, 4), (2, 4, 4, 8), (2, 2, 2, 8), (2, 7)]
   a = x
   for k, f in enumerate(stage_fns):
-    a, _ = f(params["stages"][k], a)
+    a, _ = f(params[k]["stage"], a)
     assert a.shape == expected[k], k
     if k < len(head_fns):
-      logits, _ = head_fns[k](params["heads"][k], a)
+      logits, _ = head_fns[k](params[k]["head"], a)
       assert logits.shape == (2, 7) and logits.dtype == jnp.float32
   assert a.dtype == jnp.float32
 
@@ -157,12 +157,10 @@ def test_splitting_does_not_change_the_network():
   split = resnet.make_model("resnet_tiny", num_classes=5, num_stages=3, split=(2, 2, 1))
   whole = resnet.make_model("resnet_tiny", num_classes=5, num_stages=1, split=(5,))
   params, state = split.init(KEY, x)
-  merge = lambda trees: ({k: v for t in trees for k, v in t.items()},)
-  whole_params = {"stages": merge(params["stages"]), "heads": ()}
-  whole_state = {
-    "stages": ({"batch_stats": merge(s["batch_stats"] for s in state["stages"])[0]},),
-    "heads": (),
-  }
+  merge = lambda trees: {k: v for t in trees for k, v in t.items()}
+  whole_params = ({"stage": merge(p["stage"] for p in params), "head": {}},)
+  whole_stats = merge(s["stage"]["batch_stats"] for s in state)
+  whole_state = ({"stage": {"batch_stats": whole_stats}, "head": {}},)
   split_logits, _ = split.apply(params, state, x)
   whole_logits, _ = whole.apply(whole_params, whole_state, x)
   np.testing.assert_allclose(split_logits[-1], whole_logits[-1], rtol=1e-5, atol=1e-5)
@@ -181,8 +179,9 @@ def test_train_mode_updates_batch_stats(head):
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state, new_state)
   # Every running mean and variance moved; only the conv head has BatchNorm, so a pool head
   # carries no state at all.
-  assert jax.tree.leaves(changed["stages"]) and all(jax.tree.leaves(changed["stages"]))
-  head_stats = jax.tree.leaves(changed["heads"])
+  stage_stats = jax.tree.leaves([c["stage"] for c in changed])
+  assert stage_stats and all(stage_stats)
+  head_stats = jax.tree.leaves([c["head"] for c in changed])
   assert all(head_stats) and (len(head_stats) > 0) == (head == "conv")
   eval_logits, eval_state = model.apply(params, new_state, x, train=False)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new_state, eval_state))
@@ -198,7 +197,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_logits():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state))
   stage_fns, _ = model.stage_fns(state, train=False)
-  a, _ = stage_fns[0](params["stages"][0], x)
+  a, _ = stage_fns[0](params[0]["stage"], x)
   assert a.dtype == jnp.bfloat16  # activations cross stage boundaries in the compute dtype
   logits, _ = model.apply(params, state, x, train=True)
   assert len(logits) == 3 and all(out.dtype == jnp.float32 for out in logits)

@@ -1,4 +1,4 @@
-"""Train state, optimizers, the jitted train / eval steps, and data-parallel sharding."""
+"""Train state, optimizers, the fused train / eval steps, microbatches, data-parallel sharding."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 from conftest import conv_bn_model
 
 import ilbp
-from ilbp import placement, train
+from ilbp import placement, state, steps
 from ilbp.tasks import Classification, LanguageModeling
 
 TASK = Classification()
@@ -21,22 +21,22 @@ TASK = Classification()
 
 def _setup(image_batch, name="sgd", **kw):
   model = conv_bn_model(3)
-  tx, schedule = train.make_optimizer(name=name, learning_rate=0.05, total_steps=10, **kw)
-  state = train.create_train_state(model, tx, jax.random.PRNGKey(0), image_batch["image"])
-  return model, tx, schedule, state
+  tx, schedule = state.make_optimizer(name=name, learning_rate=0.05, total_steps=10, **kw)
+  st = state.create_train_state(model, tx, jax.random.PRNGKey(0), image_batch["image"])
+  return model, tx, schedule, st
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_train_step_learns_and_reports_every_head(image_batch, name):
-  model, tx, schedule, state = _setup(image_batch, name, weight_decay=1e-4)
+  model, tx, schedule, st = _setup(image_batch, name, weight_decay=1e-4)
   step = jax.jit(
-    train.make_train_step(model, TASK, ilbp.strategy("pairwise"), tx, schedule), donate_argnums=0
+    steps.make_train_step(model, TASK, ilbp.strategy("pairwise"), tx, schedule), donate_argnums=0
   )
   losses = []
   for _ in range(8):
-    state, metrics = step(state, image_batch)
+    st, metrics = step(st, image_batch)
     losses.append(float(metrics["head3/loss"]))
-  assert int(state.step) == 8
+  assert int(st.step) == 8
   assert losses[-1] < losses[0]
   for k in (1, 2, 3):
     assert {f"head{k}/loss", f"head{k}/accuracy"} <= set(metrics)
@@ -46,14 +46,14 @@ def test_train_step_learns_and_reports_every_head(image_batch, name):
 
 
 def test_eval_step_sums_every_head_and_masks_padding(image_batch):
-  model, _, _, state = _setup(image_batch)
-  eval_step = jax.jit(train.make_eval_step(model, TASK))
+  model, _, _, st = _setup(image_batch)
+  eval_step = jax.jit(steps.make_eval_step(model, TASK))
   mask = jnp.concatenate([jnp.ones(10), jnp.zeros(6)])
-  sums = eval_step(state, {**image_batch, "mask": mask})
+  sums = eval_step(st, {**image_batch, "mask": mask})
   assert float(sums["count"]) == 10.0
-  full = eval_step(state, {**image_batch, "mask": jnp.ones(16)})
+  full = eval_step(st, {**image_batch, "mask": jnp.ones(16)})
   # Padding examples contribute nothing: the masked sum equals the sum over the first 10.
-  logits, _ = model.apply(state.params, state.model_state, image_batch["image"])
+  logits, _ = model.apply(st.params, st.model_state, image_batch["image"])
   for k, head_logits in enumerate(logits):
     correct = np.sum(np.argmax(head_logits[:10], -1) == np.asarray(image_batch["label"][:10]))
     assert float(sums[f"head{k + 1}/accuracy"]) == correct
@@ -78,39 +78,40 @@ def test_language_modeling_task_weights_tokens():
 
 
 def test_weight_decay_skips_biases_and_norm_scales():
-  params = {"stages": ({"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},), "heads": ()}
+  params = {"stage": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "head": {}}
   zero = jax.tree.map(jnp.zeros_like, params)
-  tx, _ = train.make_optimizer(
+  tx, _ = state.make_optimizer(
     name="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.5, schedule="constant"
   )
   updates, _ = tx.update(zero, tx.init(params), params)
-  np.testing.assert_allclose(updates["stages"][0]["kernel"], -0.5)
-  np.testing.assert_allclose(updates["stages"][0]["bias"], 0.0)
+  np.testing.assert_allclose(updates["stage"]["kernel"], -0.5)
+  np.testing.assert_allclose(updates["stage"]["bias"], 0.0)
 
 
-def test_grad_clip_is_per_stage():
-  grads = {"stages": ({"w": jnp.full(4, 10.0)}, {"w": jnp.full(4, 0.1)}), "heads": ()}
-  tx, _ = train.make_optimizer(
+def test_grad_clip_is_per_stage_and_per_head():
+  grads = {"stage": {"w": jnp.full(4, 10.0)}, "head": {"w": jnp.full(4, 0.1)}}
+  tx, _ = state.make_optimizer(
     name="sgd", learning_rate=1.0, momentum=0.0, schedule="constant", grad_clip_norm=1.0
   )
   updates, _ = tx.update(grads, tx.init(grads), grads)
-  np.testing.assert_allclose(optax.global_norm(updates["stages"][0]), 1.0, rtol=1e-6)
-  # The small stage is not scaled down by the large one's norm.
-  np.testing.assert_allclose(updates["stages"][1]["w"], -0.1, rtol=1e-6)
+  np.testing.assert_allclose(optax.global_norm(updates["stage"]), 1.0, rtol=1e-6)
+  # The small head is not scaled down by its stage's norm (nor by any other stage's: every
+  # stage has its own optimizer state and update).
+  np.testing.assert_allclose(updates["head"]["w"], -0.1, rtol=1e-6)
 
 
 def test_schedules_and_bad_optimizer_names():
-  sched = train.make_schedule(learning_rate=1.0, total_steps=100, schedule="step", warmup_steps=10)
+  sched = state.make_schedule(learning_rate=1.0, total_steps=100, schedule="step", warmup_steps=10)
   assert float(sched(5)) == pytest.approx(0.5)
   assert float(sched(40)) == pytest.approx(1.0)
   assert float(sched(60)) == pytest.approx(0.1)
   assert float(sched(80)) == pytest.approx(0.01)
-  cos = train.make_schedule(learning_rate=1.0, total_steps=10, schedule="cosine")
+  cos = state.make_schedule(learning_rate=1.0, total_steps=10, schedule="cosine")
   assert float(cos(10)) == pytest.approx(0.0, abs=1e-6)
   with pytest.raises(ValueError, match="sgd, adamw"):
-    train.make_optimizer(name="lamb")
+    state.make_optimizer(name="lamb")
   with pytest.raises(ValueError, match="constant, cosine"):
-    train.make_schedule(learning_rate=1.0, total_steps=10, schedule="poly")
+    state.make_schedule(learning_rate=1.0, total_steps=10, schedule="poly")
 
 
 def test_batch_size_must_split_over_data_devices():
@@ -126,24 +127,24 @@ SHARDED = textwrap.dedent(
   import jax, jax.numpy as jnp, numpy as np
   from conftest import conv_bn_model
   import ilbp
-  from ilbp import placement, train
+  from ilbp import placement, state, steps
   from ilbp.tasks import Classification
   assert jax.device_count() == 4, jax.devices()
   model = conv_bn_model(3)
   rng = jax.random.PRNGKey(0)
   batch = {"image": np.asarray(jax.random.normal(rng, (16, 8, 8, 3))),
            "label": np.asarray(jax.random.randint(rng, (16,), 0, 10))}
-  tx, sched = train.make_optimizer(name="sgd", learning_rate=0.1, total_steps=4)
-  state = train.create_train_state(model, tx, rng, batch["image"])
-  step_fn = train.make_train_step(model, Classification(), ilbp.strategy("pairwise"), tx, sched)
+  tx, sched = state.make_optimizer(name="sgd", learning_rate=0.1, total_steps=4)
+  st = state.create_train_state(model, tx, rng, batch["image"])
+  step_fn = steps.make_train_step(model, Classification(), ilbp.strategy("pairwise"), tx, sched)
   plain = jax.jit(step_fn)
   mesh = placement.data_mesh()
   sharded = placement.jit_train_step(step_fn, mesh)
-  s1, s2 = state, placement.replicate(state, mesh)
+  s1, s2 = st, placement.replicate(st, mesh)
   for _ in range(3):
     s1, m1 = plain(s1, batch)
     s2, m2 = sharded(s2, placement.shard_batch(batch, mesh))
-  assert len(s2.params["stages"][0]["Conv_0"]["kernel"].sharding.device_set) == 4
+  assert len(s2.params[0]["stage"]["Conv_0"]["kernel"].sharding.device_set) == 4
   for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   print("SHARDED_OK")

@@ -80,16 +80,16 @@ def test_every_stage_and_head_output_shape(num_stages, head, positions):
   stage_fns, head_fns = model.stage_fns(state, train=False)
   a = x
   for k, f in enumerate(stage_fns):
-    a, _ = f(params["stages"][k], a)
+    a, _ = f(params[k]["stage"], a)
     if k < num_stages - 1:
       assert a.shape == (batch, length, D)
-      logits, _ = head_fns[k](params["heads"][k], a)
+      logits, _ = head_fns[k](params[k]["head"], a)
       assert logits.shape == (batch, length, VOCAB)
       assert logits.dtype == jnp.float32
   assert a.shape == (batch, length, VOCAB)
   assert a.dtype == jnp.float32
   assert len(model.heads) == num_stages - 1
-  assert ("pos_embed" in params["stages"][0]) == (positions == "learned")
+  assert ("pos_embed" in params[0]["stage"]) == (positions == "learned")
 
 
 def test_sequence_longer_than_max_len_is_rejected():
@@ -116,7 +116,7 @@ def test_explicit_split_is_built_as_given():
   model = _model(num_layers=6, num_stages=3, layers_per_stage=np.array([1, 4, 1]))
   assert model.info["layers_per_stage"] == (1, 4, 1)
   params, _ = _init(model, _tokens())
-  built = tuple(sum(name.startswith("layer_") for name in p) for p in params["stages"])
+  built = tuple(sum(name.startswith("layer_") for name in p) for p in (q["stage"] for q in params))
   assert built == (1, 4, 1)
 
 
@@ -185,7 +185,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(positions):
     assert out.dtype == jnp.float32
     assert np.isfinite(out).all()
   # What crosses between stages is in the compute dtype (half the pipeline traffic).
-  a1 = model.stages[0].apply({"params": params["stages"][0]}, x)
+  a1 = model.stages[0].apply({"params": params[0]["stage"]}, x)
   assert a1.dtype == jnp.bfloat16
   # bf16 compute stays close to the float32 model with the same parameters.
   ref = _forward(_model(positions=positions, head="block"), params, state, x)
@@ -216,8 +216,8 @@ def test_parameter_count_matches_hand_count():
   stage1 = vocab * d + max_len * d + 2 * block  # token + learned position tables, 2 layers
   stage2 = block + readout
   assert block == 600 and readout == 115
-  assert [_count(p) for p in params["stages"]] == [stage1, stage2] == [1336, 715]
-  assert _count(params["heads"][0]) == readout
+  assert [_count(p["stage"]) for p in params] == [stage1, stage2] == [1336, 715]
+  assert _count(params[0]["head"]) == readout
   assert model.info["head_params"] == readout
   assert model.info["stage_params"] == (stage1, stage2)
   # The aux head costs as much as the real output layer: 2 d vocab FLOPs per token.
@@ -231,12 +231,12 @@ def test_block_head_counts_one_extra_block():
   params, _ = _init(model, _tokens())
   block = 4 * D * D + 2 * D * D_FF + 9 * D + D_FF
   readout = 2 * D + D * VOCAB + VOCAB
-  assert _count(params["heads"][0]) == model.info["head_params"] == block + readout
+  assert _count(params[0]["head"]) == model.info["head_params"] == block + readout
   assert model.info["head_flops_per_token"] == (
     2 * D * VOCAB + 8 * D * D + 4 * D * D_FF + 4 * MAX_LEN * D
   )
   # Rotary: no position table, so stage 1 is the token table plus its blocks.
-  assert _count(params["stages"][0]) == VOCAB * D + 2 * block
+  assert _count(params[0]["stage"]) == VOCAB * D + 2 * block
 
 
 # --------------------------------------------------------------------------------- rotary

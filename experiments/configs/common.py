@@ -74,4 +74,71 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)  # Per stage/head.
   c.optimizer.decay_boundaries = (0.5, 0.75)  # "step" schedule: fractions of total_steps.
   c.optimizer.decay_factor = 0.1  # "step" schedule: multiplier at each boundary.
+
+  c.execution = ml_collections.ConfigDict()
+  # "fused" (one program, data parallel over every device), "dataflow" (stage k on its own
+  # devices, one program per stage and operation), "spmd" (not built yet).
+  c.execution.kind = "fused"
+  # M: the batch is split into M microbatches (gradients accumulate; BatchNorm statistics
+  # per microbatch). Pipelines overlap stages across microbatches.
+  c.execution.microbatches = 1
+  # Pipelines: a stage applies its update as soon as its own gradients are complete and starts
+  # the next step (exact, no staleness); False flushes every stage at every step.
+  c.execution.continuous = True
+  # D: devices per stage for pipelines (K·D in all; None = 1); fused: None = every device.
+  c.execution.data_parallel = ml_collections.config_dict.placeholder(int)
+  # "engine" (per-stage VJPs) or "spec" (jax.grad of the stop_gradient composition; fused only).
+  c.execution.gradients = "engine"
   return c
+
+
+def cifar_config(args, *, dataset: str, total_steps: int):
+  """Shared by the CIFAR-10 and CIFAR-100 configs: only the dataset differs."""
+  c = base_config(args)
+  c.family = "resnet"
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.total_steps = total_steps
+  c.learning_rate = 0.1
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.warmup_steps = 500
+  c.log_every_steps = 100
+  c.eval_every_steps = 2000
+  c.checkpoint_every_steps = 2000
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = args.model  # resnet20/32/44/56/110 (He et al.), resnet34_cifar (authors').
+  c.model.split = "balanced"  # "balanced" (by XLA FLOPs) or blocks per stage, e.g. "4,4,4,4".
+  c.model.head = args.head  # Aux head: "conv" (authors': 2 convs + pool + dense) or "pool".
+  c.model.dtype = "float32"  # Computation dtype: "float32" or "bfloat16" (params stay f32).
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = dataset  # TFDS name.
+  c.dataset.augment = True  # 4-pixel pad + random crop + horizontal flip.
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir.
+
+  if args.runlocal:
+    c.model.name = "resnet_tiny"
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.total_steps = 20
+    c.optimizer.warmup_steps = 0
+    c.log_every_steps = 5
+    c.eval_every_steps = 10
+    c.checkpoint_every_steps = 10
+    c.max_eval_batches = 2
+  return c
+
+
+def transformer_model(c, args, *, num_layers, d_model, num_heads, d_ff, dtype, dropout=0.1):
+  """Fills c.model; shared by the lm1b and stdlib configs."""
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = num_layers  # Decoder blocks, split evenly over the stages.
+  c.model.layers_per_stage = ml_collections.config_dict.placeholder(tuple)  # None = even.
+  c.model.d_model = d_model  # Residual stream width.
+  c.model.num_heads = num_heads  # Attention heads.
+  c.model.d_ff = d_ff  # MLP hidden width.
+  c.model.dropout_rate = dropout  # Attention, residual and embedding dropout.
+  c.model.positions = args.positions  # "learned" or "rotary".
+  c.model.head = args.head  # Aux head: "linear" (LN + projection) or "block" (+1 block first).
+  c.model.dtype = dtype  # Computation dtype; params and losses stay float32.

@@ -9,9 +9,8 @@ Expected wall time and accuracy: not yet measured.
 """
 
 from experiments.configs import common
-from experiments.configs.resnet_cifar10 import resnet_config
 
 
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, **common.COMMON_ARGS, model="resnet34_cifar", head="conv")
-  return resnet_config(args, dataset="cifar100", total_steps=64_000)
+  return common.cifar_config(args, dataset="cifar100", total_steps=64_000)

@@ -33,7 +33,9 @@ def get_config(arg: str | None = None):
   c.eval_every_steps = 5000
   c.max_eval_batches = 200  # 200 × 256 sequences of 256 tokens ≈ 13M eval tokens.
   c.checkpoint_every_steps = 5000
-  transformer_model(c, args, num_layers=8, d_model=512, num_heads=8, d_ff=2048, dtype="bfloat16")
+  common.transformer_model(
+    c, args, num_layers=8, d_model=512, num_heads=8, d_ff=2048, dtype="bfloat16"
+  )
 
   c.dataset = common.ml_collections.ConfigDict()
   c.dataset.name = "lm1b"  # TFDS name.
@@ -45,7 +47,9 @@ def get_config(arg: str | None = None):
   c.dataset.data_dir = common.ml_collections.config_dict.placeholder(str)  # TFDS data dir.
 
   if args.runlocal:
-    transformer_model(c, args, num_layers=4, d_model=32, num_heads=2, d_ff=64, dtype="float32")
+    common.transformer_model(
+      c, args, num_layers=4, d_model=32, num_heads=2, d_ff=64, dtype="float32"
+    )
     c.dataset.tokenizer = "bytes"
     c.dataset.seq_len = 32
     c.batch_size = c.eval_batch_size = 8
@@ -54,17 +58,3 @@ def get_config(arg: str | None = None):
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
     c.max_eval_batches = 1
   return c
-
-
-def transformer_model(c, args, *, num_layers, d_model, num_heads, d_ff, dtype, dropout=0.1):
-  """Fills c.model; shared by the lm1b and stdlib configs."""
-  c.model = common.ml_collections.ConfigDict()
-  c.model.num_layers = num_layers  # Decoder blocks, split evenly over the stages.
-  c.model.layers_per_stage = common.ml_collections.config_dict.placeholder(tuple)  # None = even.
-  c.model.d_model = d_model  # Residual stream width.
-  c.model.num_heads = num_heads  # Attention heads.
-  c.model.d_ff = d_ff  # MLP hidden width.
-  c.model.dropout_rate = dropout  # Attention, residual and embedding dropout.
-  c.model.positions = args.positions  # "learned" or "rotary".
-  c.model.head = args.head  # Aux head: "linear" (LN + projection) or "block" (+1 block first).
-  c.model.dtype = dtype  # Computation dtype; params and losses stay float32.

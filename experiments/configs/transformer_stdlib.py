@@ -12,7 +12,6 @@ Eval perplexity per head for local / pairwise / global: see WORKSPACE.md (measur
 """
 
 from experiments.configs import common
-from experiments.configs.transformer_lm1b import transformer_model
 
 
 def get_config(arg: str | None = None):
@@ -32,7 +31,9 @@ def get_config(arg: str | None = None):
   c.eval_every_steps = 200
   c.max_eval_batches = 16  # 16 × 64 × 128 ≈ 131k eval bytes.
   c.checkpoint_every_steps = 200
-  transformer_model(c, args, num_layers=4, d_model=128, num_heads=4, d_ff=512, dtype="float32")
+  common.transformer_model(
+    c, args, num_layers=4, d_model=128, num_heads=4, d_ff=512, dtype="float32"
+  )
   c.model.dropout_rate = 0.0  # 400 steps see ~1.6M bytes of 29.7M: no overfitting to fight.
 
   c.dataset = common.ml_collections.ConfigDict()
@@ -45,7 +46,9 @@ def get_config(arg: str | None = None):
   c.dataset.cache_dir = common.ml_collections.config_dict.placeholder(str)  # None = workdir.
 
   if args.runlocal:
-    transformer_model(c, args, num_layers=4, d_model=32, num_heads=2, d_ff=64, dtype="float32")
+    common.transformer_model(
+      c, args, num_layers=4, d_model=32, num_heads=2, d_ff=64, dtype="float32"
+    )
     c.dataset.max_files = 8
     c.dataset.seq_len = 32
     c.batch_size = c.eval_batch_size = 8

@@ -1,14 +1,17 @@
-"""Train state, optimizers and the jitted train / eval steps.
+"""The train state, laid out by stage, and the optimizers that update it.
 
-One `train_step(state, batch) -> (state, metrics)` computes the interlocking gradients of the
-whole staged network from a single forward pass (`StagedModel.grads`) and applies one optax
-update to every stage and head. The strategy, task and optimizer are fixed when the step is
-built, so the jitted step is one program with no Python branching on data.
+`TrainState` holds the step, the dropout key and one `StageState` per stage: that stage's
+parameters and head, its model state (BatchNorm statistics) and its own optax state. Stage k's
+whole state can therefore live on stage k's devices, and every executor (fused, dataflow)
+reads and writes the same pytree, so one checkpoint layout serves them all.
+
+Every stage runs the same optax transformation on its own {"stage", "head"} tree; gradient
+clipping clips a stage and its head separately, so no stage ever sees another's gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -17,11 +20,25 @@ import jax.numpy as jnp
 import optax
 
 from ilbp.staged import StagedModel
-from ilbp.strategy import Strategy
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step", "linear")
+
+
+@flax.struct.dataclass
+class StageState:
+  """One stage's share of the train state: everything that lives on its devices.
+
+  Attributes:
+    params: {"stage": θ_k, "head": φ_k} (the last stage's head is empty).
+    model_state: {"stage": ..., "head": ...} non-parameter variables (BatchNorm statistics).
+    opt_state: the optax state of `params`.
+  """
+
+  params: PyTree
+  model_state: PyTree
+  opt_state: PyTree
 
 
 @flax.struct.dataclass
@@ -30,17 +47,22 @@ class TrainState:
 
   Attributes:
     step: number of optimizer updates applied so far.
-    params: {"stages": (θ_1..θ_K), "heads": (φ_1..φ_{K-1})}.
-    model_state: non-parameter variables (BatchNorm statistics), laid out like params.
-    opt_state: the optax state.
-    rng: base key; step s uses fold_in(rng, s), so a resumed run draws the same dropout.
+    rng: base key; step s uses fold_in(rng, s), microbatch m fold_in(that, m), so a resumed
+      run draws the same dropout whatever the executor.
+    stages: one StageState per stage.
   """
 
   step: jax.Array
-  params: PyTree
-  model_state: PyTree
-  opt_state: PyTree
   rng: jax.Array
+  stages: tuple[StageState, ...]
+
+  @property
+  def params(self) -> tuple:
+    return tuple(s.params for s in self.stages)
+
+  @property
+  def model_state(self) -> tuple:
+    return tuple(s.model_state for s in self.stages)
 
 
 def make_schedule(
@@ -105,10 +127,10 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer and its learning-rate schedule.
 
-  Weight decay applies to weight matrices and convolution kernels (ndim > 1), not to biases
-  or normalisation scales. Gradient clipping, when set, clips every stage's and every head's
-  gradient separately: a stage never sees another device's gradients, so the model-parallel
-  semantics hold.
+  The optimizer updates one stage's {"stage", "head"} tree (each stage has its own). Weight
+  decay applies to weight matrices and convolution kernels (ndim > 1), not to biases or
+  normalisation scales. Gradient clipping, when set, clips the stage's and the head's gradient
+  separately: a stage never sees another device's gradients.
 
   Args:
     name: "sgd" (heavy-ball momentum, decoupled L2 added to the gradient) or "adamw".
@@ -146,120 +168,86 @@ def make_optimizer(
 
 
 def _clip_per_module(max_norm: float) -> optax.GradientTransformation:
-  """clip_by_global_norm applied to each stage and head subtree on its own."""
+  """clip_by_global_norm applied to each top-level subtree ("stage", "head") on its own."""
   clip = optax.clip_by_global_norm(max_norm)
 
   def update(updates, state, params=None):
     del params
-    clipped = {
-      group: tuple(clip.update(u, optax.EmptyState())[0] for u in subtrees)
-      for group, subtrees in updates.items()
-    }
+    clipped = {key: clip.update(u, optax.EmptyState())[0] for key, u in updates.items()}
     return clipped, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def init_stage_state(
+  model: StagedModel,
+  optimizer: optax.GradientTransformation,
+  k: int,
+  rng: jax.Array,
+  input_spec: jax.ShapeDtypeStruct,
+) -> StageState:
+  """Stage k's parameters, model state and optimizer state, from its input's abstract shape.
+
+  Jitted with stage k's shardings (`ilbp.pipeline.dataflow`), it creates them on stage k's
+  devices only; `create_train_state` calls it for every stage.
+
+  Args:
+    model: the staged model.
+    optimizer: from `make_optimizer`.
+    k: 0-based stage index.
+    rng: the run's init key (`init_keys`).
+    input_spec: shape and dtype of the stage's input (`StagedModel.input_specs`).
+  """
+  params, model_state = model.init_stage(k, rng, input_spec)
+  return StageState(params=params, model_state=model_state, opt_state=optimizer.init(params))
+
+
+def init_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(parameter init key, dropout base key) of a run's seed key."""
+  init_rng, dropout_rng = jax.random.split(rng)
+  return init_rng, dropout_rng
 
 
 def create_train_state(
   model: StagedModel,
   optimizer: optax.GradientTransformation,
   rng: jax.Array,
-  example_inputs: jax.Array,
+  example_inputs: Any,
 ) -> TrainState:
-  """Initialises parameters, model state and optimizer state.
+  """Initialises every stage's parameters, model state and optimizer state.
 
   Args:
     model: the staged model.
     optimizer: from `make_optimizer`.
-    rng: PRNG key; split into an init key and the state's dropout key.
-    example_inputs: a batch with the input shape (values are not used).
+    rng: PRNG key; split into an init key and the state's dropout key (`init_keys`).
+    example_inputs: an array (or ShapeDtypeStruct) with the input shape; values are unused.
 
   Returns:
     A TrainState at step 0.
   """
-  init_rng, dropout_rng = jax.random.split(rng)
-  params, model_state = model.init(init_rng, example_inputs)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    model_state=model_state,
-    opt_state=optimizer.init(params),
-    rng=dropout_rng,
-  )
+  init_rng, dropout_rng = init_keys(rng)
+  specs = model.input_specs(example_inputs)
+  stages = tuple(init_stage_state(model, optimizer, k, init_rng, s) for k, s in enumerate(specs))
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=dropout_rng, stages=stages)
 
 
-def _norms(tree: PyTree, prefix: str) -> dict:
-  out = {}
-  for group in ("stages", "heads"):
-    for k, sub in enumerate(tree[group]):
-      out[f"{prefix}/{group[:-1]}{k + 1}"] = optax.global_norm(sub)
-  return out
-
-
-def make_train_step(
-  model: StagedModel,
-  task: Any,
-  strategy: Strategy,
-  optimizer: optax.GradientTransformation,
-  schedule: optax.Schedule | None = None,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+def update_stage(
+  optimizer: optax.GradientTransformation, stage: StageState, grads: PyTree, k: int, num_stages: int
+) -> tuple[StageState, dict]:
+  """Applies one optimizer update to one stage; returns it with its gradient/parameter norms.
 
   Args:
-    model: the staged model.
-    task: a task from `ilbp.tasks` (inputs, loss).
-    strategy: the interlocking strategy.
-    optimizer: the optax optimizer the state was created with.
-    schedule: learning-rate schedule, reported as a metric when given.
-
-  Returns:
-    The step function. Metrics: `head{k}/loss`, `head{k}/accuracy` for every head (head K is
-    the network's output), per-stage and per-head gradient and parameter norms, and the
-    learning rate.
+    optimizer: the stage's optax transformation.
+    stage: the stage's state.
+    grads: {"stage", "head"} gradients (already averaged over microbatches).
+    k: 0-based stage index (names the metrics `grad_norm/stage{k+1}`, `.../head{k+1}`).
+    num_stages: K (the last stage has no head to report).
   """
-
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(state.rng, state.step)
-    grads, model_state, metrics = model.grads(
-      state.params,
-      state.model_state,
-      task.inputs(batch),
-      batch,
-      strategy=strategy,
-      loss_fn=task.loss,
-      rng=rng,
-      loss_has_aux=True,
-    )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics.update(_norms(grads, "grad_norm"))
-    metrics.update(_norms(params, "param_norm"))
-    if schedule is not None:
-      metrics["learning_rate"] = schedule(state.step)
-    new_state = state.replace(
-      step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
-    )
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model: StagedModel, task: Any) -> Callable[[TrainState, dict], dict]:
-  """Builds `eval_step(state, batch) -> sums` for every head from one forward pass.
-
-  Returns:
-    A function returning `head{k}/loss` and `head{k}/accuracy` sums for k = 1..K, and `count`
-    (the number of real examples or tokens). Divide after summing over batches
-    (`task.finalize`).
-  """
-
-  def eval_step(state: TrainState, batch: dict) -> dict:
-    logits, _ = model.apply(state.params, state.model_state, task.inputs(batch), train=False)
-    sums = {}
-    for k, head_logits in enumerate(logits):
-      head_sums = task.eval_sums(head_logits, batch)
-      sums["count"] = head_sums.pop("count")
-      sums.update({f"head{k + 1}/{name}": v for name, v in head_sums.items()})
-    return sums
-
-  return eval_step
+  updates, opt_state = optimizer.update(grads, stage.opt_state, stage.params)
+  params = optax.apply_updates(stage.params, updates)
+  metrics = {}
+  for prefix, tree in (("grad_norm", grads), ("param_norm", params)):
+    metrics[f"{prefix}/stage{k + 1}"] = optax.global_norm(tree["stage"])
+    if k < num_stages - 1:
+      metrics[f"{prefix}/head{k + 1}"] = optax.global_norm(tree["head"])
+  return stage.replace(params=params, opt_state=opt_state), metrics

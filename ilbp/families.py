@@ -1,0 +1,150 @@
+"""Config -> model, data and task: the one place that knows the model families.
+
+The trainer and the executors never branch on the family: `build` returns a `Built` with the
+staged model, the data (train_batches(start_step), eval_batches()), the task and the abstract
+network input every executor initialises from. A new family is one entry in `_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ilbp import tasks
+from ilbp.staged import StagedModel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What a config builds.
+
+  Attributes:
+    model: the staged model.
+    data: has `train_batches(start_step)` and `eval_batches()` (numpy batches of this process).
+    task: from `ilbp.tasks` (inputs, targets, loss, eval sums).
+    input_spec: shape (batch 1) and dtype of the network input: parameter shapes do not depend
+      on the batch, so every executor initialises from it without starting an input pipeline.
+  """
+
+  model: StagedModel
+  data: Any
+  task: Any
+  input_spec: jax.ShapeDtypeStruct
+
+
+def dtype(name: str):
+  """The compute dtype named in a config."""
+  if name not in DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; valid: {', '.join(DTYPES)}.")
+  return DTYPES[name]
+
+
+def parse_split(split) -> str | tuple[int, ...]:
+  """ "balanced", or blocks per stage as "3,3,3" (a string, so --config.model.split= works)."""
+  if not isinstance(split, str):
+    return tuple(int(x) for x in split)
+  if split.strip() == "balanced":
+    return "balanced"
+  try:
+    return tuple(int(x) for x in split.split(","))
+  except ValueError as e:
+    raise ValueError(
+      f"config.model.split={split!r}: use 'balanced' or blocks per stage such as '3,3,3'."
+    ) from e
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Family-specific config checks that need no data and no compilation."""
+  if config.family not in _BUILDERS:
+    raise ValueError(f"Unknown family {config.family!r}; valid: {', '.join(_BUILDERS)}.")
+  dtype(config.model.dtype)
+  if config.family == "resnet":
+    parse_split(config.model.split)
+
+
+def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
+  from ilbp.data import images
+  from ilbp.models import resnet
+
+  m, d = config.model, config.dataset
+  data = images.get_data(
+    d.name,
+    batch_size=config.batch_size,
+    eval_batch_size=config.eval_batch_size,
+    seed=config.seed,
+    image_size=d.get("image_size"),
+    data_dir=d.get("data_dir"),
+    augment=d.augment,
+  )
+  model = resnet.make_model(
+    m.name,
+    num_classes=data.num_classes,
+    num_stages=config.num_stages,
+    split=parse_split(m.split),
+    head=m.head,
+    input_shape=tuple(data.image_shape),
+    dtype=dtype(m.dtype),
+  )
+  task = tasks.Classification(label_smoothing=config.get("label_smoothing", 0.0))
+  return Built(model, data, task, jax.ShapeDtypeStruct((1, *data.image_shape), jnp.float32))
+
+
+def _transformer(config: ml_collections.ConfigDict, workdir: str) -> Built:
+  from ilbp.data import text
+  from ilbp.models import transformer
+
+  m, d = config.model, config.dataset
+  data = text.get_data(
+    d.name,
+    batch_size=config.batch_size,
+    eval_batch_size=config.eval_batch_size,
+    seq_len=d.seq_len,
+    seed=config.seed,
+    tokenizer=d.tokenizer,
+    vocab_size=d.vocab_size,
+    cache_dir=d.get("cache_dir") or os.path.join(workdir, "data_cache"),
+    max_eval_sequences=d.get("max_eval_sequences"),
+    data_dir=d.get("data_dir"),
+    **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
+  )
+  layers = m.get("layers_per_stage")
+  model = transformer.make_model(
+    vocab_size=data.vocab_size,
+    num_layers=m.num_layers,
+    num_stages=config.num_stages,
+    d_model=m.d_model,
+    num_heads=m.num_heads,
+    d_ff=m.d_ff,
+    max_len=d.seq_len,
+    dropout_rate=m.dropout_rate,
+    positions=m.positions,
+    head=m.head,
+    layers_per_stage=tuple(layers) if layers else None,
+    dtype=dtype(m.dtype),
+  )
+  spec = jax.ShapeDtypeStruct((1, d.seq_len), jnp.int32)
+  return Built(model, data, tasks.LanguageModeling(), spec)
+
+
+# Model and data modules are imported inside the builders, so a ResNet run never imports the
+# text pipeline and vice versa.
+_BUILDERS = {"resnet": _resnet, "transformer": _transformer}
+FAMILIES = tuple(_BUILDERS)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> Built:
+  """Data, staged model, task and input spec for the config's family.
+
+  Args:
+    config: an experiment config (experiments/configs/).
+    workdir: the run directory (caches that belong to the run, e.g. a tokenizer, go there).
+  """
+  validate(config)
+  return _BUILDERS[config.family](config, workdir)

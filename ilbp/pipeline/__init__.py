@@ -1,0 +1,2 @@
+"""Pipelined execution: schedule.py (ops, order, cost model, Gantt); dataflow.py (one program per
+stage, coming)."""

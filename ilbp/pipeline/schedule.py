@@ -1,0 +1,538 @@
+"""A pipeline schedule for interlocking backprop: the ops, their order, a cost model, a Gantt.
+
+K stages, one device each; M microbatches per optimizer step. Per stage k and microbatch m:
+
+  F(k, m)      stage forward, residuals stored    after F(k-1, m) and F(k, m-1); microbatch 0
+               of step s > 0 also after U(k, s-1) (continuous) or every U(·, s-1) (flushed)
+  H(k, m)      loss k: aux head (k < K-1) or task   after F(k, m)
+               loss; its cotangent w.r.t. a_k if
+               a stage uses it
+  B(k, m, op)  one VJP call per `backward_plan`     after F(k, m) and, per loss j in op.losses,
+               op (input-only, weight, or both)     H(k, m) if j == k, else the stage-(k+1) op
+                                                    of microbatch m that passes j on
+  U(k)         stage k's optimizer update           after every H(k, ·) and B(k, ·) of the step
+
+Order (what the executor follows): a list-scheduling simulation in which each stage runs one op
+at a time and, when free, takes the ready op of highest priority: B ops (lowest step, microbatch,
+plan position), then H, then U, then F — F only while fewer than W_k microbatches are in flight
+at stage k (forward done, not all B ops done). W_k is the longest cotangent round trip ending at
+stage k, max over its ops of max(op.losses) - k + 1 (local 1; global K - k: 1F1B's warm-up), so
+residual memory stays bounded. Stages free at the same time choose in stage order.
+
+Costs are per-op durations (`StageCost`, any one unit); `unit_costs` gives PIPELINE.md's units
+(forward f = 1, input gradient b = 1, weight gradient w = 2). `closed_form` is PIPELINE.md's
+table, for comparison with the simulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from collections.abc import Sequence
+
+from ilbp.interlock import BackwardOp, backward_plan
+from ilbp.strategy import Strategy
+from ilbp.strategy import strategy as parse_strategy
+
+# Priority among ready ops; see the module docstring.
+_RANK = {"B": 0, "H": 1, "U": 2, "F": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+  """Per-microbatch op durations of one stage, in one unit (e.g. ms, or stage forwards).
+
+  Attributes:
+    forward: F, the stage forward (storing residuals).
+    head: H, the head's forward + backward and the loss (the task loss on the last stage).
+    backward_input: the input-gradient half of a VJP call (d a_k / d a_{k-1}).
+    backward_weight: the weight-gradient half of a VJP call (d a_k / d θ_k).
+    update: U, the optimizer update, once per step.
+  """
+
+  forward: float
+  head: float
+  backward_input: float
+  backward_weight: float
+  update: float = 0.0
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      v = getattr(self, field.name)
+      ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+      if not ok:
+        raise ValueError(f"StageCost.{field.name} must be a finite number >= 0, got {v!r}.")
+
+
+def unit_costs(num_stages: int, head: float = 0.25) -> list[StageCost]:
+  """PIPELINE.md's units, for when nothing is measured: f = 1, b = 1, w = 2, no update cost.
+
+  Args:
+    num_stages: K.
+    head: H's cost on the stages with an auxiliary head (k < K-1). The last stage's task loss
+      on its own logits costs 0: it has no head network.
+
+  Returns:
+    K StageCost.
+  """
+  _check_int("num_stages", num_stages)
+  return [StageCost(1.0, head if k < num_stages - 1 else 0.0, 1.0, 2.0) for k in range(num_stages)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One schedulable unit of work.
+
+  Attributes:
+    kind: "F", "H", "B" or "U".
+    stage: k (0-based).
+    microbatch: m (0-based); None for U.
+    step: the optimizer step (0-based).
+    backward: the VJP call a B op makes; None otherwise.
+  """
+
+  kind: str
+  stage: int
+  microbatch: int | None = None
+  step: int = 0
+  backward: BackwardOp | None = None
+
+  @property
+  def label(self) -> str:
+    """Short name for a Gantt bar: "F3", "H3", "B3" (microbatch 3) or "U"."""
+    return "U" if self.kind == "U" else f"{self.kind}{self.microbatch}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """An op's place in a simulated timeline: it runs on `op.stage` from `start` to `end`."""
+
+  op: Op
+  start: float
+  end: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+  """A simulated run of consecutive optimizer steps.
+
+  Attributes:
+    slots: every op once, in the order the simulation started them (by start time; ties in
+      stage order, dependencies first), so it is a valid dispatch order.
+    num_stages: K.
+    steps: number of optimizer steps simulated.
+    inflight_max: per stage, the most microbatches whose residuals were held at once.
+    description: strategy and sizes, the Gantt's default title.
+  """
+
+  slots: tuple[Slot, ...]
+  num_stages: int
+  steps: int
+  inflight_max: tuple[int, ...]
+  description: str = ""
+
+  def step_end(self, step: int) -> float:
+    """When the last op of `step` ends."""
+    return max(s.end for s in self.slots if s.op.step == step)
+
+  @property
+  def makespan(self) -> float:
+    """When the last op of the timeline ends."""
+    return max((s.end for s in self.slots), default=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Ops, dependencies and costs of a pipelined interlocking step; built by `build`.
+
+  Attributes:
+    strategy: the training strategy.
+    num_stages: K.
+    microbatches: M per optimizer step.
+    continuous: if True each stage starts the next step once its own update is done; if False
+      every step ends in a global flush (no stage starts until all stages have updated).
+    costs: K StageCost.
+    comm: latency added to every dependency between two different stages.
+    plan: `backward_plan(strategy, K)`, as tuples.
+    caps: W_k, the in-flight microbatch cap of each stage.
+  """
+
+  strategy: Strategy
+  num_stages: int
+  microbatches: int
+  continuous: bool
+  costs: tuple[StageCost, ...]
+  comm: float
+  plan: tuple[tuple[BackwardOp, ...], ...]
+  caps: tuple[int, ...]
+
+  def ops(self, step: int = 0) -> list[Op]:
+    """Every op of one optimizer step, stage by stage, microbatch by microbatch."""
+    out = []
+    for k in range(self.num_stages):
+      for m in range(self.microbatches):
+        out += [Op("F", k, m, step), Op("H", k, m, step)]
+        out += [Op("B", k, m, step, b) for b in self.plan[k]]
+      out.append(Op("U", k, None, step))
+    return out
+
+  def dependencies(self, op: Op) -> list[Op]:
+    """The ops that must finish before `op` may start (see the module docstring)."""
+    k, m, s = op.stage, op.microbatch, op.step
+    if op.kind == "F":
+      deps = [Op("F", k - 1, m, s)] if k > 0 else []
+      if m > 0:
+        deps.append(Op("F", k, m - 1, s))
+      elif s > 0:
+        updated = [k] if self.continuous else range(self.num_stages)
+        deps += [Op("U", j, None, s - 1) for j in updated]
+      return deps
+    if op.kind == "H":
+      return [Op("F", k, m, s)]
+    if op.kind == "B":
+      deps = [Op("F", k, m, s)]
+      for j in op.backward.losses:
+        if j == k:
+          deps.append(Op("H", k, m, s))
+        else:
+          # Exactly one op of stage k+1 passes loss j on: an input-only op or the merged one.
+          (src,) = [b for b in self.plan[k + 1] if j in b.passes]
+          deps.append(Op("B", k + 1, m, s, src))
+      return deps
+    return [
+      Op(kind, k, i, s, b)
+      for i in range(self.microbatches)
+      for kind, b in [("H", None), *(("B", b) for b in self.plan[k])]
+    ]
+
+  def _priority(self, op: Op) -> tuple:
+    """Sort key of ready ops on one stage: kind rank, then step, microbatch, plan position."""
+    pos = self.plan[op.stage].index(op.backward) if op.kind == "B" else 0
+    m = -1 if op.microbatch is None else op.microbatch
+    return (_RANK[op.kind], op.step, m, pos)
+
+  def duration(self, op: Op) -> float:
+    """The op's cost; a B op pays b for an input gradient and w for a weight gradient."""
+    c = self.costs[op.stage]
+    if op.kind == "B":
+      b = op.backward
+      return (c.backward_input if b.passes else 0.0) + (c.backward_weight if b.params else 0.0)
+    return {"F": c.forward, "H": c.head, "U": c.update}[op.kind]
+
+  def simulate(self, steps: int = 1) -> Timeline:
+    """Runs the list-scheduling policy over `steps` consecutive optimizer steps.
+
+    Step s's timing does not depend on later steps (a stage starts step s+1 only after its own
+    update of step s), so step s looks the same in every simulation that contains it.
+
+    Returns:
+      A Timeline.
+
+    Raises:
+      ValueError: if `steps` < 1.
+    """
+    _check_int("steps", steps)
+    K = self.num_stages
+    ops = [op for s in range(steps) for op in self.ops(s)]
+    deps = {op: self.dependencies(op) for op in ops}
+    waiting = {op: len(d) for op, d in deps.items()}
+    users: dict[Op, list[Op]] = {op: [] for op in ops}
+    for op, d in deps.items():
+      for dep in d:
+        users[dep].append(op)
+    ready_at = {op: 0.0 for op in ops}
+    ready: list[list[Op]] = [[] for _ in range(K)]
+    for op in ops:
+      if not waiting[op]:
+        ready[op.stage].append(op)
+    backward_left = {(op.stage, op.step, op.microbatch): len(self.plan[op.stage]) for op in ops}
+    inflight, inflight_max = [0] * K, [0] * K
+    running: list[tuple[Op, float, float] | None] = [None] * K
+    slots, t, left = [], 0.0, len(ops)
+
+    def finish(op: Op, end: float):
+      k = op.stage
+      if op.kind == "F":
+        inflight[k] += 1
+        inflight_max[k] = max(inflight_max[k], inflight[k])
+      elif op.kind == "B":
+        key = (k, op.step, op.microbatch)
+        backward_left[key] -= 1
+        if not backward_left[key]:
+          inflight[k] -= 1
+      for user in users[op]:
+        latency = self.comm if user.stage != k else 0.0
+        ready_at[user] = max(ready_at[user], end + latency)
+        waiting[user] -= 1
+        if not waiting[user]:
+          ready[user.stage].append(user)
+
+    def pick(k: int) -> Op | None:
+      cands = [
+        op
+        for op in ready[k]
+        if ready_at[op] <= t and (op.kind != "F" or inflight[k] < self.caps[k])
+      ]
+      return min(cands, key=self._priority, default=None)
+
+    while left:
+      # Settle time t: finish what ends now, let free stages choose in stage order, and repeat,
+      # since a zero-cost op finishes at once and may make another op ready at t.
+      changed = True
+      while changed:
+        changed = False
+        for k in range(K):
+          if running[k] is not None and running[k][2] <= t:
+            finish(running[k][0], running[k][2])
+            running[k], left, changed = None, left - 1, True
+        for k in range(K):
+          if running[k] is None and (op := pick(k)) is not None:
+            ready[k].remove(op)
+            running[k] = (op, t, t + self.duration(op))
+            slots.append(Slot(op, t, t + self.duration(op)))
+            changed = True
+      if not left:
+        break
+      later = [r[2] for r in running if r is not None and r[2] > t]
+      later += [ready_at[op] for q in ready for op in q if ready_at[op] > t]
+      if not later:
+        stuck = [op for q in ready for op in q][:4]
+        raise RuntimeError(f"Schedule deadlocked at t={t} with {left} ops left, e.g. {stuck}.")
+      t = min(later)
+
+    desc = f"{self.strategy.name} ({self.strategy.combine}), K={K}, M={self.microbatches}, "
+    desc += "continuous" if self.continuous else "flushed"
+    return Timeline(tuple(slots), K, steps, tuple(inflight_max), desc)
+
+  def stage_ops(self, step: int = 0) -> list[list[Op]]:
+    """The order in which each stage runs the ops of one optimizer step.
+
+    Returns:
+      K lists of Op, list k in the order stage k runs them.
+    """
+    out: list[list[Op]] = [[] for _ in range(self.num_stages)]
+    for op in self.dispatch_order(step):
+      out[op.stage].append(op)
+    return out
+
+  def dispatch_order(self, step: int = 0) -> list[Op]:
+    """All ops of one step by simulated start time (ties in stage order): a topological order
+    that a single host thread can dispatch asynchronously, stage by stage in the right order.
+    """
+    _check_int("step", step, minimum=0)
+    return [s.op for s in self.simulate(step + 1).slots if s.op.step == step]
+
+  def predict(self, steps: int = 4) -> dict:
+    """Predicted timing from a simulation of `steps` consecutive optimizer steps.
+
+    Args:
+      steps: at least 2; the first step's fill is excluded from the steady state.
+
+    Returns:
+      A dict with
+        time_per_step: steady state, (end of the last step - end of the first) / (steps - 1).
+        makespan_one_step: one step from an empty pipeline to its last update.
+        bubble_fraction: idle fraction of the K stages over the steady-state window.
+        inflight_max: per stage, the most microbatches with residuals held at once.
+        busy_per_stage: per stage, the busy time of one step.
+    """
+    _check_int("steps", steps, minimum=2)
+    tl = self.simulate(steps)
+    lo, hi = tl.step_end(0), tl.step_end(steps - 1)
+    busy_window = sum(max(0.0, min(s.end, hi) - max(s.start, lo)) for s in tl.slots)
+    window = self.num_stages * (hi - lo)
+    busy = [0.0] * self.num_stages
+    for op in self.ops(0):
+      busy[op.stage] += self.duration(op)
+    return {
+      "time_per_step": (hi - lo) / (steps - 1),
+      "makespan_one_step": self.simulate(1).makespan,
+      "bubble_fraction": 1.0 - busy_window / window if window > 0 else 0.0,
+      "inflight_max": list(tl.inflight_max),
+      "busy_per_stage": busy,
+    }
+
+
+def build(
+  strategy: Strategy | str,
+  num_stages: int,
+  microbatches: int,
+  continuous: bool = True,
+  costs: Sequence[StageCost] | None = None,
+  comm: float = 0.0,
+) -> Schedule:
+  """The pipeline schedule of one strategy.
+
+  Args:
+    strategy: a Strategy or a name accepted by `ilbp.strategy.strategy`.
+    num_stages: K >= 1, one device each.
+    microbatches: M >= 1 per optimizer step.
+    continuous: whether each stage goes on to the next step after its own update (True) or
+      waits for every stage's update (False, a flush). Global training flushes either way: its
+      first stage's last backward op is the last op of the step.
+    costs: K StageCost; default `unit_costs(num_stages)`.
+    comm: latency >= 0 of every message between two stages, in the costs' unit.
+
+  Returns:
+    A Schedule.
+
+  Raises:
+    ValueError: naming the argument that is out of range.
+  """
+  strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+  _check_int("num_stages", num_stages)
+  _check_int("microbatches", microbatches)
+  if not isinstance(continuous, bool):
+    raise ValueError(f"continuous must be a bool, got {continuous!r}.")
+  costs = unit_costs(num_stages) if costs is None else list(costs)
+  if len(costs) != num_stages:
+    raise ValueError(f"costs needs one StageCost per stage ({num_stages}), got {len(costs)}.")
+  for k, c in enumerate(costs):
+    if not isinstance(c, StageCost):
+      raise ValueError(f"costs[{k}] must be a StageCost, got {c!r}.")
+  if isinstance(comm, bool) or not isinstance(comm, int | float) or not 0 <= comm < math.inf:
+    raise ValueError(f"comm must be a finite number >= 0, got {comm!r}.")
+  plan = tuple(tuple(ops) for ops in backward_plan(strategy, num_stages))
+  caps = tuple(max(max(b.losses) - k + 1 for b in ops) for k, ops in enumerate(plan))
+  return Schedule(
+    strategy, num_stages, microbatches, continuous, tuple(costs), float(comm), plan, caps
+  )
+
+
+def closed_form(
+  strategy: Strategy | str,
+  num_stages: int,
+  microbatches: int,
+  continuous: bool,
+  cost: StageCost,
+  recompute: float = 0.0,
+) -> float:
+  """PIPELINE.md's closed-form time per optimizer step, for comparison with `predict`.
+
+  Global: (M + K - 1)·c_K with c_K = f + r + b + w. Reach n < K: c_n = f + h + (n-1)(b + r) + w
+  (an interior stage); flushed (M + K - 1)·c_n, continuous (dataflow) M·c_n.
+
+  Args:
+    strategy: a Strategy or a name.
+    num_stages: K.
+    microbatches: M.
+    continuous: as for `build`.
+    cost: one stage's costs (the formula assumes equal stages).
+    recompute: r, the cost of recomputing a forward instead of storing residuals.
+
+  Returns:
+    The predicted time per step, in the unit of `cost`.
+  """
+  strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+  _check_int("num_stages", num_stages)
+  _check_int("microbatches", microbatches)
+  K, M, c, r = num_stages, microbatches, cost, recompute
+  n = strategy.reach_for(K)
+  if n == K:
+    return (M + K - 1) * (c.forward + r + c.backward_input + c.backward_weight)
+  c_n = c.forward + c.head + (n - 1) * (c.backward_input + r) + c.backward_weight
+  return M * c_n if continuous else (M + K - 1) * c_n
+
+
+# Bar colours by kind: forward blue, head orange, input gradient light green, weight dark green.
+_COLOURS = {
+  "F": "#4C72B0",
+  "H": "#DD8452",
+  "Bi": "#9BD39B",
+  "Bw": "#2E7D32",
+  "U": "#8172B3",
+}
+_LEGEND = {
+  "F": "F forward",
+  "H": "H head/loss",
+  "Bi": "B input grad",
+  "Bw": "B weight grad (hatched: + input)",
+  "U": "U update",
+}
+
+
+def gantt(
+  timeline: Timeline,
+  path: str | pathlib.Path,
+  title: str | None = None,
+  unit: str = "units of one stage forward",
+) -> pathlib.Path:
+  """Draws a timeline as a PNG: one row per stage, bars coloured by op kind.
+
+  Bars carry their microbatch number where it fits; every other step is drawn lighter and a
+  dotted line marks the end of each step.
+
+  Args:
+    timeline: from `Schedule.simulate`.
+    path: where to write the PNG.
+    title: defaults to the timeline's description.
+    unit: the time axis unit (that of the costs).
+
+  Returns:
+    The path written.
+  """
+  # The object-oriented API renders with Agg and never touches pyplot's global backend.
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
+
+  K, span = timeline.num_stages, max(timeline.makespan, 1e-9)
+  height = 1.6 + 0.55 * K
+  fig = Figure(figsize=(14, height), dpi=120)
+  ax = fig.add_subplot()
+  # A 6.5 pt digit is ~3.6 pt wide and the axes ~0.85 of 14 inches: about 240 digits per span.
+  char_width = span / 240
+  for slot in timeline.slots:
+    op, width = slot.op, slot.end - slot.start
+    if width <= 0:
+      continue
+    key = op.kind if op.kind != "B" else ("Bw" if op.backward.params else "Bi")
+    merged = op.kind == "B" and bool(op.backward.params and op.backward.passes)
+    y, alpha = K - 1 - op.stage, 1.0 if op.step % 2 == 0 else 0.55
+    ax.barh(
+      y,
+      width,
+      left=slot.start,
+      height=0.8,
+      color=_COLOURS[key],
+      alpha=alpha,
+      edgecolor="white",
+      linewidth=0.5,
+      hatch="///" if merged else None,
+    )
+    text = "U" if op.kind == "U" else str(op.microbatch)
+    if width > char_width * (len(text) + 0.5):
+      dark = key in ("F", "Bw", "U")
+      ax.text(
+        slot.start + width / 2,
+        y,
+        text,
+        ha="center",
+        va="center",
+        fontsize=6.5,
+        color="white" if dark else "black",
+        # A patch behind the number keeps it legible on a hatched bar.
+        bbox={"facecolor": _COLOURS[key], "edgecolor": "none", "pad": 0.3, "alpha": alpha}
+        if merged
+        else None,
+      )
+  for s in range(timeline.steps):
+    end = timeline.step_end(s)
+    ax.axvline(end, color="black", linestyle=":", linewidth=1)
+    ax.text(end, K - 0.45, f" end of step {s}", fontsize=7, ha="right", va="bottom")
+  ax.set_yticks(range(K), [f"stage {K - 1 - y}" for y in range(K)])
+  ax.set_ylim(-0.6, K - 0.1)
+  ax.set_xlim(0, span * 1.01)
+  ax.set_xlabel(f"time ({unit}); dotted line: end of a step, odd steps lighter")
+  ax.set_title(timeline.description if title is None else title)
+  handles = [Patch(facecolor=_COLOURS[k], label=_LEGEND[k]) for k in _COLOURS]
+  fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # keep ~0.35 inch free for the legend
+  path = pathlib.Path(path)
+  fig.savefig(path, format="png", bbox_inches="tight")
+  return path
+
+
+def _check_int(name: str, value, minimum: int = 1):
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")

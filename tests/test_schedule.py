@@ -1,0 +1,222 @@
+"""The pipeline schedule: dependencies, per-stage order, the cost model against hand-worked sums."""
+
+import itertools
+
+import pytest
+
+from ilbp.pipeline.schedule import Op, StageCost, build, closed_form, gantt, unit_costs
+from ilbp.strategy import strategy
+
+STRATEGIES = [
+  strategy("local"),
+  strategy("pairwise"),
+  strategy("3wise"),
+  strategy("global"),
+  strategy("pairwise", combine="sum"),
+  strategy("global", combine="sum"),
+]
+
+
+def _kinds(ops):
+  """Op kinds with B split into "Bi" (input gradient only) and "Bw" (weight gradient)."""
+  return [op.kind if op.kind != "B" else ("Bw" if op.backward.params else "Bi") for op in ops]
+
+
+# --- Every op once, every dependency first -----------------------------------------------------
+
+
+@pytest.mark.parametrize("strat", STRATEGIES, ids=lambda s: f"{s.name}-{s.combine}")
+@pytest.mark.parametrize("continuous", [True, False])
+def test_dispatch_order_is_a_topological_order_of_the_step(strat, continuous):
+  for K, M, step in [(1, 2, 0), (3, 1, 0), (4, 3, 0), (4, 3, 1)]:
+    sched = build(strat, K, M, continuous=continuous)
+    order = sched.dispatch_order(step)
+    assert sorted(map(repr, order)) == sorted(map(repr, sched.ops(step)))
+    assert len(set(order)) == len(order) == len(sched.ops(step))
+    pos = {op: i for i, op in enumerate(order)}
+    for op in order:
+      for dep in sched.dependencies(op):
+        if dep.step == step:
+          assert pos[dep] < pos[op], (dep, op)
+
+
+@pytest.mark.parametrize("strat", STRATEGIES, ids=lambda s: f"{s.name}-{s.combine}")
+def test_simulated_times_respect_dependencies_latency_and_one_op_per_stage(strat):
+  for continuous in (True, False):
+    sched = build(strat, 4, 3, continuous=continuous, comm=0.5)
+    tl = sched.simulate(steps=3)
+    slot = {s.op: s for s in tl.slots}
+    assert len(slot) == len(tl.slots) == 3 * len(sched.ops())
+    for s in tl.slots:
+      assert s.end - s.start == pytest.approx(sched.duration(s.op))
+      for dep in sched.dependencies(s.op):
+        latency = 0.5 if dep.stage != s.op.stage else 0.0
+        assert s.start >= slot[dep].end + latency - 1e-9, (dep, s.op)
+    for k in range(4):
+      runs = sorted((s.start, s.end) for s in tl.slots if s.op.stage == k)
+      assert all(a[1] <= b[0] + 1e-9 for a, b in itertools.pairwise(runs))
+
+
+def test_dependencies_follow_the_backward_plan():
+  sched = build("pairwise", 4, 2, continuous=False)
+  w1 = sched.plan[1][1]  # stage 1's weight op: loss 2, sent down by stage 2's input-only op
+  assert (w1.losses, w1.params, w1.passes) == ((2,), (2,), ())
+  assert set(sched.dependencies(Op("B", 1, 1, 0, w1))) == {
+    Op("F", 1, 1, 0),
+    Op("B", 2, 1, 0, sched.plan[2][0]),
+  }
+  assert set(sched.dependencies(Op("F", 2, 0, 1))) == {Op("F", 1, 0, 1)} | {
+    Op("U", j, None, 0) for j in range(4)
+  }
+  assert set(build("pairwise", 4, 2).dependencies(Op("F", 2, 0, 1))) == {
+    Op("F", 1, 0, 1),
+    Op("U", 2, None, 0),
+  }
+
+
+# --- Per-stage order ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_local_runs_f_h_b_per_microbatch_with_one_in_flight(K):
+  M = 4
+  for continuous in (True, False):
+    sched = build("local", K, M, continuous=continuous)
+    assert sched.caps == (1,) * K
+    for step in (0, 1):
+      for ops in sched.stage_ops(step):
+        assert _kinds(ops) == ["F", "H", "Bw"] * M + ["U"]
+        assert [op.microbatch for op in ops[:-1]] == [m for m in range(M) for _ in range(3)]
+    assert sched.predict()["inflight_max"] == [1] * K
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_global_is_1f1b_after_warm_up(K):
+  M = 8
+  sched = build("global", K, M)
+  assert sched.caps == tuple(K - k for k in range(K))
+  for k, ops in enumerate(sched.stage_ops()):
+    kinds = [x for x in _kinds(ops) if x in ("F", "Bw")]
+    warm = K - k
+    assert kinds == ["F"] * warm + ["Bw", "F"] * (M - warm) + ["Bw"] * warm
+
+
+def test_pairwise_stage_sends_its_own_cotangent_before_its_weight_op():
+  sched = build("pairwise", 4, 8)
+  for step in (0, 1):
+    ops = [op for op in sched.stage_ops(step)[1] if op.kind == "B"]
+    for m in range(8):
+      mine = [op.backward for op in ops if op.microbatch == m]
+      # Loss 1 (stage 1's head) goes down to stage 0 first; loss 2 from stage 2 trains θ_1.
+      assert [(b.losses, b.params, b.passes) for b in mine] == [((1,), (), (1,)), ((2,), (2,), ())]
+
+
+@pytest.mark.parametrize("strat", STRATEGIES, ids=lambda s: f"{s.name}-{s.combine}")
+def test_in_flight_microbatches_stay_within_the_cap(strat):
+  for K in (2, 3, 4):
+    sched = build(strat, K, 8)
+    got = sched.predict()["inflight_max"]
+    assert all(g <= c for g, c in zip(got, sched.caps)), (got, sched.caps)
+    if strat.reach is None and strat.combine == "furthest":
+      assert got == [K - k for k in range(K)]  # 1F1B's warm-up depth, no more
+
+
+# --- Cost model --------------------------------------------------------------------------------
+
+
+def test_global_two_stages_two_microbatches_by_hand():
+  # K = 2, M = 2, f = b = 1, w = 2, no head cost. Stage 0 has no input gradient, so its B op
+  # costs w = 2; stage 1's merged op costs b + w = 3. Caps: W_0 = 2, W_1 = 1.
+  #   stage 0: F0 [0,1] H0 F1 [1,2] H1 ... idle ...     B0 [5,7] ... idle ... B1 [9,11] U
+  #   stage 1:          F0 [1,2] H0 B0 [2,5] F1 [5,6] H1 B1 [6,9] U
+  # Stage 1 waits for B0 before F1 (cap 1); stage 0's B_m waits for stage 1's B_m.
+  # Critical path F0 + F0 + B0 + F1 + B1 + B1 = 1 + 1 + 3 + 1 + 3 + 2 = 11.
+  costs = [StageCost(1, 0, 1, 2)] * 2
+  sched = build("global", 2, 2, costs=costs)
+  starts = {(s.op.kind, s.op.stage, s.op.microbatch): s.start for s in sched.simulate().slots}
+  assert starts[("B", 1, 0)] == 2 and starts[("F", 1, 1)] == 5 and starts[("B", 0, 1)] == 9
+  pred = sched.predict()
+  assert pred["makespan_one_step"] == 11
+  assert pred["time_per_step"] == 11  # flushed by the semantics: the next F0 waits for B1
+  assert pred["busy_per_stage"] == [1 + 1 + 2 + 2, 1 + 1 + 3 + 3]
+  assert pred["bubble_fraction"] == pytest.approx(1 - (6 + 8) / (2 * 11))
+
+
+def test_global_flushed_costs_m_plus_k_minus_1_microbatch_slots():
+  K, M = 2, 8
+  c_K = 1 + 1 + 2  # f + b + w at the last stage, which has no head
+  t = build("global", K, M).predict()["time_per_step"]
+  assert t == pytest.approx((M + K - 1) * c_K, rel=0.05)
+  assert t == pytest.approx(closed_form("global", K, M, True, unit_costs(K)[-1]), rel=0.05)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_global_continuous_equals_flushed(K):
+  for costs in (None, [StageCost(1, 0.5, 1, 2, update=0.3)] * K):
+    times = [build("global", K, 8, c, costs).predict()["time_per_step"] for c in (True, False)]
+    assert times[0] == pytest.approx(times[1])
+
+
+def test_local_continuous_has_no_fill_in_the_steady_state():
+  K, M = 2, 8
+  costs = unit_costs(K)
+  c_1 = max(c.forward + c.head + c.backward_weight for c in costs)  # 3.25 at stage 0
+  cont = build("local", K, M, continuous=True).predict()
+  flushed = build("local", K, M, continuous=False).predict()
+  assert cont["time_per_step"] == pytest.approx(M * c_1)
+  assert cont["time_per_step"] == pytest.approx(closed_form("local", K, M, True, costs[0]))
+  assert flushed["time_per_step"] > cont["time_per_step"] + 0.5
+  assert flushed["time_per_step"] == pytest.approx(flushed["makespan_one_step"])
+
+
+def test_shorter_reach_is_faster_when_continuous():
+  K, M = 4, 8
+  t = {s: build(s, K, M).predict()["time_per_step"] for s in ("local", "pairwise", "global")}
+  assert t["local"] < t["pairwise"] < t["global"]
+
+
+def test_comm_latency_slows_the_pipeline():
+  fast = build("global", 3, 4).predict()["time_per_step"]
+  slow = build("global", 3, 4, comm=0.5).predict()["time_per_step"]
+  assert slow > fast
+
+
+# --- Gantt and arguments -----------------------------------------------------------------------
+
+
+def test_gantt_writes_a_png(tmp_path):
+  tl = build("pairwise", 3, 4).simulate(steps=2)
+  path = gantt(tl, tmp_path / "pairwise.png", unit="ms")
+  data = path.read_bytes()
+  assert data.startswith(b"\x89PNG") and len(data) > 5000
+  assert Op("F", 0, 3).label == "F3" and Op("U", 2).label == "U"
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "field"),
+  [
+    ({"num_stages": 0}, "num_stages"),
+    ({"num_stages": 2.0}, "num_stages"),
+    ({"microbatches": 0}, "microbatches"),
+    ({"costs": unit_costs(3)}, "costs"),
+    ({"costs": [1.0, 1.0]}, "costs[0]"),
+    ({"comm": -1.0}, "comm"),
+    ({"continuous": "yes"}, "continuous"),
+    ({"strategy": "fourwise"}, "fourwise"),
+  ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+  args = {"strategy": "pairwise", "num_stages": 2, "microbatches": 4} | kwargs
+  with pytest.raises(ValueError, match=field.replace("[", r"\[")):
+    build(**args)
+
+
+def test_bad_costs_and_steps_name_the_field():
+  with pytest.raises(ValueError, match="backward_weight"):
+    StageCost(1, 0, 1, -2)
+  with pytest.raises(ValueError, match="head"):
+    unit_costs(2, head=float("nan"))
+  with pytest.raises(ValueError, match="steps"):
+    build("local", 2, 2).predict(steps=1)
+  with pytest.raises(ValueError, match="step"):
+    build("local", 2, 2).dispatch_order(-1)
