@@ -1,4 +1,8 @@
-"""Shared test fixtures: a small Flax conv + BatchNorm staged model."""
+"""Shared test fixtures: a small Flax conv + BatchNorm staged model; multi-device runs."""
+
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -44,3 +48,18 @@ def image_batch():
   images = jax.random.normal(rng, (16, 8, 8, 3))
   labels = jax.random.randint(jax.random.fold_in(rng, 1), (16,), 0, 10)
   return {"image": images, "label": labels}
+
+
+def run_with_devices(script: str, num_devices: int, *, timeout: int = 900) -> str:
+  """Runs `script` in a fresh Python with `num_devices` forced CPU devices; returns stdout.
+
+  XLA_FLAGS must be set before jax is imported, so multi-device tests run in their own
+  process (tests/ and the repository root on the path). Fails with the script's stderr.
+  """
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.getcwd()])
+  out = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+  )
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  return out.stdout

@@ -1,0 +1,343 @@
+"""The dataflow executor: one program per stage and operation, stage k on its own devices.
+
+Stage k's whole state (parameters, head, BatchNorm statistics, optimizer state) is committed
+to stage k's devices: a ("data",) mesh of D devices per stage, K·D devices in all
+(`placement.stage_meshes`). Per stage there is one jitted program per operation kind of the
+schedule (`ilbp.pipeline.schedule`):
+
+  F  stage forward of one microbatch under `jax.vjp`; returns the activation and the VJP
+     (the stored residuals, a pytree that stays on the stage's devices until its last B op)
+  H  the stage's loss (aux head, or the task loss on the last stage): head gradient
+     accumulated, the loss's cotangent with respect to the stage output where a stage uses it
+  B  one `interlock.backward_plan` op: one VJP call, weight gradient accumulated, input
+     cotangents handed to the stage below
+  U  the stage's optimizer update with the microbatch mean (and zeroed accumulators)
+
+These call the same per-stage primitives as the fused engine (`interlock.stage_forward`,
+`loss_step`, `stage_backward`), so the routing rule lives in one place. Activations and
+cotangents move between stages with `jax.device_put`; one Python thread dispatches every op
+asynchronously in the schedule's order and never waits for a device, so stages overlap across
+microbatches and — with `continuous` — across optimizer steps: a stage applies its update when
+its own gradients are complete and starts the next step's forwards while the stages that
+still owe it nothing finish. Exact, not stale: a stage's forward for step s+1 always follows its
+own update for step s. With `continuous=False` every step ends with a global flush.
+
+One host only (a single thread drives every device); multi-host runs use the fused executor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ilbp import interlock, placement, steps
+from ilbp.pipeline import schedule as schedule_lib
+from ilbp.staged import StagedModel
+from ilbp.state import StageState, TrainState, init_keys, init_stage_state, update_stage
+from ilbp.strategy import Strategy
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class _Carry:
+  """What stage k threads through one step on its devices, besides its StageState."""
+
+  model_state: PyTree  # {"stage", "head"}: BatchNorm statistics move once per microbatch F/H.
+  grads: PyTree  # {"stage", "head"}: gradient sums over the step's microbatches.
+  metrics: list  # the stage's loss and its metrics, one dict per microbatch.
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedBatch:
+  """A training batch cut into M microbatches: inputs on stage 0, targets on every stage."""
+
+  inputs: list  # M arrays on stage 0's devices.
+  targets: list  # K lists of M target dicts, list k on stage k's devices.
+
+
+# --- The per-stage programs -------------------------------------------------------------------
+# Module-level and jitted with the model, task, stage and op as static arguments, so executors
+# of the same model share their compiled programs (a strategy sweep compiles F, U and eval once).
+# Inputs are committed to stage k's devices, so every program runs there.
+
+
+@functools.partial(jax.jit, static_argnames=("model", "k"))
+def _forward(params, stage_state, rng, step, m, x, *, model: StagedModel, k: int):
+  """F: stage k's forward of microbatch m under `jax.vjp` -> (a_k, vjp, new stage state)."""
+  key = steps.microbatch_rng(rng, step, m)
+  f = lambda p, x: model.stage_apply(
+    k, {"stage": p}, {"stage": stage_state}, x, train=True, rng=key
+  )
+  return interlock.stage_forward(f, params, x, has_aux=True)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task", "k", "needs_input"))
+def _loss(params, head_state, rng, step, m, a, targets, grads, *, model, task, k, needs_input):
+  """H: loss k of microbatch m -> (cotangent or None, head grad sums, head state, metrics)."""
+  key = steps.microbatch_rng(rng, step, m)
+  is_head = k < model.num_stages - 1
+  head = lambda p, a: model.head_apply(k, {"head": p}, {"head": head_state}, a, train=True, rng=key)
+  value, metrics, head_grads, cot, new_head_state = interlock.loss_step(
+    head if is_head else None,
+    task.loss,
+    params,
+    a,
+    targets,
+    needs_input=needs_input,
+    has_aux=is_head,
+    loss_has_aux=True,
+  )
+  if is_head:
+    grads = jax.tree.map(jnp.add, grads, head_grads)
+  else:
+    new_head_state = head_state
+  return cot, grads, new_head_state, {"loss": value, **metrics}
+
+
+@functools.partial(jax.jit, static_argnames=("op",))
+def _backward(vjp, cotangents, grads, *, op: interlock.BackwardOp):
+  """B: one backward-plan op -> (stage grad sums, {loss j: cotangent for the stage below})."""
+  d_params, passed = interlock.stage_backward(vjp, op, cotangents)
+  if d_params is not None:
+    grads = jax.tree.map(jnp.add, grads, d_params)
+  return grads, passed
+
+
+@functools.partial(
+  jax.jit, static_argnames=("optimizer", "lr", "k", "num_stages", "m"), donate_argnums=0
+)
+def _update(stage, model_state, sums, per_microbatch, step, *, optimizer, lr, k, num_stages, m):
+  """U: stage k's optimizer update with the mean over its m microbatches -> (new stage state,
+  zero gradient sums for the next step, the stage's metrics)."""
+  grads = jax.tree.map(lambda g: g / m, sums)
+  stage, norms = update_stage(
+    optimizer, stage.replace(model_state=model_state), grads, k, num_stages
+  )
+  mean = steps.mean_metrics(jax.tree.map(lambda *xs: jnp.stack(xs), *per_microbatch))
+  metrics = {f"head{k + 1}/{name}": v for name, v in mean.items()}
+  metrics.update(norms)
+  if k == 0 and lr is not None:
+    metrics["learning_rate"] = lr(step)
+  return stage, jax.tree.map(jnp.zeros_like, sums), metrics
+
+
+@jax.jit
+def _zeros_like(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task", "k"))
+def _evaluate(params, model_state, a, targets, *, model, task, k):
+  """Stage k's inference forward and its head's evaluation sums."""
+  return steps.eval_stage(model, task, k, params, model_state, a, targets)
+
+
+class DataflowExecutor:
+  """Stages on their own devices, asynchronous dispatch in schedule order (see module doc).
+
+  Args:
+    model: the staged model.
+    task: from `ilbp.tasks`.
+    strategy: the interlocking strategy.
+    optimizer: the per-stage optax transformation.
+    schedule: learning-rate schedule (reported as `learning_rate`), or None.
+    input_spec: the network input's abstract shape (batch 1 is fine).
+    microbatches: M per optimizer step.
+    continuous: no global flush between steps (exact; see module doc).
+    data_parallel: D devices per stage.
+    devices: the devices to use (default all); stage k gets devices k·D .. k·D + D - 1.
+  """
+
+  def __init__(
+    self,
+    model: StagedModel,
+    task: Any,
+    strategy: Strategy,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule | None,
+    input_spec: jax.ShapeDtypeStruct,
+    *,
+    microbatches: int = 1,
+    continuous: bool = True,
+    data_parallel: int = 1,
+    devices=None,
+  ):
+    self.model, self.task, self.optimizer = model, task, optimizer
+    self.K, self.M, self.continuous = model.num_stages, microbatches, continuous
+    self.meshes = placement.stage_meshes(self.K, data_parallel, devices)
+    self.replicated = [placement.replicated(m) for m in self.meshes]
+    self.split = [placement.batch_sharding(m) for m in self.meshes]
+    self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
+    self.order = self.schedule.dispatch_order()
+    self.specs = model.input_specs(input_spec)
+    self._users = interlock.loss_users(strategy, self.K)
+    self._lr = schedule
+    self._host_step: int | None = None
+    self._known: tuple | None = None  # (step array, rng array) of the state we returned last.
+    self._rngs: list = []
+    self._zeros: list = [None] * self.K  # Each stage's zero gradient sums for its next step.
+    self.description = (
+      f"dataflow: {self.K} stages x {data_parallel} device(s), {microbatches} microbatch(es), "
+      f"{'continuous' if continuous else 'flushed every step'}; per-stage in-flight "
+      f"microbatches <= {list(self.schedule.caps)}"
+    )
+
+  # --- State ------------------------------------------------------------------------------
+
+  def _stage_init(self, k: int) -> Callable:
+    return lambda init_rng: init_stage_state(self.model, self.optimizer, k, init_rng, self.specs[k])
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """A fresh TrainState: stage k is created on stage k's devices (never anywhere else)."""
+    init_rng, dropout_rng = init_keys(rng)
+    stages = tuple(
+      jax.jit(self._stage_init(k), out_shardings=self.replicated[k])(init_rng)
+      for k in range(self.K)
+    )
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated[0])
+    return TrainState(step=step, rng=jax.device_put(dropout_rng, self.replicated[0]), stages=stages)
+
+  def state_target(self, rng: jax.Array) -> TrainState:
+    """The abstract TrainState with this executor's shardings (checkpoint restore target)."""
+    init_rng, dropout_rng = jax.eval_shape(init_keys, rng)
+    spec = lambda sharding: lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    stages = tuple(
+      jax.tree.map(spec(self.replicated[k]), jax.eval_shape(self._stage_init(k), init_rng))
+      for k in range(self.K)
+    )
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated[0])
+    return TrainState(step=scalar, rng=spec(self.replicated[0])(dropout_rng), stages=stages)
+
+  def _sync(self, st: TrainState) -> None:
+    """Reads the step and spreads the dropout key when `st` is not the state we returned last
+    (a fresh or restored one): once per run, so the step loop never waits for a device."""
+    if self._known is not None and self._known[0] is st.step and self._known[1] is st.rng:
+      return
+    self._host_step = int(jax.device_get(st.step))
+    self._rngs = [jax.device_put(st.rng, self.replicated[k]) for k in range(self.K)]
+
+  # --- Batches ----------------------------------------------------------------------------
+
+  def put_batch(self, batch: dict) -> PlacedBatch:
+    """Cuts the batch into M microbatches (rows m·B/M ..) and places them: the network input
+    on stage 0, the targets on every stage (stages 2..K never receive images or tokens)."""
+    inputs, targets = self.task.inputs(batch), self.task.targets(batch)
+    size = inputs.shape[0] // self.M
+    cut = lambda tree, m: jax.tree.map(lambda x: x[m * size : (m + 1) * size], tree)
+    return PlacedBatch(
+      inputs=[jax.device_put(cut(inputs, m), self.split[0]) for m in range(self.M)],
+      targets=[
+        [jax.device_put(cut(targets, m), self.split[k]) for m in range(self.M)]
+        for k in range(self.K)
+      ],
+    )
+
+  # --- Steps ------------------------------------------------------------------------------
+
+  def train_step(self, st: TrainState, batch: PlacedBatch) -> tuple[TrainState, dict]:
+    """Dispatches one optimizer step in schedule order and returns without waiting (unless
+    flushed): the new state and the metrics are futures on their stages' devices."""
+    self._sync(st)
+    step = np.int32(self._host_step)
+    stages = list(st.stages)
+    carry = [self._carry(k, stages[k]) for k in range(self.K)]
+    acts, inbox, vjps, cots, metrics = {}, {}, {}, {}, {}
+    remaining = {(k, m): len(self.schedule.plan[k]) for k in range(self.K) for m in range(self.M)}
+    for op in self.order:
+      k, m = op.stage, op.microbatch
+      c = carry[k]
+      if op.kind == "F":
+        x = batch.inputs[m] if k == 0 else inbox.pop((k, m))
+        params, state = stages[k].params["stage"], c.model_state["stage"]
+        a, vjps[k, m], new = _forward(
+          params, state, self._rngs[k], step, np.int32(m), x, model=self.model, k=k
+        )
+        c.model_state = {**c.model_state, "stage": new}
+        acts[k, m] = a
+        if k < self.K - 1:  # Sent at once, so the next stage can start while H runs here.
+          inbox[k + 1, m] = jax.device_put(a, self.split[k + 1])
+      elif op.kind == "H":
+        a = acts.pop((k, m))
+        cot, c.grads["head"], head_state, loss_metrics = _loss(
+          stages[k].params["head"],
+          c.model_state["head"],
+          self._rngs[k],
+          step,
+          np.int32(m),
+          a,
+          batch.targets[k][m],
+          c.grads["head"],
+          model=self.model,
+          task=self.task,
+          k=k,
+          needs_input=bool(self._users[k]),
+        )
+        c.model_state = {**c.model_state, "head": head_state}
+        c.metrics.append(loss_metrics)
+        if cot is not None:
+          cots[k, m, k] = cot
+      elif op.kind == "B":
+        b = op.backward
+        # Not popped: under combine="sum" a loss can feed an input-only op and the weight op.
+        arrived = {j: cots[k, m, j] for j in b.losses}
+        c.grads["stage"], passed = _backward(vjps[k, m], arrived, c.grads["stage"], op=b)
+        for j, cot in passed.items():
+          cots[k - 1, m, j] = jax.device_put(cot, self.split[k - 1])
+        remaining[k, m] -= 1
+        if not remaining[k, m]:  # The residuals and cotangents of a finished microbatch go.
+          del vjps[k, m]
+          for j in range(k, self.K):
+            cots.pop((k, m, j), None)
+      else:  # "U"
+        stages[k], self._zeros[k], stage_metrics = _update(
+          stages[k],
+          c.model_state,
+          c.grads,
+          c.metrics,
+          step,
+          optimizer=self.optimizer,
+          lr=self._lr,
+          k=k,
+          num_stages=self.K,
+          m=self.M,
+        )
+        metrics.update(stage_metrics)
+    new_step = jax.device_put(np.int32(self._host_step + 1), self.replicated[0])
+    new_state = st.replace(step=new_step, stages=tuple(stages))
+    self._host_step += 1
+    self._known = (new_step, new_state.rng)
+    if not self.continuous:
+      jax.block_until_ready(new_state)
+    return new_state, metrics
+
+  def _carry(self, k: int, stage: StageState) -> _Carry:
+    """Stage k's per-step carry: zero gradient sums (handed back by its last update, or made
+    once on its devices)."""
+    zeros = self._zeros[k]
+    if zeros is None:
+      zeros = _zeros_like(stage.params)
+    self._zeros[k] = None  # Consumed: U hands back the next step's.
+    return _Carry(model_state=stage.model_state, grads=dict(zeros), metrics=[])
+
+  def eval_step(self, st: TrainState, batch: dict) -> dict:
+    """Every head's evaluation sums, each stage on its own devices (no microbatching)."""
+    a = jax.device_put(self.task.inputs(batch), self.split[0])
+    targets = self.task.targets(batch)
+    per_head = []
+    for k, stage in enumerate(st.stages):
+      if k:
+        a = jax.device_put(a, self.split[k])
+      t = jax.device_put(targets, self.split[k])
+      a, sums = _evaluate(
+        stage.params, stage.model_state, a, t, model=self.model, task=self.task, k=k
+      )
+      per_head.append(sums)
+    return steps.named_sums(per_head)

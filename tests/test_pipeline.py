@@ -1,0 +1,242 @@
+"""The dataflow executor: exactly the fused executor's training, with stages on their own devices.
+
+Multi-device cases run in a subprocess with forced CPU devices (XLA_FLAGS before jax is
+imported). The fused executor with the same microbatches is the reference: after 3 optimizer
+steps, parameters, BatchNorm statistics and optimizer states agree to 1e-5 relative.
+"""
+
+import textwrap
+
+import pytest
+from conftest import run_with_devices
+
+from experiments.configs import resnet_digits, transformer_stdlib
+from ilbp import executor, trainer
+
+COMMON = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np
+  from conftest import conv_bn_model
+  import ilbp
+  from ilbp import executor, interlock, state
+  from ilbp.models import resnet, transformer
+  from ilbp.pipeline import dataflow
+  from ilbp.tasks import Classification, LanguageModeling
+
+  # SGD: a conv bias before BatchNorm, or an attention key bias, has an exactly-zero gradient,
+  # whose float noise Adam would normalise into full-size steps. One optimizer object for
+  # every case, so the executors share their compiled update programs.
+  tx, sched = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10,
+                                   weight_decay=1e-4)
+
+  def check(model, task, batch, spec, name, combine="furthest", M=4, continuous=True, D=1):
+    strat = ilbp.strategy(name, combine)
+    args = (model, task, strat, tx, sched, spec)
+    fused = executor.FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1])
+    flow = dataflow.DataflowExecutor(*args, microbatches=M, continuous=continuous,
+                                     data_parallel=D)
+    rng = jax.random.PRNGKey(1)
+    a, b = fused.init_state(rng), flow.init_state(rng)
+    # Stage k's whole state lives on stage k's D devices and nowhere else.
+    for k, stage in enumerate(b.stages):
+      want = set(flow.meshes[k].devices.flat)
+      assert len(want) == D
+      for leaf in jax.tree.leaves(stage):
+        assert leaf.sharding.device_set == want, (k, leaf.sharding)
+    for _ in range(3):
+      a, ma = fused.train_step(a, fused.put_batch(batch))
+      b, mb = flow.train_step(b, flow.put_batch(batch))
+    a, b, ma, mb = jax.device_get((a, b, ma, mb))
+    assert int(b.step) == 3 and sorted(ma) == sorted(mb), (sorted(ma), sorted(mb))
+    # 1e-5 relative to each element, or to the tensor's largest element: different XLA fusions
+    # of the same float32 sums differ in the last bits.
+    paths = jax.tree_util.tree_flatten_with_path(a)[0]
+    for (path, x), y in zip(paths, jax.tree.leaves(b)):
+      scale = float(np.max(np.abs(x))) if np.size(x) else 0.0
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=max(1e-5 * scale, 1e-7),
+                                 err_msg=jax.tree_util.keystr(path))
+    for key in ma:
+      np.testing.assert_allclose(mb[key], ma[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    ea, eb = jax.device_get((fused.eval_step(a, batch), flow.eval_step(b, batch)))
+    for key in ea:
+      np.testing.assert_allclose(eb[key], ea[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    print("EXACT", model.num_stages, name, combine, M, continuous, D, flush=True)
+
+  rng = np.random.default_rng(0)
+  images = {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, size=16).astype(np.int32)}
+  image_spec = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  """
+)
+
+CONV_BN_EVERY_PLAN = textwrap.dedent(
+  """
+  seen = set()
+  for K in (2, 3, 4):
+    model = conv_bn_model(K)
+    for name in ("local", "pairwise", "3wise", "global"):
+      for combine in ("furthest", "sum"):
+        plan = interlock.backward_plan(ilbp.strategy(name, combine), K)
+        if (K, str(plan)) in seen:  # e.g. K = 2: pairwise and 3wise are global.
+          continue
+        seen.add((K, str(plan)))
+        check(model, Classification(), images, image_spec, name, combine)
+  print("PLANS", len(seen))
+  """
+)
+
+VARIANTS = textwrap.dedent(
+  """
+  # Flushed steps; several devices per stage; M = 1 and M = 2.
+  check(conv_bn_model(3), Classification(), images, image_spec, "pairwise", continuous=False)
+  check(conv_bn_model(4), Classification(), images, image_spec, "local", continuous=False, M=2)
+  check(conv_bn_model(4), Classification(), images, image_spec, "3wise", "sum", D=2)
+  check(conv_bn_model(2), Classification(), images, image_spec, "local", M=1, D=2)
+  # The real ResNet family with the authors' conv heads (BatchNorm in the heads too).
+  net = resnet.make_model("resnet_tiny", num_classes=10, num_stages=3, split=(2, 2, 1),
+                          head="conv", input_shape=(8, 8, 3))
+  check(net, Classification(), images, image_spec, "pairwise", "sum")
+  # The Transformer with dropout: every executor draws the same per-microbatch keys.
+  lm = transformer.make_model(vocab_size=37, num_layers=4, num_stages=4, d_model=16,
+                              num_heads=2, d_ff=32, max_len=12, dropout_rate=0.1)
+  tokens = rng.integers(0, 37, size=(8, 13)).astype(np.int32)
+  text = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": (rng.random((8, 12)) > 0.1).astype(np.float32)}
+  text_spec = jax.ShapeDtypeStruct((1, 12), jnp.int32)
+  for name, combine in (("pairwise", "furthest"), ("3wise", "sum")):
+    check(lm, LanguageModeling(), text, text_spec, name, combine, M=2)
+  """
+)
+
+
+def test_dataflow_equals_fused_for_every_backward_plan_k2_to_4():
+  out = run_with_devices(COMMON + CONV_BN_EVERY_PLAN, 4)
+  # K=2: local, global×2; K=3: local, pairwise×2, global×2; K=4: local, 3 reaches × 2.
+  assert "PLANS 15" in out, out
+  assert out.count("EXACT") == 15
+
+
+def test_dataflow_equals_fused_flushed_data_parallel_resnet_transformer():
+  out = run_with_devices(COMMON + VARIANTS, 8)
+  assert out.count("EXACT") == 7, out
+
+
+RESUME = textwrap.dedent(
+  """
+  import os, shutil, jax, numpy as np
+  from experiments.configs import resnet_digits
+  from ilbp import families, trainer
+  from ilbp.checkpoint import Checkpointer
+
+  def config(kind, **kw):
+    c = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
+    c.total_steps, c.checkpoint_every_steps, c.eval_every_steps = 6, 2, 6
+    c.execution.kind, c.execution.microbatches = kind, 2
+    for k, v in kw.items():
+      setattr(c, k, v)
+    return c
+
+  class Preempted(Exception):
+    pass
+
+  def crash_after(n):
+    real = families.build
+    def build(c, w):
+      built = real(c, w)
+      source = built.data
+      def batches(start):
+        for i, batch in enumerate(source.train_batches(start)):
+          if i == n:
+            raise Preempted()
+          yield batch
+      data = type(source)(**{**source.__dict__, "train_batches": batches})
+      return families.Built(built.model, data, built.task, built.input_spec)
+    families.build = build
+    return real
+
+  def params(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+      return [s["params"] for s in ckpt.restore(ckpt.latest_step())["stages"]]
+    finally:
+      ckpt.close()
+
+  root = os.environ["TMP_ROOT"]
+  final = trainer.train_and_evaluate(config("dataflow"), f"{root}/straight")
+  for resume_kind in ("dataflow", "fused"):
+    work = f"{root}/{resume_kind}"
+    real = crash_after(3)
+    try:
+      trainer.train_and_evaluate(config("dataflow"), work)
+      raise AssertionError("no crash")
+    except Preempted:
+      pass
+    families.build = real
+    assert sorted(os.listdir(f"{work}/checkpoints")) == ["2"], os.listdir(f"{work}/checkpoints")
+    again = trainer.train_and_evaluate(config(resume_kind), work)
+    for key, value in final.items():
+      np.testing.assert_allclose(again[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    for x, y in zip(jax.tree.leaves(params(f"{root}/straight")), jax.tree.leaves(params(work))):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    print("RESUMED", resume_kind, flush=True)
+  """
+)
+
+
+def test_dataflow_resume_equals_uninterrupted_and_resumes_under_fused(tmp_path):
+  out = run_with_devices(f"import os\nos.environ['TMP_ROOT'] = {str(tmp_path)!r}\n" + RESUME, 2)
+  assert "RESUMED dataflow" in out and "RESUMED fused" in out, out
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"execution.kind": "pipelined"}, "fused, dataflow, spmd"),
+    ({"execution.kind": "spmd"}, "not built yet"),
+    ({"execution.microbatches": 3}, "microbatches"),
+    ({"execution.microbatches": 0}, "microbatches must be >= 1"),
+    ({"execution.kind": "dataflow"}, "XLA_FLAGS=--xla_force_host_platform_device_count=3"),
+    ({"execution.gradients": "autodiff"}, "engine, spec"),
+    ({"execution.kind": "dataflow", "execution.gradients": "spec"}, "only with"),
+    ({"execution.data_parallel": 5}, "devices are visible"),
+  ],
+)
+def test_bad_execution_configs_name_the_field(overrides, message, monkeypatch, tmp_path):
+  config = resnet_digits.get_config("strategy=pairwise,stages=3,runlocal=1")
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  monkeypatch.setattr(trainer.executors, "make", lambda *a: pytest.fail("compiled"))
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fused_with_microbatches_trains_stdlib_transformer(tmp_path):
+  config = transformer_stdlib.get_config("strategy=pairwise,stages=4,runlocal=1")
+  config.execution.microbatches = 2
+  final = trainer.train_and_evaluate(config, str(tmp_path))
+  assert final["step"] == config.total_steps
+  assert executor.data_parallel(config.execution, 1) == 1
+
+
+BINARIES = textwrap.dedent(
+  """
+  import os, subprocess, sys
+  root = os.environ["TMP_ROOT"]
+  for binary, cfg in (("resnet", "resnet_digits.py:strategy=3wise,stages=3,runlocal=1"),
+                      ("transformer", "transformer_stdlib.py:strategy=local,stages=4,runlocal=1")):
+    cmd = [sys.executable, "-m", f"experiments.{binary}", "--config",
+           f"experiments/configs/{cfg}", "--workdir", f"{root}/{binary}",
+           "--config.execution.kind=dataflow", "--config.execution.microbatches=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "execution: dataflow" in out.stdout and "[eval] step" in out.stdout, out.stdout
+    print("BINARY", binary, flush=True)
+  """
+)
+
+
+def test_both_binaries_run_the_dataflow_executor(tmp_path):
+  out = run_with_devices(f"import os\nos.environ['TMP_ROOT'] = {str(tmp_path)!r}\n" + BINARIES, 4)
+  assert "BINARY resnet" in out and "BINARY transformer" in out, out
