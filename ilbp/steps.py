@@ -105,7 +105,13 @@ def make_train_step(
     else:
       zeros = jax.tree.map(jnp.zeros_like, params)
       xs = (np.arange(microbatches), split_microbatches(batch, microbatches))
-      (model_state, total), stacked = jax.lax.scan(micro, (state.model_state, zeros), xs)
+      # XLA:CPU runs convolutions inside a while loop ~15x slower than the same convolutions
+      # unrolled (measured: resnet20, batch 64, M = 8: 3229 ms vs 210 ms per step), so on CPU
+      # the microbatch loop is unrolled; accelerators keep the rolled loop (compile time).
+      unroll = jax.default_backend() == "cpu"
+      (model_state, total), stacked = jax.lax.scan(
+        micro, (state.model_state, zeros), xs, unroll=unroll
+      )
       grads = jax.tree.map(lambda g: g / microbatches, total)
       metrics = mean_metrics(stacked)
 

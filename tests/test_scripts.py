@@ -49,3 +49,34 @@ def test_compare_strategies_prints_table(tmp_path):
   rows = json.loads((tmp_path / "results.json").read_text())
   assert [r["strategy"] for r in rows] == ["local", "global"]
   assert (tmp_path / "table.md").exists()
+
+
+def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
+  path = tmp_path / "rows.json"
+  stdout = _run(
+    [
+      "scripts.benchmark_pipeline",
+      "--model=resnet_tiny",
+      "--batch=8",
+      "--microbatches=2",
+      "--strategies=local,global",
+      "--executors=dataflow,fused",
+      "--chunks=2",
+      "--steps_per_chunk=2",
+      "--op_repeats=2",
+      f"--gantt_dir={tmp_path}",
+      f"--json_out={path}",
+    ]
+  )
+  assert "vs global" in stdout and "predicted" in stdout
+  rows = json.loads(path.read_text())
+  keys = {"executor", "strategy", "stages", "microbatches", "ms_per_step", "predicted_ms_per_step"}
+  assert all(keys | {"inflight_microbatches_max"} <= set(r) for r in rows)
+  flow = {(r["strategy"], r["mode"]): r for r in rows if r["executor"] == "dataflow"}
+  assert set(flow) == {("local", "continuous"), ("local", "flushed"), ("global", "flushed")}
+  assert flow["global", "flushed"]["vs_global"] == 1.0
+  assert flow["local", "continuous"]["inflight_microbatches_max"] == 1
+  assert flow["global", "flushed"]["inflight_microbatches_max"] == 2
+  assert all(r["predicted_ms_per_step"] > 0 for r in flow.values())
+  assert (tmp_path / "gantt_local_continuous.png").stat().st_size > 0
+  assert {r["strategy"] for r in rows if r["executor"] == "fused"} == {"local", "global"}

@@ -38,7 +38,6 @@ one example, so every process pads to the same number of eval batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -56,17 +55,6 @@ _AUGMENT_TAG = 2
 _IMAGENET_SHUFFLE_BUFFER = 10_000  # ~1.1 GB of encoded JPEGs per process.
 _IMAGENET_EVAL_CROP = 0.875
 _CIFAR_PAD = 4
-
-
-def _hide_accelerators_from_tf() -> None:
-  """Keeps TensorFlow (used only for input) off the GPUs/TPUs that JAX needs."""
-  # Once TF's devices are initialised (someone used TF first) changing them is a RuntimeError,
-  # and whoever initialised them has decided what TF sees.
-  with contextlib.suppress(RuntimeError):
-    tf.config.set_visible_devices([], "GPU")
-
-
-_hide_accelerators_from_tf()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -138,6 +140,17 @@ def _zeros_like(tree):
 def _evaluate(params, model_state, a, targets, *, model, task, k):
   """Stage k's inference forward and its head's evaluation sums."""
   return steps.eval_stage(model, task, k, params, model_state, a, targets)
+
+
+def _timed(fn: Callable, repeats: int) -> float:
+  """Median milliseconds of `fn()` run to completion, after one warm-up call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
 
 
 class DataflowExecutor:
@@ -326,6 +339,92 @@ class DataflowExecutor:
       zeros = _zeros_like(stage.params)
     self._zeros[k] = None  # Consumed: U hands back the next step's.
     return _Carry(model_state=stage.model_state, grads=dict(zeros), metrics=[])
+
+  def measure_costs(
+    self, st: TrainState, batch: PlacedBatch, repeats: int = 10
+  ) -> tuple[list[schedule_lib.StageCost], float]:
+    """Times every op kind of every stage alone, for the schedule's cost model.
+
+    Each program runs on its stage's devices with nothing else in flight, `repeats` times
+    after one warm-up call; the medians, in milliseconds: forward, head (or task loss, with the
+    strategy's cotangent), input-gradient-only, weight-gradient-only and both-halves VJP calls,
+    the update, and one activation transfer between stages.
+
+    Returns:
+      (K StageCost in ms, median ms of an activation transfer to the next stage).
+    """
+    self._sync(st)
+    costs, transfers, x = [], [], batch.inputs[0]
+    for k, stage in enumerate(st.stages):
+      cost, a = self._measure_stage(k, stage, x, batch.targets[k][0], repeats)
+      costs.append(cost)
+      if k < self.K - 1:
+        transfers.append(_timed(lambda a=a, k=k: jax.device_put(a, self.split[k + 1]), repeats))
+        x = jax.device_put(a, self.split[k + 1])
+    return costs, statistics.median(transfers) if transfers else 0.0
+
+  def measure_slowdown(self, st: TrainState, batch: PlacedBatch, repeats: int = 10) -> float:
+    """How much slower a stage's forward runs while every stage runs its own at the same time.
+
+    Devices that share a host's cores (forced CPU devices) do not run concurrently at full
+    speed; accelerators do (about 1.0). Measured as the wall time of `repeats` forwards
+    dispatched on every stage at once over the slowest stage's time for its `repeats` alone.
+    """
+    self._sync(st)
+    step, m0 = np.int32(self._host_step), np.int32(0)
+    inputs, x = [], batch.inputs[0]
+    for k, stage in enumerate(st.stages):
+      inputs.append(x)
+      a = _forward(
+        stage.params["stage"], stage.model_state["stage"], self._rngs[k], step, m0, x,
+        model=self.model, k=k,
+      )[0]  # fmt: skip
+      x = jax.device_put(a, self.split[min(k + 1, self.K - 1)])
+
+    def run(stages):
+      outs = []
+      for _ in range(repeats):
+        for k in stages:
+          s = st.stages[k]
+          outs.append(
+            _forward(
+              s.params["stage"], s.model_state["stage"], self._rngs[k], step, m0, inputs[k],
+              model=self.model, k=k,
+            )[0]
+          )  # fmt: skip
+      return outs
+
+    alone = max(_timed(lambda k=k: run([k]), 3) for k in range(self.K))
+    return _timed(lambda: run(range(self.K)), 3) / alone
+
+  def _measure_stage(self, k, stage, x, targets, repeats):
+    """Stage k's StageCost (ms) on microbatch input `x`, and its output."""
+    step, m0, key = np.int32(self._host_step), np.int32(0), self._rngs[k]
+    p, s = stage.params, stage.model_state
+    fwd = lambda: _forward(p["stage"], s["stage"], key, step, m0, x, model=self.model, k=k)
+    f = _timed(fwd, repeats)
+    a, vjp, _ = fwd()
+    zeros = _zeros_like(p)
+    loss = lambda: _loss(
+      p["head"], s["head"], key, step, m0, a, targets, zeros["head"], model=self.model,
+      task=self.task, k=k, needs_input=bool(self._users[k]),
+    )  # fmt: skip
+    h = _timed(loss, repeats)
+    metrics = loss()[3]
+    cot = {k: jnp.ones_like(a)}
+    vjp_call = lambda params, passes: _backward(
+      vjp, cot, zeros["stage"], op=interlock.BackwardOp(k, (k,), params, passes)
+    )
+    w = _timed(lambda: vjp_call((k,), ()), repeats)
+    b = _timed(lambda: vjp_call((), (k,)), repeats) if k else 0.0
+    both = _timed(lambda: vjp_call((k,), (k,)), repeats) if k else None
+    # The update donates its stage state: time it on fresh copies.
+    copies = [jax.tree.map(jnp.copy, stage) for _ in range(repeats + 1)]
+    upd = lambda: _update(
+      copies.pop(), s, zeros, [metrics] * self.M, step, optimizer=self.optimizer, lr=self._lr,
+      k=k, num_stages=self.K, m=self.M,
+    )  # fmt: skip
+    return schedule_lib.StageCost(f, h, b, w, _timed(upd, repeats), both), a
 
   def eval_step(self, st: TrainState, batch: dict) -> dict:
     """Every head's evaluation sums, each stage on its own devices (no microbatching)."""

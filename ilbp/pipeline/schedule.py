@@ -49,6 +49,9 @@ class StageCost:
     backward_input: the input-gradient half of a VJP call (d a_k / d a_{k-1}).
     backward_weight: the weight-gradient half of a VJP call (d a_k / d θ_k).
     update: U, the optimizer update, once per step.
+    backward_both: a VJP call that returns both halves; None = backward_input +
+      backward_weight. One call shares the backward through the stage's non-linearities, so
+      measured it is cheaper than the two halves apart.
   """
 
   forward: float
@@ -56,10 +59,13 @@ class StageCost:
   backward_input: float
   backward_weight: float
   update: float = 0.0
+  backward_both: float | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       v = getattr(self, field.name)
+      if field.name == "backward_both" and v is None:
+        continue
       ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
       if not ok:
         raise ValueError(f"StageCost.{field.name} must be a finite number >= 0, got {v!r}.")
@@ -213,10 +219,13 @@ class Schedule:
     return (_RANK[op.kind], op.step, m, pos)
 
   def duration(self, op: Op) -> float:
-    """The op's cost; a B op pays b for an input gradient and w for a weight gradient."""
+    """The op's cost; a B op pays b for an input gradient and w for a weight gradient (or
+    `backward_both` for both from one call, when given)."""
     c = self.costs[op.stage]
     if op.kind == "B":
       b = op.backward
+      if b.passes and b.params and c.backward_both is not None:
+        return c.backward_both
       return (c.backward_input if b.passes else 0.0) + (c.backward_weight if b.params else 0.0)
     return {"F": c.forward, "H": c.head, "U": c.update}[op.kind]
 

@@ -1,0 +1,346 @@
+"""Time per optimizer step of pipelined interlocking training, measured and predicted.
+
+Usage (from the repository root; forced CPU devices are set up here when none are given):
+
+  .venv/bin/python -m scripts.benchmark_pipeline                 # resnet20, K=2, M=8, batch 64
+  .venv/bin/python -m scripts.benchmark_pipeline --stages=4 --strategies=local,pairwise,global \
+      --executors=dataflow,fused --json_out=/tmp/pipe.json --gantt_dir=/tmp/gantt
+  .venv/bin/python -m scripts.benchmark_pipeline --model=transformer --stages=2
+
+Rows: every strategy on every executor. On `dataflow`, a strategy of reach < K runs
+`continuous` (no flush between steps) and `flushed`; global runs flushed — its semantics force
+the flush — as a one-forward-one-backward pipeline. That global row is the baseline every row
+on the same executor is divided by (`vs global`). `fused` runs the whole network as one program
+on one device (no pipelining, the same M microbatches): a second, unpipelined reference.
+
+Measured: `ms/step` is the median over --chunks of (wall time of --steps_per_chunk consecutive
+steps, blocking only at the end) / steps_per_chunk, after a warm-up chunk; rows are timed
+round-robin, one chunk each per round, so drift on a shared machine hits all rows alike.
+Predicted (dataflow): the schedule's simulation (`ilbp.pipeline.schedule`) with per-op costs
+measured here, each program timed alone (`DataflowExecutor.measure_costs`), and the measured
+activation transfer as the latency between stages. `in-flight` is the most microbatches whose
+residuals a stage holds at once in that simulation.
+
+On CPU, `--xla_force_host_platform_device_count` devices share the machine's cores: time K = 2
+on a 2-core box, and compare larger K with the prediction (PIPELINE.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # Before jax is imported; only the CPU platform reads it.
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from ilbp import executor as executors
+from ilbp import families, tasks
+from ilbp import state as train_state
+from ilbp.models import resnet, transformer
+from ilbp.pipeline import dataflow
+from ilbp.pipeline import schedule as schedule_lib
+from ilbp.strategy import strategy as parse_strategy
+
+_MODEL = flags.DEFINE_string(
+  "model", "resnet20", "resnet20/32/56/..., resnet_tiny, or transformer."
+)
+_HEAD = flags.DEFINE_string("head", None, "Aux head: resnet pool|conv (pool), transformer linear.")
+_STAGES = flags.DEFINE_integer("stages", 2, "Number of stages K (one device each).")
+_SPLIT = flags.DEFINE_string(
+  "split", "balanced", "ResNet blocks per stage, e.g. 3,6, or 'balanced' (by forward FLOPs)."
+)
+_MICRO = flags.DEFINE_integer("microbatches", 8, "Microbatches M per optimizer step.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Batch size (images or sequences) per step.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["local", "pairwise", "global"], "Strategies.")
+_COMBINE = flags.DEFINE_enum("combine", "furthest", ["furthest", "sum"], "Combine rule.")
+_EXECUTORS = flags.DEFINE_list("executors", ["dataflow"], "dataflow and/or fused.")
+_MODES = flags.DEFINE_list(
+  "modes", ["continuous", "flushed"], "Dataflow modes for reach < K (global is always flushed)."
+)
+_STEPS = flags.DEFINE_integer("steps_per_chunk", 8, "Steps timed together (one block at the end).")
+_CHUNKS = flags.DEFINE_integer("chunks", 5, "Timed chunks per row (median reported).")
+_REPEATS = flags.DEFINE_integer("op_repeats", 10, "Repeats per op when measuring op costs.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Transformer sequence length.")
+_D_MODEL = flags.DEFINE_integer("d_model", 128, "Transformer width.")
+_LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
+_VOCAB = flags.DEFINE_integer("vocab", 1024, "Transformer vocabulary.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
+_GANTT_DIR = flags.DEFINE_string("gantt_dir", None, "Write the predicted Gantt PNG of each row.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+
+
+def build() -> tuple[Any, Any, dict, jax.ShapeDtypeStruct, str]:
+  """(model, task, random numpy batch, input spec, description) chosen by the flags."""
+  rng = np.random.default_rng(_SEED.value)
+  b, k = _BATCH.value, _STAGES.value
+  if _MODEL.value == "transformer":
+    model = transformer.make_model(
+      vocab_size=_VOCAB.value,
+      num_layers=_LAYERS.value,
+      num_stages=k,
+      d_model=_D_MODEL.value,
+      num_heads=4,
+      d_ff=4 * _D_MODEL.value,
+      max_len=_SEQ_LEN.value,
+      dropout_rate=0.0,
+      head=_HEAD.value or "linear",
+    )
+    tokens = rng.integers(0, _VOCAB.value, size=(b, _SEQ_LEN.value + 1)).astype(np.int32)
+    batch = {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "weights": np.ones((b, _SEQ_LEN.value), np.float32),
+    }
+    spec = jax.ShapeDtypeStruct((1, _SEQ_LEN.value), jnp.int32)
+    desc = (
+      f"transformer LM {_LAYERS.value} layers d={_D_MODEL.value} vocab={_VOCAB.value} "
+      f"seq {_SEQ_LEN.value}, layers per stage {model.info['layers_per_stage']}"
+    )
+    return model, tasks.LanguageModeling(), batch, spec, desc
+  split = families.parse_split(_SPLIT.value)
+  model = resnet.make_model(
+    _MODEL.value,
+    num_classes=10,
+    num_stages=k,
+    split=split,
+    head=_HEAD.value or "pool",
+    dtype=jnp.float32,
+  )
+  batch = {
+    "image": rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, size=b).astype(np.int32),
+  }
+  spec = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  return model, tasks.Classification(), batch, spec, resnet.describe_split(model) + ", 32x32x3"
+
+
+def make_rows(model, task, spec) -> list[dict]:
+  """One row per (executor, strategy, mode), each with its executor and fresh state."""
+  tx, sched = train_state.make_optimizer(name="sgd", learning_rate=0.01, schedule="constant")
+  k, m = _STAGES.value, _MICRO.value
+  rows = []
+  for kind in _EXECUTORS.value:
+    if kind not in ("dataflow", "fused"):
+      raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused (spmd: not built).")
+    for name in _STRATEGIES.value:
+      strat = parse_strategy(name, _COMBINE.value)
+      is_global = strat.reach_for(k) == k
+      modes = ["flushed"] if is_global or kind == "fused" else _MODES.value
+      for mode in modes:
+        args = (model, task, strat, tx, sched, spec)
+        if kind == "fused":
+          ex = executors.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
+        else:
+          ex = dataflow.DataflowExecutor(
+            *args, microbatches=m, continuous=mode == "continuous", data_parallel=1
+          )
+        label = "-" if kind == "fused" else mode
+        rows.append({"executor": kind, "strategy": strat.name, "mode": label, "ex": ex, "s": strat})
+  return rows
+
+
+def time_rows(rows: list[dict], batch: dict) -> None:
+  """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin)."""
+  for row in rows:
+    row["state"] = row["ex"].init_state(jax.random.PRNGKey(_SEED.value))
+    row["batch"] = row["ex"].put_batch(batch)
+    row["times"] = []
+  for r in range(_CHUNKS.value + 1):
+    for row in rows:
+      ex, st = row["ex"], row["state"]
+      jax.block_until_ready(st)
+      start = time.perf_counter()
+      for _ in range(_STEPS.value):
+        st, metrics = ex.train_step(st, row["batch"])
+      jax.block_until_ready((st, metrics))
+      if r:  # The first round compiles and warms up.
+        row["times"].append(1e3 * (time.perf_counter() - start) / _STEPS.value)
+      row["state"] = st
+
+
+def measure(rows: list[dict]) -> None:
+  """Per-op costs of every dataflow row (`measure_costs`), then pooled: the forward, VJP and
+  update programs are the same whatever the strategy, so each stage's cost of them is the
+  median over all rows (less noise); the loss op (which may also return a cotangent) is each
+  row's own."""
+  flow = [r for r in rows if r["executor"] == "dataflow"]
+  for row in flow:
+    row["costs"], row["transfer_ms"] = row["ex"].measure_costs(
+      row["state"], row["batch"], repeats=_REPEATS.value
+    )
+    row["slowdown"] = row["ex"].measure_slowdown(row["state"], row["batch"])
+  for row in flow:
+    pooled = []
+    for k, own in enumerate(row["costs"]):
+      med = lambda field, k=k: statistics.median(getattr(r["costs"][k], field) for r in flow)
+      both = None if own.backward_both is None else med("backward_both")
+      fields = ("forward", "head", "backward_input", "backward_weight", "update")
+      pooled.append(
+        dataclasses.replace(
+          schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both), head=own.head
+        )
+      )
+    row["costs"] = pooled
+  comm = statistics.median(r["transfer_ms"] for r in flow) if flow else 0.0
+  slowdown = statistics.median(r["slowdown"] for r in flow) if flow else 1.0
+  for row in flow:
+    row["transfer_ms"], row["slowdown"] = comm, slowdown
+
+
+def predict(row: dict) -> None:
+  """Measured op costs -> the schedule's predicted ms per step, in-flight and bubble."""
+  ex = row["ex"]
+  if row["executor"] != "dataflow":
+    row.update(
+      predicted_ms_per_step=None,
+      predicted_alone_ms_per_step=None,
+      inflight_microbatches_max=None,
+      bubble_fraction=None,
+    )
+    return
+  alone, comm = row["costs"], row["transfer_ms"]
+  build = lambda costs: schedule_lib.build(
+    row["s"], ex.K, ex.M, continuous=row["mode"] == "continuous", costs=costs, comm=comm
+  )
+  # Under load every op runs `slowdown` times slower than alone (devices sharing cores).
+  scale = lambda c: schedule_lib.StageCost(
+    *(None if v is None else v * row["slowdown"] for v in dataclasses.astuple(c))
+  )
+  sched = build([scale(c) for c in alone])
+  p = sched.predict(steps=4)
+  row.update(
+    predicted_ms_per_step=p["time_per_step"],
+    predicted_alone_ms_per_step=build(alone).predict(steps=4)["time_per_step"],
+    inflight_microbatches_max=max(p["inflight_max"]),
+    inflight_per_stage=p["inflight_max"],
+    bubble_fraction=p["bubble_fraction"],
+    op_costs_ms=[dataclasses_asdict(c) for c in alone],
+    transfer_ms=comm,
+    schedule=sched,
+  )
+
+
+def dataclasses_asdict(cost: schedule_lib.StageCost) -> dict:
+  return {k: v if v is None else round(v, 4) for k, v in dataclasses.asdict(cost).items()}
+
+
+def print_table(rows: list[dict]) -> None:
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  columns = [
+    ("executor", "executor", "s"),
+    ("strategy", "strategy", "s"),
+    ("mode", "mode", "s"),
+    ("ms/step", "ms_per_step", ".1f"),
+    ("IQR", "iqr_ms", ".1f"),
+    ("vs global", "vs_global", ".3f"),
+    ("pred alone", "predicted_alone_ms_per_step", ".1f"),
+    ("predicted", "predicted_ms_per_step", ".1f"),
+    ("pred/meas", "predicted_over_measured", ".3f"),
+    ("in-flight", "inflight_microbatches_max", "d"),
+    ("bubble", "bubble_fraction", ".2f"),
+  ]
+  cells = [[c[0] for c in columns]] + [
+    [fmt(r[key], spec) for _, key, spec in columns] for r in rows
+  ]
+  widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+  for i, line in enumerate(cells):
+    left = [c.ljust(w) for c, w in zip(line[:3], widths[:3])]
+    print("  ".join(left + [c.rjust(w) for c, w in zip(line[3:], widths[3:])]))
+    if i == 0:
+      print("  ".join("-" * w for w in widths))
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  wall = time.perf_counter()
+  model, task, batch, spec, desc = build()
+  k, m = _STAGES.value, _MICRO.value
+  if jax.device_count() < k:
+    raise ValueError(f"--stages={k} needs {k} devices; {jax.device_count()} are visible.")
+  device = jax.devices()[0]
+  print(
+    f"jax {jax.__version__} | {jax.default_backend()} | {jax.device_count()} x "
+    f"{device.device_kind} | {os.cpu_count()} CPU cores | python {platform.python_version()}"
+  )
+  print(f"model: {desc}")
+  print(
+    f"batch {_BATCH.value} in M={m} microbatches | K={k} stages, one device each | "
+    f"combine={_COMBINE.value} | {_STEPS.value} steps x {_CHUNKS.value} chunks per row"
+  )
+  rows = make_rows(model, task, spec)
+  time_rows(rows, batch)
+  measure(rows)
+  for row in rows:
+    predict(row)
+  base = {
+    r["executor"]: statistics.median(r["times"])
+    for r in rows
+    if r["s"].reach_for(k) == k and r["mode"] in ("flushed", "-")
+  }
+  out = []
+  for row in rows:
+    ms = statistics.median(row["times"])
+    q1, _, q3 = statistics.quantiles(row["times"], n=4) if len(row["times"]) > 1 else (ms, 0, ms)
+    pred = row["predicted_ms_per_step"]
+    row.update(
+      ms_per_step=ms,
+      iqr_ms=q3 - q1,
+      vs_global=ms / base[row["executor"]] if row["executor"] in base else None,
+      predicted_over_measured=pred / ms if pred else None,
+    )
+    if _GANTT_DIR.value and row["executor"] == "dataflow":
+      os.makedirs(_GANTT_DIR.value, exist_ok=True)
+      path = os.path.join(_GANTT_DIR.value, f"gantt_{row['strategy']}_{row['mode']}.png")
+      title = (
+        f"{row['strategy']} ({row['mode']}), K={k}, M={m}: predicted from measured op costs, "
+        f"{pred:.1f} ms/step (measured {ms:.1f})"
+      )
+      schedule_lib.gantt(row["schedule"].simulate(3), path, title=title, unit="ms")
+      row["gantt"] = path
+    drop = ("ex", "s", "state", "batch", "schedule", "costs")
+    keep = {key: v for key, v in row.items() if key not in drop}
+    keep.update(
+      stages=k,
+      microbatches=m,
+      batch=_BATCH.value,
+      model=_MODEL.value,
+      description=desc,
+      combine=_COMBINE.value,
+      backend=jax.default_backend(),
+      ms_all=row["times"],
+    )
+    keep.pop("times")
+    out.append(keep)
+  print()
+  print_table(out)
+  print("\nvs global: ms/step over global (flushed, 1F1B) on the same executor.")
+  slow = [r["slowdown"] for r in rows if "slowdown" in r]
+  if slow:
+    print(
+      f"pred alone: the schedule with op costs timed alone; predicted: the same with every op "
+      f"{slow[0]:.2f}x slower, the measured slowdown of a stage's forward while all {k} stages "
+      "run theirs at once (devices sharing cores; ~1 on accelerators)."
+    )
+  print(f"total {time.perf_counter() - wall:.1f} s")
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"wrote {len(out)} rows to {_JSON_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
