@@ -220,3 +220,15 @@ def test_bad_costs_and_steps_name_the_field():
     build("local", 2, 2).predict(steps=1)
   with pytest.raises(ValueError, match="step"):
     build("local", 2, 2).dispatch_order(-1)
+
+
+def test_slowdown_stretches_only_where_stages_overlap():
+  sched = build("global", 2, 8, costs=unit_costs(2, head=0.0))
+  alone = sched.predict(steps=4)["time_per_step"]
+  shared = sched.predict(steps=4, slowdown=2.0)["time_per_step"]
+  # Stages that never overlap would cost `alone`; stages always overlapping 2x as much.
+  assert alone < shared < 2 * alone
+  one = build("local", 1, 4, costs=unit_costs(1))
+  assert (
+    one.predict(steps=3, slowdown=3.0)["time_per_step"] == one.predict(steps=3)["time_per_step"]
+  )

@@ -332,15 +332,20 @@ class Schedule:
     _check_int("step", step, minimum=0)
     return [s.op for s in self.simulate(step + 1).slots if s.op.step == step]
 
-  def predict(self, steps: int = 4) -> dict:
+  def predict(self, steps: int = 4, slowdown: float = 1.0) -> dict:
     """Predicted timing from a simulation of `steps` consecutive optimizer steps.
 
     Args:
       steps: at least 2; the first step's fill is excluded from the steady state.
+      slowdown: how much slower ops run while two or more stages are busy at once, for devices
+        that share a host's cores (forced CPU devices); 1 for independent devices. A stage
+        alone (e.g. in a pipeline bubble) runs at full speed, so every stretch of the simulated
+        steady state in which several stages are busy takes `slowdown` times as long.
 
     Returns:
       A dict with
-        time_per_step: steady state, (end of the last step - end of the first) / (steps - 1).
+        time_per_step: steady state, (end of the last step - end of the first) / (steps - 1),
+          stretched by `slowdown` where stages overlap.
         makespan_one_step: one step from an empty pipeline to its last update.
         bubble_fraction: idle fraction of the K stages over the steady-state window.
         inflight_max: per stage, the most microbatches with residuals held at once.
@@ -354,13 +359,30 @@ class Schedule:
     busy = [0.0] * self.num_stages
     for op in self.ops(0):
       busy[op.stage] += self.duration(op)
+    overlap = _overlap(tl, lo, hi) if slowdown != 1.0 else 0.0
     return {
-      "time_per_step": (hi - lo) / (steps - 1),
+      "time_per_step": (hi - lo + (slowdown - 1.0) * overlap) / (steps - 1),
       "makespan_one_step": self.simulate(1).makespan,
       "bubble_fraction": 1.0 - busy_window / window if window > 0 else 0.0,
       "inflight_max": list(tl.inflight_max),
       "busy_per_stage": busy,
     }
+
+
+def _overlap(tl: Timeline, lo: float, hi: float) -> float:
+  """Time within [lo, hi] during which at least two stages are busy."""
+  events = []
+  for slot in tl.slots:
+    start, end = max(slot.start, lo), min(slot.end, hi)
+    if end > start:
+      events += [(start, 1), (end, -1)]
+  events.sort()
+  total, busy, last = 0.0, 0, lo
+  for t, delta in events:
+    if busy >= 2:
+      total += t - last
+    busy, last = busy + delta, t
+  return total
 
 
 def build(
