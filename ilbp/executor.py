@@ -184,28 +184,14 @@ def make(
   validate(config)
   ex = config.execution
   d = data_parallel(ex, jax.device_count())
+  args = (model, task, strategy, optimizer, schedule, input_spec)
   if ex.kind == "fused":
+    devices = jax.devices()[:d]
     return FusedExecutor(
-      model,
-      task,
-      strategy,
-      optimizer,
-      schedule,
-      input_spec,
-      microbatches=ex.microbatches,
-      gradients=ex.gradients,
-      devices=jax.devices()[:d],
+      *args, microbatches=ex.microbatches, gradients=ex.gradients, devices=devices
     )
-  from ilbp.pipeline import dataflow
+  from ilbp.pipeline import dataflow  # Only pipelined runs import the pipeline.
 
   return dataflow.DataflowExecutor(
-    model,
-    task,
-    strategy,
-    optimizer,
-    schedule,
-    input_spec,
-    microbatches=ex.microbatches,
-    continuous=ex.continuous,
-    data_parallel=d,
+    *args, microbatches=ex.microbatches, continuous=ex.continuous, data_parallel=d
   )
