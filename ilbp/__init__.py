@@ -2,10 +2,15 @@
 
 The library has no flags and no absl: import it from a notebook. Where things live:
   ilbp.strategy   Strategy values ("local", "pairwise", "<n>wise", "global")
-  ilbp.interlock  interlocking_grads (the engine) and interlocking_loss (the spec)
-  ilbp.staged     StagedModel: Flax stage and head modules -> the pure functions above
-  ilbp.tasks      losses and evaluation sums for classification and language modelling
-  ilbp.train      TrainState, optimizers, train_step / eval_step
+  ilbp.interlock  per-stage primitives and backward_plan; interlocking_grads (the engine) and
+                  interlocking_loss (the spec)
+  ilbp.staged     StagedModel: Flax stage and head modules -> explicit per-stage functions
+  ilbp.tasks      losses, targets and evaluation sums for classification and language modelling
+  ilbp.state      TrainState (one StageState per stage), optimizers and schedules
+  ilbp.steps      the fused train / eval step (microbatches, one program)
+  ilbp.executor   what the trainer talks to: fused executor, config.execution checks
+  ilbp.pipeline   schedule (ops, order, cost model, Gantt), dataflow (stages on their devices)
+  ilbp.families   config -> model, data, task
   ilbp.trainer    train_and_evaluate(config, workdir): the loop behind the experiment binaries
   ilbp.checkpoint orbax checkpoints and the resume compatibility check
   ilbp.placement  device meshes and shardings
