@@ -491,8 +491,8 @@ def gantt(
 ) -> pathlib.Path:
   """Draws a timeline as a PNG: one row per stage, bars coloured by op kind.
 
-  Bars carry their microbatch number where it fits; every other step is drawn lighter and a
-  dotted line marks the end of each step.
+  Bars carry their microbatch number where it fits; every other step has a grey background and
+  a dotted line marks the end of each step.
 
   Args:
     timeline: from `Schedule.simulate`.
@@ -519,7 +519,8 @@ def gantt(
       continue
     key = op.kind if op.kind != "B" else ("Bw" if op.backward.params else "Bi")
     merged = op.kind == "B" and bool(op.backward.params and op.backward.passes)
-    y, alpha = K - 1 - op.stage, 1.0 if op.step % 2 == 0 else 0.55
+    # Colour means op kind in every step; steps are told apart by the background bands below.
+    y, alpha = K - 1 - op.stage, 1.0
     ax.barh(
       y,
       width,
@@ -549,12 +550,14 @@ def gantt(
       )
   for s in range(timeline.steps):
     end = timeline.step_end(s)
+    if s % 2:
+      ax.axvspan(timeline.step_end(s - 1), end, color="0.92", zorder=0)
     ax.axvline(end, color="black", linestyle=":", linewidth=1)
     ax.text(end, K - 0.45, f" end of step {s}", fontsize=7, ha="right", va="bottom")
   ax.set_yticks(range(K), [f"stage {K - 1 - y}" for y in range(K)])
   ax.set_ylim(-0.6, K - 0.1)
   ax.set_xlim(0, span * 1.01)
-  ax.set_xlabel(f"time ({unit}); dotted line: end of a step, odd steps lighter")
+  ax.set_xlabel(f"time ({unit}); dotted line: end of a step, odd steps on grey")
   ax.set_title(timeline.description if title is None else title)
   handles = [Patch(facecolor=_COLOURS[k], label=_LEGEND[k]) for k in _COLOURS]
   fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
