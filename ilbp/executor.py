@@ -82,8 +82,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       "config.execution.gradients='spec' (jax.grad of the stop_gradient composition) runs "
       "only with config.execution.kind='fused'; pipelines run the engine's per-stage VJPs."
     )
-  m = int(ex.microbatches)
-  if m < 1:
+  m = ex.microbatches
+  if not isinstance(m, int) or isinstance(m, bool) or m < 1:
     raise ValueError(f"config.execution.microbatches must be >= 1, got {m}.")
   d = data_parallel(ex, num_devices)
   if d < 1:
@@ -142,7 +142,14 @@ class FusedExecutor:
     self.mesh = placement.data_mesh(devices)
     self._init = lambda rng: state.create_train_state(model, optimizer, rng, input_spec)
     train_step = steps.make_train_step(
-      model, task, strategy, optimizer, schedule, microbatches=microbatches, gradients=gradients
+      model,
+      task,
+      strategy,
+      optimizer,
+      schedule,
+      microbatches=microbatches,
+      gradients=gradients,
+      microbatch_sharding=placement.microbatch_sharding(self.mesh),
     )
     self._train = placement.jit_train_step(train_step, self.mesh)
     self._eval = placement.jit_eval_step(steps.make_eval_step(model, task), self.mesh)

@@ -54,19 +54,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+  """[M, B/M, ...] microbatches: each one split over the "data" axis (not the M axis)."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array."""
   return NamedSharding(mesh, P())
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """Raises a clear error when the global batch does not split evenly over the data axis."""
-  n = mesh.shape[DATA_AXIS]
-  if batch_size % n:
-    raise ValueError(
-      f"batch_size={batch_size} does not split over {n} data-parallel devices; "
-      f"use a multiple of {n} (e.g. {n * max(1, batch_size // n)})."
-    )
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

@@ -104,7 +104,7 @@ VARIANTS = textwrap.dedent(
           "weights": (rng.random((8, 12)) > 0.1).astype(np.float32)}
   text_spec = jax.ShapeDtypeStruct((1, 12), jnp.int32)
   for name, combine in (("pairwise", "furthest"), ("3wise", "sum")):
-    check(lm, LanguageModeling(), text, text_spec, name, combine, M=2)
+    check(lm, LanguageModeling(), text, text_spec, name, combine, M=4)
   """
 )
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import conv_bn_model
 
 import ilbp
-from ilbp import placement, state, steps
+from ilbp import state, steps
 from ilbp.tasks import Classification, LanguageModeling
 
 TASK = Classification()
@@ -114,12 +114,16 @@ def test_schedules_and_bad_optimizer_names():
     state.make_schedule(learning_rate=1.0, total_steps=10, schedule="poly")
 
 
-def test_batch_size_must_split_over_data_devices():
-  mesh = placement.data_mesh()
-  placement.check_batch_size(16 * mesh.shape["data"], mesh)
-  if mesh.shape["data"] > 1:
-    with pytest.raises(ValueError, match="multiple of"):
-      placement.check_batch_size(mesh.shape["data"] + 1, mesh)
+def test_batch_size_must_split_over_data_devices_and_microbatches():
+  from experiments.configs import resnet_digits
+  from ilbp import executor
+
+  config = resnet_digits.get_config("runlocal=1")
+  config.batch_size, config.execution.microbatches = 24, 2
+  executor.validate(config, num_devices=4)  # 24 = 2 microbatches x 4 devices x 3
+  config.batch_size = 20
+  with pytest.raises(ValueError, match="batch_size=20 does not split into 2 microbatches x 4"):
+    executor.validate(config, num_devices=4)
 
 
 SHARDED = textwrap.dedent(
@@ -146,6 +150,21 @@ SHARDED = textwrap.dedent(
     s2, m2 = sharded(s2, placement.shard_batch(batch, mesh))
   assert len(s2.params[0]["stage"]["Conv_0"]["kernel"].sharding.device_set) == 4
   for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # Microbatches split over the data axis too: each device computes a quarter, not everything.
+  from ilbp import executor
+  spec = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  args = (model, Classification(), ilbp.strategy("pairwise"), tx, sched, spec)
+  flops, states = {}, {}
+  for n in (1, 4):
+    ex = executor.FusedExecutor(*args, microbatches=2, devices=jax.devices()[:n])
+    st, b = ex.init_state(rng), ex.put_batch(batch)
+    flops[n] = ex._train.lower(st, b).compile().cost_analysis()["flops"]
+    for _ in range(2):
+      st, _ = ex.train_step(st, b)
+    states[n] = st
+  assert flops[4] < 0.3 * flops[1], flops
+  for a, b in zip(jax.tree.leaves(states[1]), jax.tree.leaves(states[4])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   print("SHARDED_OK")
   """

@@ -242,9 +242,10 @@ class DataflowExecutor:
   def put_batch(self, batch: dict) -> PlacedBatch:
     """Cuts the batch into M microbatches (rows m·B/M ..) and places them: the network input
     on stage 0, the targets on every stage (stages 2..K never receive images or tokens)."""
-    inputs, targets = self.task.inputs(batch), self.task.targets(batch)
-    size = inputs.shape[0] // self.M
-    cut = lambda tree, m: jax.tree.map(lambda x: x[m * size : (m + 1) * size], tree)
+    # The same cut as the fused step's (and the same error for a batch M does not divide).
+    inputs = steps.split_microbatches(self.task.inputs(batch), self.M)
+    targets = steps.split_microbatches(self.task.targets(batch), self.M)
+    cut = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
     return PlacedBatch(
       inputs=[jax.device_put(cut(inputs, m), self.split[0]) for m in range(self.M)],
       targets=[

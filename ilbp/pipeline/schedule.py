@@ -4,7 +4,7 @@ K stages, one device each; M microbatches per optimizer step. Per stage k and mi
 
   F(k, m)      stage forward, residuals stored    after F(k-1, m) and F(k, m-1); microbatch 0
                of step s > 0 also after U(k, s-1) (continuous) or every U(·, s-1) (flushed)
-  H(k, m)      loss k: aux head (k < K-1) or task   after F(k, m)
+  H(k, m)      loss k: aux head (k < K-1) or task   after F(k, m) and H(k, m-1)
                loss; its cotangent w.r.t. a_k if
                a stage uses it
   B(k, m, op)  one VJP call per `backward_plan`     after F(k, m) and, per loss j in op.losses,
@@ -195,7 +195,8 @@ class Schedule:
         deps += [Op("U", j, None, s - 1) for j in updated]
       return deps
     if op.kind == "H":
-      return [Op("F", k, m, s)]
+      # H(k, m-1) too: the head's running statistics are threaded microbatch by microbatch.
+      return [Op("F", k, m, s)] + ([Op("H", k, m - 1, s)] if m > 0 else [])
     if op.kind == "B":
       deps = [Op("F", k, m, s)]
       for j in op.backward.losses:
