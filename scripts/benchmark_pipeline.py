@@ -189,18 +189,17 @@ def measure(rows: list[dict]) -> None:
       row["state"], row["batch"], repeats=_REPEATS.value
     )
     row["slowdown"] = row["ex"].measure_slowdown(row["state"], row["batch"])
+  fields = ("forward", "head", "backward_input", "backward_weight", "update")
+  pooled = {}
   for row in flow:
-    pooled = []
+    pooled[id(row)] = []
     for k, own in enumerate(row["costs"]):
       med = lambda field, k=k: statistics.median(getattr(r["costs"][k], field) for r in flow)
       both = None if own.backward_both is None else med("backward_both")
-      fields = ("forward", "head", "backward_input", "backward_weight", "update")
-      pooled.append(
-        dataclasses.replace(
-          schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both), head=own.head
-        )
-      )
-    row["costs"] = pooled
+      cost = schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both)
+      pooled[id(row)].append(dataclasses.replace(cost, head=own.head))
+  for row in flow:  # Replaced only once every median is taken.
+    row["costs"] = pooled[id(row)]
   comm = statistics.median(r["transfer_ms"] for r in flow) if flow else 0.0
   slowdown = statistics.median(r["slowdown"] for r in flow) if flow else 1.0
   for row in flow:
