@@ -1,6 +1,6 @@
 """ilbp: Interlocking Backpropagation (Gomez et al., JMLR 2022) in JAX/Flax.
 
-The library has no flags and no absl: import it from a notebook. Where things live:
+The library has no flags (absl only for logging): import it from a notebook. Where things live:
   ilbp.strategy   Strategy values ("local", "pairwise", "<n>wise", "global")
   ilbp.interlock  per-stage primitives and backward_plan; interlocking_grads (the engine) and
                   interlocking_loss (the spec)
@@ -13,9 +13,10 @@ The library has no flags and no absl: import it from a notebook. Where things li
   ilbp.families   config -> model, data, task
   ilbp.trainer    train_and_evaluate(config, workdir): the loop behind the experiment binaries
   ilbp.checkpoint orbax checkpoints and the resume compatibility check
+  ilbp.workdir_lock one live run per workdir
   ilbp.placement  device meshes and shardings
   ilbp.profiling  XLA FLOPs and memory of a jitted function
-  ilbp.models     resnet, transformer;  ilbp.data: images, text
+  ilbp.models     resnet, transformer;  ilbp.data: images, text, prepare (TFDS, offline)
 """
 
 from ilbp.interlock import interlocking_grads, interlocking_loss, loss_users

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ilbp import tasks
+from ilbp.models import conv
 from ilbp.staged import StagedModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,7 +28,8 @@ class Built:
 
   Attributes:
     model: the staged model.
-    data: has `train_batches(start_step)` and `eval_batches()` (numpy batches of this process).
+    data: has `train_batches(start_step)` and `eval_batches()` (numpy batches of this process),
+      and may have `validation_batches()` (a split held out of train; None when there is none).
     task: from `ilbp.tasks` (inputs, targets, loss, eval sums).
     input_spec: shape (batch 1) and dtype of the network input: parameter shapes do not depend
       on the batch, so every executor initialises from it without starting an input pipeline.
@@ -47,16 +49,19 @@ def dtype(name: str):
 
 
 def parse_split(split) -> str | tuple[int, ...]:
-  """ "balanced", or blocks per stage as "3,3,3" (a string, so --config.model.split= works)."""
+  """A named split ("balanced", "groups"), or blocks per stage from "3,3,3" (a string, so
+  --config.model.split= works)."""
+  from ilbp.models import resnet
+
   if not isinstance(split, str):
     return tuple(int(x) for x in split)
-  if split.strip() == "balanced":
-    return "balanced"
+  if split.strip() in resnet.SPLITS:
+    return split.strip()
   try:
     return tuple(int(x) for x in split.split(","))
   except ValueError as e:
     raise ValueError(
-      f"config.model.split={split!r}: use 'balanced' or blocks per stage such as '3,3,3'."
+      f"config.model.split={split!r}: use 'balanced', 'groups' or blocks per stage such as '3,3,3'."
     ) from e
 
 
@@ -67,6 +72,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   dtype(config.model.dtype)
   if config.family == "resnet":
     parse_split(config.model.split)
+    conv.check_impl(config.model.get("conv", "auto"), what="config.model.conv")
 
 
 def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
@@ -82,6 +88,7 @@ def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
     image_size=d.get("image_size"),
     data_dir=d.get("data_dir"),
     augment=d.augment,
+    validation_fraction=d.get("validation_fraction", 0.0),
   )
   model = resnet.make_model(
     m.name,
@@ -91,6 +98,7 @@ def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
     head=m.head,
     input_shape=tuple(data.image_shape),
     dtype=dtype(m.dtype),
+    conv=m.get("conv", "auto"),
   )
   task = tasks.Classification(label_smoothing=config.get("label_smoothing", 0.0))
   return Built(model, data, task, jax.ShapeDtypeStruct((1, *data.image_shape), jnp.float32))

@@ -23,7 +23,7 @@ from ilbp.staged import StagedModel
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine", "step", "linear")
+SCHEDULES = ("constant", "cosine", "step", "linear", "piecewise")
 
 
 @flax.struct.dataclass
@@ -73,17 +73,21 @@ def make_schedule(
   warmup_steps: int = 0,
   decay_boundaries: Sequence[float] = (0.5, 0.75),
   decay_factor: float = 0.1,
+  decay_steps: Sequence[int] = (),
 ) -> optax.Schedule:
   """Learning-rate schedule with optional linear warm-up.
 
   Args:
     learning_rate: peak learning rate.
     total_steps: length of the run, in optimizer steps.
-    schedule: "constant", "cosine" (to 0 at total_steps), "linear" (to 0), or "step"
-      (multiply by `decay_factor` at each fraction of total_steps in `decay_boundaries`).
+    schedule: "constant", "cosine" (to 0 at total_steps), "linear" (to 0), "step"
+      (multiply by `decay_factor` at each fraction of total_steps in `decay_boundaries`) or
+      "piecewise" (multiply by `decay_factor` at each step in `decay_steps`).
     warmup_steps: linear warm-up from 0 before the schedule starts.
     decay_boundaries: fractions of total_steps for the "step" schedule.
-    decay_factor: multiplier at each boundary of the "step" schedule.
+    decay_factor: multiplier at each boundary of the "step" and "piecewise" schedules.
+    decay_steps: "piecewise" boundaries, increasing and after the warm-up: the update made
+      after b updates is the first at the lower rate. Boundaries past total_steps never come.
 
   Returns:
     An optax schedule (step -> learning rate).
@@ -99,9 +103,19 @@ def make_schedule(
     main = optax.cosine_decay_schedule(learning_rate, rest)
   elif schedule == "linear":
     main = optax.linear_schedule(learning_rate, 0.0, rest)
-  else:
+  elif schedule == "step":
     boundaries = {int(f * total_steps) - warmup_steps: decay_factor for f in decay_boundaries}
     main = optax.piecewise_constant_schedule(learning_rate, boundaries)
+  else:
+    steps = [int(b) for b in decay_steps]
+    if not steps or steps != sorted(set(steps)) or steps[0] <= warmup_steps:
+      raise ValueError(
+        f"schedule='piecewise' needs decay_steps increasing and after the warm-up "
+        f"(warmup_steps={warmup_steps}), got {tuple(decay_steps)}."
+      )
+    main = optax.piecewise_constant_schedule(
+      learning_rate, {b - warmup_steps: decay_factor for b in steps}
+    )
   if not warmup_steps:
     return main
   warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -124,6 +138,7 @@ def make_optimizer(
   grad_clip_norm: float | None = None,
   decay_boundaries: Sequence[float] = (0.5, 0.75),
   decay_factor: float = 0.1,
+  decay_steps: Sequence[int] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer and its learning-rate schedule.
 
@@ -134,8 +149,8 @@ def make_optimizer(
 
   Args:
     name: "sgd" (heavy-ball momentum, decoupled L2 added to the gradient) or "adamw".
-    learning_rate, total_steps, schedule, warmup_steps, decay_boundaries, decay_factor: see
-      `make_schedule`.
+    learning_rate, total_steps, schedule, warmup_steps, decay_boundaries, decay_factor,
+      decay_steps: see `make_schedule`.
     momentum, nesterov: SGD momentum.
     weight_decay: L2 coefficient (SGD) or decoupled decay (AdamW).
     b1, b2, eps: Adam moments.
@@ -153,6 +168,7 @@ def make_optimizer(
     warmup_steps=warmup_steps,
     decay_boundaries=decay_boundaries,
     decay_factor=decay_factor,
+    decay_steps=decay_steps,
   )
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   parts = []

@@ -5,9 +5,12 @@ initialise the state; run the jitted step; log, evaluate and checkpoint at the c
 intervals. Outputs in `workdir`:
 
   config.json        the config that wrote this workdir (checked on resume)
-  metrics.jsonl      one JSON object per line, with "step": train/..., eval/head{k}/...
+  metrics.jsonl      one JSON object per line, with "step": train/..., eval/head{k}/... (the
+                     dataset's test split) and, when the data holds a validation split out of
+                     train, val/head{k}/...
   events.out.*       TensorBoard (clu metric writers)
   checkpoints/       orbax checkpoints of the TrainState
+  run.lock           held by the live run (`ilbp.workdir_lock`): a second run on it refuses
 
 Resume order: the newest checkpoint in workdir/checkpoints, else a fresh initialisation. Every
 executor reads and writes the same TrainState, so a run may resume under another executor or
@@ -20,6 +23,7 @@ how a step runs or where arrays live (`ilbp.executor`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,11 +32,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from clu import metric_writers, periodic_actions
 
 from ilbp import checkpoint as ckpt
 from ilbp import executor as executors
-from ilbp import families, state
+from ilbp import families, state, workdir_lock
 from ilbp.strategy import strategy as parse_strategy
 
 
@@ -54,10 +59,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("checkpoint_every_steps", "log_every_steps"):
     if int(config[field]) < 1:
       raise ValueError(f"config.{field} must be >= 1, got {config[field]}.")
-  if not 0 <= config.optimizer.warmup_steps <= config.total_steps:
+  if config.optimizer.warmup_steps < 0:
     raise ValueError(
-      f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} must be in "
-      f"[0, total_steps={config.total_steps}]."
+      f"config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}."
     )
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}.")
@@ -107,20 +111,41 @@ def _console(message: str) -> None:
     print(message, flush=True)
 
 
-def _eval_line(step: int, scalars: dict, num_stages: int) -> str:
-  accs = [scalars.get(f"eval/head{k}/accuracy") for k in range(1, num_stages + 1)]
-  ppls = [scalars.get(f"eval/head{k}/perplexity") for k in range(1, num_stages + 1)]
-  if ppls[0] is not None:
-    per_head = " ".join(f"h{k + 1}={p:.2f}" for k, p in enumerate(ppls))
-    return f"[eval] step {step}: perplexity {per_head}"
-  per_head = " ".join(f"h{k + 1}={a:.4f}" for k, a in enumerate(accs))
-  return f"[eval] step {step}: accuracy {per_head}"
+# Metric prefixes: the validation split held out of train (when the data has one), then the
+# dataset's test split, named "eval" as it has always been so that every reader keeps working.
+_EVAL_PREFIXES = ("val", "eval")
 
 
-def evaluate(executor, st, data, task, num_stages: int, max_batches=None) -> dict:
-  """One pass over the eval split; returns eval/head{k}/{loss,accuracy[,perplexity]}."""
+def _eval_lines(step: int, scalars: dict, num_stages: int) -> str:
+  lines = []
+  for prefix in _EVAL_PREFIXES:
+    accs = [scalars.get(f"{prefix}/head{k}/accuracy") for k in range(1, num_stages + 1)]
+    ppls = [scalars.get(f"{prefix}/head{k}/perplexity") for k in range(1, num_stages + 1)]
+    if ppls[0] is not None:
+      per_head = " ".join(f"h{k + 1}={p:.2f}" for k, p in enumerate(ppls))
+      lines.append(f"[{prefix}] step {step}: perplexity {per_head}")
+    elif accs[0] is not None:
+      per_head = " ".join(f"h{k + 1}={a:.4f}" for k, a in enumerate(accs))
+      lines.append(f"[{prefix}] step {step}: accuracy {per_head}")
+  return "\n".join(lines)
+
+
+def evaluate_all(executor, st, data, task, num_stages: int, max_batches=None) -> dict:
+  """Evaluates the validation split (val/..., when `data` holds one out) and the eval split."""
+  out = {}
+  validation = getattr(data, "validation_batches", None)  # Only image data has one so far.
+  if validation is not None:
+    out.update(evaluate(executor, st, validation, task, num_stages, max_batches, prefix="val"))
+  out.update(evaluate(executor, st, data.eval_batches, task, num_stages, max_batches))
+  return out
+
+
+def evaluate(
+  executor, st, batches, task, num_stages: int, max_batches=None, prefix: str = "eval"
+) -> dict:
+  """One pass over `batches()`; returns {prefix}/head{k}/{loss,accuracy[,perplexity]}."""
   totals: dict[str, float] = {}
-  for i, batch in enumerate(data.eval_batches()):
+  for i, batch in enumerate(batches()):
     if max_batches is not None and i >= max_batches:
       break
     sums = jax.device_get(executor.eval_step(st, batch))
@@ -132,8 +157,8 @@ def evaluate(executor, st, data, task, num_stages: int, max_batches=None) -> dic
     head.update(
       {name.split("/")[1]: v for name, v in totals.items() if name.startswith(f"head{k}/")}
     )
-    out.update({f"eval/head{k}/{name}": v for name, v in task.finalize(head).items()})
-  out["eval/count"] = totals.get("count", 0.0)
+    out.update({f"{prefix}/head{k}/{name}": v for name, v in task.finalize(head).items()})
+  out[f"{prefix}/count"] = totals.get("count", 0.0)
   return out
 
 
@@ -161,19 +186,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir: where config.json, metrics.jsonl, TensorBoard events and checkpoints go.
 
   Returns:
-    The last evaluation's metrics (eval/head{k}/...), plus "step".
+    The last evaluation's metrics (eval/head{k}/..., and val/head{k}/... with a validation
+    split), plus "step".
 
   Raises:
     ValueError: bad config, or a workdir written by an incompatible config.
     NonFiniteLossError: a NaN/inf training loss (the message names the step).
+    workdir_lock.WorkdirInUseError: another live run is writing `workdir` (the message names
+      its pid and host); nothing there was touched.
   """
   validate(config)
-  strategy = parse_strategy(config.strategy, config.combine)
   os.makedirs(workdir, exist_ok=True)
+  # One live run per workdir: a second one stops here, before it reads or writes anything else.
+  # Process 0 holds the lock for every process of a multi-host run.
+  primary = jax.process_index() == 0
+  with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir)
+
+
+def _optimizer_fields(config: ml_collections.ConfigDict) -> dict:
+  """config.optimizer, with the warm-up clamped to the run (short smoke runs exceed it)."""
+  fields = config.optimizer.to_dict()
+  if fields["warmup_steps"] > config.total_steps:
+    logging.warning(
+      "config.optimizer.warmup_steps=%d is longer than the run (config.total_steps=%d): "
+      "warming up over all %d steps instead.",
+      fields["warmup_steps"],
+      config.total_steps,
+      config.total_steps,
+    )
+    fields["warmup_steps"] = config.total_steps
+  return fields
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`train_and_evaluate` once the config is valid and the workdir lock is held."""
+  strategy = parse_strategy(config.strategy, config.combine)
   config_dict = config.to_dict()
   ckpt.check_compatible(workdir, config_dict, allow_change=config.get("allow_config_change", False))
   tx, schedule = state.make_optimizer(
-    learning_rate=config.learning_rate, total_steps=config.total_steps, **config.optimizer
+    learning_rate=config.learning_rate, total_steps=config.total_steps, **_optimizer_fields(config)
   )
   built = families.build(config, workdir)
   model, data, task = built.model, built.data, built.task
@@ -248,11 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = []
       if do_eval:
         with progress.timed("eval"):
-          last_eval = evaluate(
+          last_eval = evaluate_all(
             executor, st, data, task, model.num_stages, config.get("max_eval_batches")
           )
         writer.write_scalars(step, last_eval)
-        _console(_eval_line(step, last_eval, model.num_stages))
+        _console(_eval_lines(step, last_eval, model.num_stages))
       if do_log or do_eval:
         writer.flush()
       if do_ckpt:
@@ -262,6 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
     writer.close()
   if not last_eval:  # Resumed a run that had already finished: report its final evaluation.
-    last_eval = evaluate(executor, st, data, task, model.num_stages, config.get("max_eval_batches"))
+    last_eval = evaluate_all(
+      executor, st, data, task, model.num_stages, config.get("max_eval_batches")
+    )
   _console(f"Done: {config.total_steps} steps in {time.time() - t0:.1f}s this session.")
   return {"step": int(jax.device_get(st.step)), **last_eval}

@@ -6,6 +6,8 @@ Usage (from the repository root):
   .venv/bin/python -m scripts.benchmark_step --model=transformer   # 4-layer LM, d=128, K=4
   .venv/bin/python -m scripts.benchmark_step --resnet=resnet56 --batch=128 --stages=8 \
       --strategies=local,pairwise,3wise,global --combine=sum --json_out=/tmp/step.json
+  .venv/bin/python -m scripts.benchmark_step --resnet=resnet34_cifar --head=conv \
+      --convs=xla,auto                    # the same rows with XLA's and the explicit conv VJPs
 
 Inputs are random tensors of the task's shapes (the cost of a step does not depend on the
 values). Every row is compiled and timed in this process against the baseline: plain
@@ -14,6 +16,7 @@ compiled the same way, with the same model, batch, RNG and optimizer.
 
 Columns:
   strategy    the strategy's name (`backprop` is the baseline itself).
+  conv        (with several --convs) the convolution implementation (`ilbp.models.conv`).
   GFLOP       XLA cost analysis of the jitted gradient computation (`StagedModel.gradients`:
               the engine `interlocking_grads`; for the baseline, `backprop_grads`).
   FLOPs/bp    GFLOP divided by the baseline's.
@@ -27,6 +30,12 @@ Columns:
               every row, then the next round) so drift on a shared machine hits all alike.
   IQR ms      interquartile range of those step times.
   time/bp     step ms divided by the baseline's step ms.
+  fwd ms      median wall time of one jitted training-mode forward pass of every stage and
+              head (`StagedModel.apply(train=True)`: BatchNorm batch statistics, dropout on),
+              timed in the same round-robin as the steps (one per conv implementation; JSON
+              `forward_ms`).
+  step/fwd    step ms divided by fwd ms: what a step costs in forward passes. A framework whose
+              backward is efficient lands near 3 (backward ≈ 2 forwards).
 
 The baseline step is `steps.make_train_step(..., gradients="backprop")`: the same step with the
 backprop gradients (`StagedModel.gradients(method="backprop")`); its metrics lack the per-head
@@ -48,6 +57,7 @@ from absl import app, flags
 
 from ilbp import state as train_state
 from ilbp import steps, tasks
+from ilbp.models import conv as conv_lib
 from ilbp.models import resnet, transformer
 from ilbp.profiling import compiled_cost
 from ilbp.staged import StagedModel
@@ -60,6 +70,13 @@ _HEAD = flags.DEFINE_string(
   "head", None, "Aux head: resnet conv|pool (default conv), transformer linear|block (linear)."
 )
 _STAGES = flags.DEFINE_integer("stages", 4, "Number of stages K.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "ResNet input height and width.")
+_CONVS = flags.DEFINE_list(
+  "convs",
+  ["auto"],
+  "ResNet convolution implementations to compare in one run (ilbp.models.conv: auto, xla, "
+  "explicit); the first one's backprop row is the baseline of every time/bp.",
+)
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size (images, or sequences).")
 _STRATEGIES = flags.DEFINE_list(
   "strategies", ["local", "pairwise", "3wise", "global"], "Strategies to compare."
@@ -83,11 +100,12 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as
 _MIB = 2**20
 
 
-def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
+def build(rng: jax.Array, conv: str | None = None) -> tuple[StagedModel, Any, dict, str]:
   """The model, task, random batch and a one-line description chosen by the flags.
 
   Args:
     rng: key for the random batch.
+    conv: the ResNet's convolution implementation (`ilbp.models.conv.IMPLS`).
 
   Returns:
     (model, task, batch, description).
@@ -95,14 +113,22 @@ def build(rng: jax.Array) -> tuple[StagedModel, Any, dict, str]:
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   b, k = _BATCH.value, _STAGES.value
   if _MODEL.value == "resnet":
+    size = _IMAGE_SIZE.value
     model = resnet.make_model(
-      _RESNET.value, num_classes=10, num_stages=k, head=_HEAD.value or "conv", dtype=dtype
+      _RESNET.value,
+      num_classes=10,
+      num_stages=k,
+      head=_HEAD.value or "conv",
+      input_shape=(size, size, 3),
+      dtype=dtype,
+      conv=conv or "auto",
     )
     batch = {
-      "image": jax.random.normal(rng, (b, 32, 32, 3), jnp.float32),
+      "image": jax.random.normal(rng, (b, size, size, 3), jnp.float32),
       "label": jax.random.randint(rng, (b,), 0, 10),
     }
-    return model, tasks.Classification(), batch, resnet.describe_split(model) + ", 32x32x3 inputs"
+    desc = f"{resnet.describe_split(model)}, {size}x{size}x3 inputs"
+    return model, tasks.Classification(), batch, desc
   model = transformer.make_model(
     vocab_size=_VOCAB.value,
     num_layers=_LAYERS.value,
@@ -168,11 +194,23 @@ def forward_flops(model: StagedModel, params, state, inputs) -> tuple[float, flo
   return stages, compiled_cost(everything, params, inputs)["flops"] - stages
 
 
+def forward_step(model: StagedModel, task: Any) -> Callable:
+  """`step(state, batch) -> (state, logits)`: the training-mode forward of every stage and
+  head, jitted, with the state passed through unchanged (the `forward_ms` row)."""
+  forward = jax.jit(
+    lambda st, batch: model.apply(
+      st.params, st.model_state, task.inputs(batch), train=True, rng=st.rng
+    )
+  )
+  return lambda st, batch: (st, forward(st, batch))
+
+
 def time_steps(steps: dict[str, Callable], states: dict, batch: dict) -> dict[str, list[float]]:
   """Runs every jitted step --warmup times, then --repeats rounds of one step each, timed.
 
   Args:
-    steps: row name -> jitted `step(state, batch)` that donates its state.
+    steps: row name -> jitted `step(state, batch) -> (state, outputs)` (train steps donate
+      their state).
     states: row name -> initial TrainState (consumed).
     batch: the batch fed to every step.
 
@@ -193,14 +231,22 @@ def time_steps(steps: dict[str, Callable], states: dict, batch: dict) -> dict[st
   return times
 
 
+def _iqr(values: list[float]) -> float:
+  if len(values) < 2:
+    return 0.0
+  q1, _, q3 = statistics.quantiles(values, n=4)
+  return q3 - q1
+
+
 def fmt(value: float | None, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
-def print_table(rows: list[dict]) -> None:
-  """Prints the rows as an aligned text table."""
+def print_table(rows: list[dict], show_conv: bool = False) -> None:
+  """Prints the rows as an aligned text table (with a conv column if `show_conv`)."""
   columns = [
     ("strategy", "strategy", "s"),
+    *([("conv", "conv", "s")] if show_conv else []),
     ("GFLOP", "gflop", ".3f"),
     ("FLOPs/bp", "flops_ratio", ".3f"),
     ("spec/bp", "spec_flops_ratio", ".3f"),
@@ -209,6 +255,8 @@ def print_table(rows: list[dict]) -> None:
     ("step ms", "step_ms", ".2f"),
     ("IQR ms", "step_iqr_ms", ".2f"),
     ("time/bp", "time_ratio", ".3f"),
+    ("fwd ms", "forward_ms", ".2f"),
+    ("step/fwd", "step_per_forward", ".2f"),
   ]
   cells = [[title for title, _, _ in columns]]
   cells += [[fmt(row[key], spec) for _, key, spec in columns] for row in rows]
@@ -225,13 +273,23 @@ def main(argv: list[str]) -> None:
   del argv
   wall_start = time.perf_counter()
   rng = jax.random.PRNGKey(_SEED.value)
-  model, task, batch, desc = build(jax.random.fold_in(rng, 1))
+  convs = [conv_lib.check_impl(c, "--convs") for c in _CONVS.value] or ["auto"]
+  if _MODEL.value != "resnet":
+    convs = [None]  # no convolutions
   default_opt = "adamw" if _MODEL.value == "transformer" else "sgd"
   opt_name = _OPTIMIZER.value or default_opt
   optimizer, _ = train_state.make_optimizer(
     name=opt_name, learning_rate=1e-3 if opt_name == "adamw" else 0.1, schedule="constant"
   )
-  state = train_state.create_train_state(model, optimizer, rng, task.inputs(batch))
+  # One model (and initial state) per convolution implementation; the same parameters.
+  variants = {}
+  for conv in convs:
+    model, task, batch, desc = build(jax.random.fold_in(rng, 1), conv)
+    variants[conv] = (
+      model,
+      train_state.create_train_state(model, optimizer, rng, task.inputs(batch)),
+    )
+  model, state = variants[convs[0]]
   params, model_state, step_rng = state.params, state.model_state, state.rng
   k = model.num_stages
   device = jax.devices()[0]
@@ -244,6 +302,7 @@ def main(argv: list[str]) -> None:
   print(
     f"batch {_BATCH.value} | K={k} stages | combine={_COMBINE.value} | optimizer {opt_name} | "
     f"dtype {_DTYPE.value} | {_WARMUP.value} warm-up + {_REPEATS.value} timed steps per row"
+    + (f" | convs {', '.join(convs)}" if convs != [None] else "")
   )
 
   fwd_stages, fwd_heads = forward_flops(model, params, model_state, task.inputs(batch))
@@ -253,48 +312,61 @@ def main(argv: list[str]) -> None:
   )
 
   strategies = {name: parse_strategy(name, _COMBINE.value) for name in _STRATEGIES.value}
-  # Row -> (strategy, gradient method): the baseline is the same model and train step with
-  # the end-to-end backprop gradients.
-  rows_spec = {"backprop": (Strategy(None, _COMBINE.value), "backprop")}
-  rows_spec.update({s.name: (s, "engine") for s in strategies.values()})
+  # Row -> (conv, strategy, gradient method): the baseline is the same model and train step
+  # with the end-to-end backprop gradients (and the first --convs implementation).
+  rows_spec = {}
+  for conv in convs:
+    suffix = f"/{conv}" if len(convs) > 1 else ""
+    rows_spec[f"backprop{suffix}"] = (conv, Strategy(None, _COMBINE.value), "backprop")
+    rows_spec.update({f"{s.name}{suffix}": (conv, s, "engine") for s in strategies.values()})
+  base = next(iter(rows_spec))
 
   costs, spec_costs = {}, {}
-  for name, (strat, method) in rows_spec.items():
-    fn = grads_fn(model, task, strat, method)
-    costs[name] = compiled_cost(fn, params, model_state, batch, step_rng)
-    if name != "backprop" and _SPEC.value:
-      spec = grads_fn(model, task, strat, "spec")
+  for name, (conv, strat, method) in rows_spec.items():
+    m = variants[conv][0]
+    costs[name] = compiled_cost(
+      grads_fn(m, task, strat, method), params, model_state, batch, step_rng
+    )
+    if method != "backprop" and _SPEC.value:
+      spec = grads_fn(m, task, strat, "spec")
       spec_costs[name] = compiled_cost(spec, params, model_state, batch, step_rng)
   compile_done = time.perf_counter()
 
   jitted, states = {}, {}
-  for name, (strat, method) in rows_spec.items():
-    step = steps.make_train_step(model, task, strat, optimizer, gradients=method)
+  for name, (conv, strat, method) in rows_spec.items():
+    m, st = variants[conv]
+    step = steps.make_train_step(m, task, strat, optimizer, gradients=method)
     jitted[name] = jax.jit(step, donate_argnums=0)
-    states[name] = jax.tree.map(jnp.copy, state)
+    states[name] = jax.tree.map(jnp.copy, st)
+  for conv, (m, st) in variants.items():
+    jitted[f"forward/{conv}"] = forward_step(m, task)
+    states[f"forward/{conv}"] = st
   times = time_steps(jitted, states, batch)
+  forward_ms = {conv: 1e3 * statistics.median(times[f"forward/{conv}"]) for conv in convs}
 
-  base_flops = costs["backprop"]["flops"]
-  base_ms = 1e3 * statistics.median(times["backprop"])
+  base_flops = costs[base]["flops"]
+  base_ms = 1e3 * statistics.median(times[base])
   rows = []
-  for name, (strat, _) in rows_spec.items():
+  for name, (conv, strat, method) in rows_spec.items():
     ms = [1e3 * t for t in times[name]]
-    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], 0, ms[0])
     spec = spec_costs.get(name)
     rows.append(
       {
-        "strategy": name,
+        "strategy": name.split("/")[0],
+        "conv": conv,
         "reach": strat.reach_for(k),
-        "combine": None if name == "backprop" else strat.combine,
+        "combine": None if method == "backprop" else strat.combine,
         "gflop": costs[name]["flops"] / 1e9,
         "flops_ratio": costs[name]["flops"] / base_flops,
         "spec_flops_ratio": spec["flops"] / base_flops if spec else None,
         "temp_mib": costs[name]["temp_bytes"] / _MIB,
         "spec_temp_mib": spec["temp_bytes"] / _MIB if spec else None,
         "step_ms": statistics.median(ms),
-        "step_iqr_ms": q3 - q1,
+        "step_iqr_ms": _iqr(ms),
         "step_min_ms": min(ms),
         "time_ratio": statistics.median(ms) / base_ms,
+        "forward_ms": forward_ms[conv],
+        "step_per_forward": statistics.median(ms) / forward_ms[conv],
         "step_ms_all": ms,
         "model": _MODEL.value,
         "description": desc,
@@ -309,7 +381,14 @@ def main(argv: list[str]) -> None:
       }
     )
   print()
-  print_table(rows)
+  for conv in convs:
+    fwd = [1e3 * t for t in times[f"forward/{conv}"]]
+    print(
+      f"forward (training mode, all stages and heads{f', conv={conv}' if conv else ''}): "
+      f"{forward_ms[conv]:.2f} ms median, IQR {_iqr(fwd):.2f} ms"
+    )
+  print()
+  print_table(rows, show_conv=len(convs) > 1)
   total = time.perf_counter() - wall_start
   print(f"\ncompile (cost analysis) {compile_done - wall_start:.1f} s, total {total:.1f} s")
   if _JSON_OUT.value:

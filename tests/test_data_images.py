@@ -115,6 +115,36 @@ def test_tfds_seed_and_augmentation_change_batches(name, kwargs, num_classes, sh
   assert any(not np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
 
 
+@pytest.mark.usefixtures("mock_tfds")
+def test_tfds_validation_split_is_held_out_of_train(monkeypatch):
+  read = []
+  real_even_splits = tfds.even_splits
+
+  def even_splits(split, **kwargs):
+    read.append(split)
+    return real_even_splits(split, **kwargs)
+
+  monkeypatch.setattr(images.tfds, "even_splits", even_splits)
+  data = images.get_data(
+    "cifar10", batch_size=4, eval_batch_size=3, seed=0, validation_fraction=0.1
+  )
+  # Train reads the first 90% of TFDS's train split, validation the last 10%, eval the test split.
+  assert sorted(read) == ["test", "train[90%:]", "train[:90%]"]
+  assert data.num_validation_examples == NUM_MOCK_EXAMPLES  # mock_data: 10 per split.
+  batches = list(data.validation_batches())
+  assert len(batches) == 4 and batches[0]["image"].shape == (3, 32, 32, 3)
+  assert sum(b["mask"].sum() for b in batches) == data.num_validation_examples
+  assert images.get_data("cifar10", batch_size=4, seed=0).validation_batches is None
+
+
+def test_bad_validation_fractions_raise():
+  for fraction in (-0.1, 1.0, 0.125):
+    with pytest.raises(ValueError, match="whole percent"):
+      images.get_data("cifar10", batch_size=4, seed=0, validation_fraction=fraction)
+  with pytest.raises(ValueError, match="fixed train/test split"):
+    images.get_data("digits", batch_size=4, seed=0, validation_fraction=0.1)
+
+
 def test_imagenet_missing_data_says_where_the_tars_go(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
     images.get_data("imagenet2012", batch_size=4, seed=0, data_dir=str(tmp_path))

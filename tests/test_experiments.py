@@ -2,13 +2,16 @@
 
 Every strategy, both model families, TFDS datasets under `tfds.testing.mock_data`, the offline
 digits and stdlib data; resume == uninterrupted (also after a crash between checkpoints); NaN
-stops with the step; bad configs fail before any compute.
+stops with the step; bad configs fail before any compute; warm-up longer than a smoke run is
+clamped; a second run on a live workdir refuses; the CIFAR configs carry the authors' recipe.
 """
 
 import dataclasses
 import json
 import math
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -18,14 +21,17 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import (
+  common,
   resnet_cifar10,
+  resnet_cifar100,
   resnet_digits,
   resnet_imagenet,
   transformer_lm1b,
   transformer_stdlib,
 )
-from ilbp import families, trainer
+from ilbp import families, state, trainer, workdir_lock
 from ilbp.checkpoint import Checkpointer
+from ilbp.models import resnet
 
 STRATEGIES = ("local", "pairwise", "3wise", "global")
 
@@ -47,17 +53,24 @@ def _tiny(module, arg, **overrides):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_resnet_cifar10_every_strategy_mock_data(tmp_path, strategy):
-  config = _tiny(resnet_cifar10, f"strategy={strategy},stages=3", total_steps=2)
+def test_resnet_cifar10_every_strategy_mock_data(tmp_path, capsys, strategy):
+  # The default (authors') recipe: 4 stages cut at the groups, 10% of train held out.
+  config = _tiny(resnet_cifar10, f"strategy={strategy},stages=4", total_steps=2)
   with tfds.testing.mock_data(num_examples=64):
     final = trainer.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == 2
-  for k in (1, 2, 3):
-    assert 0.0 <= final[f"eval/head{k}/accuracy"] <= 1.0
-    assert math.isfinite(final[f"eval/head{k}/loss"])
+  # Validation (held out of train) and test metrics, each under its own name.
+  for prefix in ("val", "eval"):
+    assert final[f"{prefix}/count"] == 64  # mock_data serves 64 examples for every split.
+    for k in (1, 2, 3, 4):
+      assert 0.0 <= final[f"{prefix}/head{k}/accuracy"] <= 1.0
+      assert math.isfinite(final[f"{prefix}/head{k}/loss"])
   rows = _metrics(tmp_path)
   keys = set().union(*rows)
-  assert {"train/head3/loss", "steps_per_sec", "train/grad_norm/stage1"} <= keys
+  assert {"train/head4/loss", "steps_per_sec", "train/grad_norm/stage1"} <= keys
+  assert {"val/head4/accuracy", "eval/head4/accuracy"} <= keys
+  out = capsys.readouterr().out
+  assert "[val] step 2: accuracy h1=" in out and "[eval] step 2: accuracy h1=" in out
   assert os.path.exists(tmp_path / "config.json")
   assert list(tmp_path.glob("events.out.tfevents.*"))
   assert os.listdir(tmp_path / "checkpoints")
@@ -68,6 +81,7 @@ def test_resnet_imagenet_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=32):
     final = trainer.train_and_evaluate(config, str(tmp_path))
   assert set(final) >= {"eval/head1/accuracy", "eval/head2/accuracy"}
+  assert not any(key.startswith("val/") for key in final)  # No validation split configured.
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -204,6 +218,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
     ({"family": "transformer", "dataset.tokenizer": "words"}, "sentencepiece"),
     ({"family": "transformer", "model.positions": "sinusoidal"}, "rotary"),
     ({"family": "transformer", "num_stages": 5}, "num_stages"),
+    ({"optimizer.warmup_steps": -1}, "warmup_steps must be >= 0"),
   ],
 )
 def test_bad_configs_fail_before_compute(tmp_path, monkeypatch, overrides, message):
@@ -260,3 +275,129 @@ def test_binary_runs_from_the_command_line(tmp_path):
     [sys.executable, "-m", "experiments.transformer", *cmd[3:]], capture_output=True, text=True
   )
   assert wrong.returncode != 0 and "python -m experiments.resnet" in wrong.stderr
+
+
+class _Built(Exception):
+  pass
+
+
+def test_warmup_longer_than_the_run_is_clamped_and_logged(tmp_path, monkeypatch, caplog):
+  config = _tiny(resnet_digits, "strategy=pairwise,stages=2", total_steps=2)
+  config.optimizer.warmup_steps = 500
+  made = []
+  real_make = state.make_optimizer
+
+  def make_optimizer(**kwargs):
+    made.append(real_make(**kwargs))
+    return made[-1]
+
+  monkeypatch.setattr(state, "make_optimizer", make_optimizer)
+  # Stop once the optimizer exists: the rest of the run is what every other test covers.
+  monkeypatch.setattr(families, "build", lambda *a: _raise(_Built()))
+  with caplog.at_level("WARNING"), pytest.raises(_Built):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("warmup_steps=500" in w and "total_steps=2" in w for w in warnings), warnings
+  # The run warms up over its 2 steps: rate 0, then half the peak, then the peak.
+  _, schedule = made[0]
+  rates = [float(schedule(step)) for step in (0, 1, 2)]
+  assert rates == pytest.approx([0.0, config.learning_rate / 2, config.learning_rate])
+
+
+def _snapshot(workdir):
+  """Every file in a workdir but the lock, with its bytes and modification time."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      if name != workdir_lock.LOCK_FILE:
+        with open(path, "rb") as f:
+          out[path] = (f.read(), os.stat(path).st_mtime_ns)
+  return out
+
+
+def test_live_workdir_refuses_a_second_run_and_a_killed_runs_lock_does_not(tmp_path):
+  config = _tiny(resnet_digits, "strategy=local,stages=2", total_steps=2)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  before = _snapshot(tmp_path)
+  assert any("checkpoints" in path for path in before) and str(tmp_path / "metrics.jsonl") in before
+
+  # Another process holds the workdir, as a live run would.
+  hold = "import sys\nfrom ilbp import workdir_lock as w\nwith w.hold(sys.argv[1]):\n"
+  hold += "  print('held', flush=True)\n  sys.stdin.read()"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  holder = subprocess.Popen(
+    [sys.executable, "-c", hold, str(tmp_path)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=repo),
+  )
+  longer = _tiny(resnet_digits, "strategy=local,stages=2", total_steps=3)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    named = re.escape(f"pid {holder.pid} on host {socket.gethostname()}")
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=named):
+      trainer.train_and_evaluate(longer, str(tmp_path))
+    assert _snapshot(tmp_path) == before  # Nothing modified, nothing written.
+  finally:
+    holder.kill()  # Killed, not released: its lock file still names it.
+    holder.wait()
+  lock = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
+  assert lock["pid"] == holder.pid
+
+  # The dead holder's lock does not block: the run resumes from its step-2 checkpoint.
+  assert trainer.train_and_evaluate(longer, str(tmp_path))["step"] == 3
+  assert [r["step"] for r in _metrics(tmp_path) if "train/head1/loss" in r] == [2, 3]
+  assert (tmp_path / workdir_lock.LOCK_FILE).read_text() == ""  # Released on exit.
+
+
+@pytest.mark.parametrize("module", [resnet_cifar10, resnet_cifar100])
+def test_cifar_configs_carry_the_authors_recipe(module):
+  c = module.get_config()
+  # SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, no warm-up.
+  assert (c.optimizer.name, c.learning_rate, c.optimizer.momentum) == ("sgd", 0.1, 0.9)
+  assert (c.optimizer.nesterov, c.optimizer.weight_decay) == (False, 2e-4)
+  assert (c.batch_size, c.optimizer.warmup_steps) == (128, 0)
+  # 10% of the 50,000 training images held out; 200 epochs of the other 45,000 at batch 128,
+  # the rate x0.1 at epochs 91, 136 and 182.
+  assert c.dataset.validation_fraction == 0.1
+  assert c.total_steps == math.ceil(200 * 45_000 / 128) == 70_313
+  assert c.optimizer.schedule == "piecewise" and c.optimizer.decay_factor == 0.1
+  assert c.optimizer.decay_steps == tuple(math.ceil(e * 45_000 / 128) for e in (91, 136, 182))
+  lr = state.make_schedule(
+    learning_rate=c.learning_rate,
+    total_steps=c.total_steps,
+    schedule=c.optimizer.schedule,
+    warmup_steps=c.optimizer.warmup_steps,
+    decay_steps=c.optimizer.decay_steps,
+  )
+  for step, rate in [(0, 0.1), (31_992, 0.1), (31_993, 0.01), (47_813, 1e-3), (63_985, 1e-4)]:
+    assert float(lr(step)) == pytest.approx(rate)
+  # Their wide ResNet with conv heads, one group of blocks per stage at K = 4.
+  assert (c.model.name, c.model.head, c.num_stages, c.model.split) == (
+    "resnet34_cifar",
+    "conv",
+    4,
+    "groups",
+  )
+  model = resnet.make_model(
+    c.model.name, num_classes=10, num_stages=4, split=families.parse_split(c.model.split)
+  )
+  assert model.info["blocks_per_stage"] == (3, 4, 6, 3) and model.info["split"] == "groups"
+  with pytest.raises(ValueError, match="needs num_stages=4, got 3"):
+    resnet.make_model(c.model.name, num_classes=10, num_stages=3, split="groups")
+  assert module.get_config("stages=3").model.split == "balanced"  # Groups need K = 4.
+
+  # The earlier recipe stays one argument away.
+  cos = module.get_config("recipe=cosine")
+  assert (cos.total_steps, cos.optimizer.schedule, cos.optimizer.warmup_steps) == (
+    64_000,
+    "cosine",
+    500,
+  )
+  assert (cos.optimizer.weight_decay, cos.dataset.validation_fraction) == (5e-4, 0.0)
+  assert cos.model.split == "balanced"
+  with pytest.raises(ValueError, match="authors, cosine"):
+    module.get_config("recipe=linear")
+  assert common.epochs_to_steps(5, 45_000, 128) == c.eval_every_steps == 1758

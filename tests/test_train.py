@@ -106,6 +106,21 @@ def test_schedules_and_bad_optimizer_names():
   assert float(sched(40)) == pytest.approx(1.0)
   assert float(sched(60)) == pytest.approx(0.1)
   assert float(sched(80)) == pytest.approx(0.01)
+  # "piecewise": x0.1 at absolute steps, counted from the start of the run (warm-up included).
+  pw = state.make_schedule(
+    learning_rate=1.0, total_steps=100, schedule="piecewise", warmup_steps=10, decay_steps=(30, 60)
+  )
+  for step, rate in [(5, 0.5), (29, 1.0), (30, 0.1), (59, 0.1), (60, 0.01), (100, 0.01)]:
+    assert float(pw(step)) == pytest.approx(rate)
+  for boundaries in ((60, 30), (10, 30), ()):
+    with pytest.raises(ValueError, match="increasing and after the warm-up"):
+      state.make_schedule(
+        learning_rate=1.0,
+        total_steps=100,
+        schedule="piecewise",
+        warmup_steps=10,
+        decay_steps=boundaries,
+      )
   cos = state.make_schedule(learning_rate=1.0, total_steps=10, schedule="cosine")
   assert float(cos(10)) == pytest.approx(0.0, abs=1e-6)
   with pytest.raises(ValueError, match="sgd, adamw"):

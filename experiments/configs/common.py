@@ -8,6 +8,8 @@ overridden with `--config.FIELD=VALUE`.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 # Keys every config's argument string accepts; a config may add its own.
@@ -63,7 +65,7 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # "sgd" (momentum) or "adamw".
-  c.optimizer.schedule = "cosine"  # "constant", "cosine", "linear" or "step".
+  c.optimizer.schedule = "cosine"  # "constant", "cosine", "linear", "step" or "piecewise".
   c.optimizer.warmup_steps = 0  # Linear warm-up from 0.
   c.optimizer.momentum = 0.9  # SGD momentum.
   c.optimizer.nesterov = False  # Nesterov momentum for SGD.
@@ -73,7 +75,8 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8  # Adam epsilon.
   c.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)  # Per stage/head.
   c.optimizer.decay_boundaries = (0.5, 0.75)  # "step" schedule: fractions of total_steps.
-  c.optimizer.decay_factor = 0.1  # "step" schedule: multiplier at each boundary.
+  c.optimizer.decay_factor = 0.1  # "step"/"piecewise" schedules: multiplier at each boundary.
+  c.optimizer.decay_steps = ()  # "piecewise" schedule: the steps where the rate drops.
 
   c.execution = ml_collections.ConfigDict()
   # "fused" (one program, data parallel over every device), "dataflow" (stage k on its own
@@ -92,33 +95,84 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def cifar_config(args, *, dataset: str, total_steps: int):
-  """Shared by the CIFAR-10 and CIFAR-100 configs: only the dataset differs."""
+def epochs_to_steps(epochs: float, examples: int, batch_size: int) -> int:
+  """Optimizer steps until `epochs` passes over `examples` at `batch_size` have started.
+
+  The train stream runs across epoch boundaries (a batch may hold the end of one epoch and the
+  start of the next), so this is the first step that starts at or after that many epochs.
+  """
+  return math.ceil(epochs * examples / batch_size)
+
+
+CIFAR_TRAIN_EXAMPLES = 50_000  # The TFDS train split of CIFAR-10 and of CIFAR-100.
+CIFAR_RECIPES = ("authors", "cosine")
+# The authors' recipe (see resnet_cifar10.py): 10% of train held out, 200 epochs of the other
+# 45,000 images, the learning rate x0.1 at epochs 91, 136 and 182.
+AUTHORS_VALIDATION_FRACTION = 0.1
+AUTHORS_EPOCHS = 200
+AUTHORS_DECAY_EPOCHS = (91, 136, 182)
+
+
+def cifar_config(args, *, dataset: str):
+  """Shared by the CIFAR-10 and CIFAR-100 configs: only the dataset differs.
+
+  `args.recipe` picks the training recipe: "authors" (the authors' CIFAR recipe;
+  resnet_cifar10.py gives the source and where their released script differs) or "cosine" (this
+  repo's earlier one: 64k steps, warm-up + cosine, weight decay 5e-4, all of train used,
+  FLOP-balanced stages).
+  """
+  if args.recipe not in CIFAR_RECIPES:
+    raise ValueError(f"Unknown recipe {args.recipe!r}; valid: {', '.join(CIFAR_RECIPES)}.")
   c = base_config(args)
   c.family = "resnet"
   c.batch_size = 128
   c.eval_batch_size = 500
-  c.total_steps = total_steps
   c.learning_rate = 0.1
-  c.optimizer.weight_decay = 5e-4
-  c.optimizer.warmup_steps = 500
+  c.optimizer.name = "sgd"
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
   c.log_every_steps = 100
-  c.eval_every_steps = 2000
-  c.checkpoint_every_steps = 2000
 
   c.model = ml_collections.ConfigDict()
   c.model.name = args.model  # resnet20/32/44/56/110 (He et al.), resnet34_cifar (authors').
-  c.model.split = "balanced"  # "balanced" (by XLA FLOPs) or blocks per stage, e.g. "4,4,4,4".
+  # "balanced" (by XLA FLOPs), "groups" (one group of blocks per stage; K = groups) or blocks
+  # per stage, e.g. "4,4,4,4".
+  c.model.split = "balanced"
   c.model.head = args.head  # Aux head: "conv" (authors': 2 convs + pool + dense) or "pool".
   c.model.dtype = "float32"  # Computation dtype: "float32" or "bfloat16" (params stay f32).
+  c.model.conv = "auto"  # Conv weight gradient: "auto", "xla" or "explicit" (ilbp.models.conv).
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = dataset  # TFDS name.
   c.dataset.augment = True  # 4-pixel pad + random crop + horizontal flip.
-  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir.
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (or gs://).
+  # Share of the TFDS train split held out (its last part, train[90%:] for 0.1) and evaluated
+  # as val/...; the test split is always evaluated as eval/....
+  c.dataset.validation_fraction = 0.0
+
+  if args.recipe == "authors":
+    c.dataset.validation_fraction = AUTHORS_VALIDATION_FRACTION
+    examples = round(CIFAR_TRAIN_EXAMPLES * (1 - AUTHORS_VALIDATION_FRACTION))  # 45,000.
+    steps = lambda epochs: epochs_to_steps(epochs, examples, c.batch_size)
+    c.total_steps = steps(AUTHORS_EPOCHS)  # 70,313.
+    c.optimizer.schedule = "piecewise"
+    c.optimizer.decay_steps = tuple(steps(e) for e in AUTHORS_DECAY_EPOCHS)  # 31,993/47,813/63,985
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 2e-4
+    c.eval_every_steps = c.checkpoint_every_steps = steps(5)  # 1,758: every 5 epochs.
+    # One group of blocks per stage, as the authors cut their 4-group net; other stage counts
+    # cannot be cut at groups and fall back to the FLOP-balanced split.
+    c.model.split = "groups" if args.stages == 4 else "balanced"
+  else:
+    c.total_steps = 64_000
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 500
+    c.optimizer.weight_decay = 5e-4
+    c.eval_every_steps = c.checkpoint_every_steps = 2000
 
   if args.runlocal:
-    c.model.name = "resnet_tiny"
+    c.model.name = "resnet_tiny"  # 4 groups too, so the authors' "groups" split still applies.
     c.batch_size = 32
     c.eval_batch_size = 64
     c.total_steps = 20

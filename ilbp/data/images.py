@@ -31,6 +31,11 @@ Digits: the 1,797 images of `sklearn.datasets.load_digits` are split without any
 within each class, every fifth image in file order (positions 4, 9, 14, ...) is held out. That
 gives 1,442 train and 355 test images, stratified, identical for every seed and machine.
 
+Validation (`validation_fraction` > 0, TFDS datasets): the last `validation_fraction` of the
+TFDS train split in its canonical order (`train[90%:]` for 0.1) is held out, identically on every
+machine and for every seed, and served like the eval split; training reads the rest
+(`train[:90%]`). The test (eval) split is untouched.
+
 Multi-process: each process reads `tfds.even_splits(split, process_count)[process_index]`; train
 shares drop the remainder so every process has the same epoch length; eval shares may differ by
 one example, so every process pads to the same number of eval batches.
@@ -48,6 +53,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ilbp.data import prepare
+
 _INT64_MAX = np.iinfo(np.int64).max
 # Tags that separate the random streams derived from one user seed.
 _SHUFFLE_TAG = 1
@@ -64,13 +71,16 @@ class ImageData:
   Attributes:
     train_batches: `start_step -> iterator`; an endless stream of per-process train batches
       {"image": float32 [b, H, W, C], "label": int32 [b]} (numpy), starting at batch `start_step`.
-    eval_batches: `() -> iterator`; one pass over this process's share of the eval split,
-      {"image", "label", "mask"}, all batches full size; `mask` is float32, 1 for real examples
-      and 0 for padding, so each example counts exactly once.
+    eval_batches: `() -> iterator`; one pass over this process's share of the eval (test)
+      split, {"image", "label", "mask"}, all batches full size; `mask` is float32, 1 for real
+      examples and 0 for padding, so each example counts exactly once.
     num_train_examples: train examples in one epoch, summed over processes.
     num_eval_examples: eval examples, summed over processes (padding excluded).
     num_classes: number of labels.
     image_shape: (H, W, C) of every image.
+    validation_batches: like `eval_batches`, over the validation split held out of train; None
+      without one.
+    num_validation_examples: validation examples, summed over processes (0 without one).
   """
 
   train_batches: Callable[[int], Iterator[dict]]
@@ -79,6 +89,8 @@ class ImageData:
   num_eval_examples: int
   num_classes: int
   image_shape: tuple[int, int, int]
+  validation_batches: Callable[[], Iterator[dict]] | None = None
+  num_validation_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +133,7 @@ def get_data(
   image_size: int | None = None,
   data_dir: str | None = None,
   augment: bool = True,
+  validation_fraction: float = 0.0,
 ) -> ImageData:
   """Builds the input pipelines of one image classification dataset.
 
@@ -131,16 +144,21 @@ def get_data(
     eval_batch_size: global eval batch size; defaults to `batch_size`.
     image_size: output side for ImageNet (default 224). CIFAR and digits keep their native size
       (32 and 8); any other value is an error.
-    data_dir: TFDS data directory (default: TFDS's own, `~/tensorflow_datasets`). Unused for
-      digits.
+    data_dir: TFDS data directory, local or gs:// (default: TFDS's own,
+      `~/tensorflow_datasets`). Unused for digits.
     augment: apply the train augmentation described in the module docstring.
+    validation_fraction: share of the TFDS train split held out for validation, in whole
+      percent (0.1 holds out `train[90%:]`); 0 for none. Not for digits.
 
   Returns:
     The `ImageData` of this process.
 
   Raises:
-    ValueError: unknown name, bad batch sizes, negative seed or unsupported image size.
-    FileNotFoundError: ImageNet has not been prepared under `data_dir` (the message says how).
+    ValueError: unknown name, bad batch sizes, negative seed, unsupported image size or
+      validation fraction.
+    prepare.DatasetUnavailableError: a TFDS dataset is not prepared under `data_dir` and cannot
+      be downloaded here (no internet, or ImageNet's manual download); raised within seconds,
+      and the message says how to prepare it and where to point `data_dir`.
   """
   if name not in _VALID_NAMES:
     raise ValueError(f"Unknown image dataset {name!r}; valid names: {', '.join(_VALID_NAMES)}.")
@@ -150,9 +168,21 @@ def get_data(
   per_eval_batch = _per_process(
     batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size"
   )
+  validation_percent = round(validation_fraction * 100)
+  if (
+    not 0 <= validation_percent < 100 or abs(validation_fraction * 100 - validation_percent) > 1e-6
+  ):
+    raise ValueError(
+      f"validation_fraction must be a whole percent in [0, 0.99] (TFDS slices splits by "
+      f"percent), got {validation_fraction}."
+    )
   if name == "digits":
     if image_size not in (None, 8):
       raise ValueError(f"digits images are 8x8; image_size={image_size} is not supported.")
+    if validation_percent:
+      raise ValueError(
+        "validation_fraction applies to the TFDS datasets; digits has a fixed train/test split."
+      )
     return _digits(per_batch, per_eval_batch, seed)
   spec = _TFDS_SPECS[name]
   if spec.native_size is not None and image_size not in (None, spec.native_size):
@@ -161,7 +191,14 @@ def get_data(
       f"image_size={image_size} is not supported."
     )
   return _tfds_data(
-    spec, per_batch, per_eval_batch, seed, image_size or spec.default_size, data_dir, augment
+    spec,
+    per_batch,
+    per_eval_batch,
+    seed,
+    image_size or spec.default_size,
+    data_dir,
+    augment,
+    validation_percent,
   )
 
 
@@ -214,14 +251,12 @@ def _tfds_data(
   image_size: int,
   data_dir: str | None,
   augment: bool,
+  validation_percent: int,
 ) -> ImageData:
   """`get_data` for the TFDS datasets."""
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  # Preparing ImageNet takes hours and needs files only a person can fetch: never start it
-  # implicitly (`as_dataset` below explains instead). CIFAR downloads itself the first time.
-  needs_manual_download = bool(builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
-  if not needs_manual_download:
-    builder.download_and_prepare()  # A no-op once the dataset is prepared.
+  # Prepared data is read as is; CIFAR downloads itself the first time when its source answers.
+  # Offline, or for ImageNet's manual download, this fails within seconds saying what to do.
+  builder = prepare.prepared_builder(spec.tfds_name, data_dir)
 
   options = tf.data.Options()
   options.deterministic = True  # Parallel maps and interleaves keep their input order.
@@ -240,19 +275,13 @@ def _tfds_data(
       decoders={"image": tfds.decode.SkipDecoding()},
     )
 
-  train_split = tfds.even_splits("train", n=processes, drop_remainder=True)[process]
-  try:
-    train_ds = encoded(train_split)
-  except AssertionError as e:  # What tfds 4.9 raises for "could not find data in <data_dir>".
-    if needs_manual_download and not builder.is_prepared():
-      raise FileNotFoundError(_manual_download_message(builder)) from e
-    raise
+  keep = 100 - validation_percent  # TFDS slices by percent of the split, in canonical order.
+  train_name = f"train[:{keep}%]" if validation_percent else "train"
+  train_split = tfds.even_splits(train_name, n=processes, drop_remainder=True)[process]
+  train_ds = encoded(train_split)
   # Cardinality, not `info.splits`: it is what this process will actually read (and under
   # `tfds.testing.mock_data` the two disagree).
   num_train = int(train_ds.cardinality())
-  eval_splits = tfds.even_splits(spec.eval_split, n=processes, drop_remainder=False)
-  eval_counts = [int(encoded(s).cardinality()) for s in eval_splits]
-  eval_ds = encoded(eval_splits[process])
 
   if spec.native_size is None:
     train_fn = functools.partial(_imagenet_train, size=image_size)
@@ -299,38 +328,35 @@ def _tfds_data(
     ds = ds.batch(per_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(options).as_numpy_iterator()
 
-  def eval_batches() -> Iterator[dict]:
-    ds = eval_ds.map(
-      lambda ex: finish(eval_fn(ex["image"]), ex["label"]), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    ds = ds.batch(per_eval_batch).prefetch(tf.data.AUTOTUNE).with_options(options)
-    num_batches = math.ceil(max(eval_counts) / per_eval_batch)
-    return _padded_eval_pass(ds.as_numpy_iterator(), per_eval_batch, num_batches)
+  def eval_pass(split: str) -> tuple[Callable[[], Iterator[dict]], int]:
+    """One padded pass over this process's share of `split`, and the split's size."""
+    shares = tfds.even_splits(split, n=processes, drop_remainder=False)
+    counts = [int(encoded(s).cardinality()) for s in shares]
+    share = encoded(shares[process])
 
+    def batches() -> Iterator[dict]:
+      ds = share.map(
+        lambda ex: finish(eval_fn(ex["image"]), ex["label"]), num_parallel_calls=tf.data.AUTOTUNE
+      )
+      ds = ds.batch(per_eval_batch).prefetch(tf.data.AUTOTUNE).with_options(options)
+      num_batches = math.ceil(max(counts) / per_eval_batch)
+      return _padded_eval_pass(ds.as_numpy_iterator(), per_eval_batch, num_batches)
+
+    return batches, sum(counts)
+
+  eval_batches, num_eval = eval_pass(spec.eval_split)
+  validation_batches, num_validation = (
+    eval_pass(f"train[{keep}%:]") if validation_percent else (None, 0)
+  )
   return ImageData(
     train_batches=train_batches,
     eval_batches=eval_batches,
     num_train_examples=num_train * processes,
-    num_eval_examples=sum(eval_counts),
+    num_eval_examples=num_eval,
     num_classes=builder.info.features["label"].num_classes,
     image_shape=(image_size, image_size, 3),
-  )
-
-
-def _manual_download_message(builder: tfds.core.DatasetBuilder) -> str:
-  """Says where the ImageNet tar files go and how to prepare them."""
-  root = builder.data_dir_root
-  manual = root / "downloads" / "manual"
-  return (
-    f"{builder.name} is not prepared in {root} (looked for {builder.data_dir}). It needs a "
-    f"manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
-    f"https://image-net.org/download-images, registration required) in {manual}/ and prepare "
-    f"it once (hours) with\n"
-    f"  tfds build {builder.name} --data_dir={root} --manual_dir={manual}\n"
-    f"or, from Python,\n"
-    f"  tfds.builder('{builder.name}', data_dir='{root}').download_and_prepare()\n"
-    f"(tensorflow-datasets 4.9.10 also needs `importlib_resources` to prepare, and "
-    f"`apache-beam` for the `tfds` command)."
+    validation_batches=validation_batches,
+    num_validation_examples=num_validation,
   )
 
 

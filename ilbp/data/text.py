@@ -214,11 +214,16 @@ def get_data(
       required for sentencepiece.
     eval_batch_size: global eval batch size; defaults to `batch_size`.
     max_eval_sequences: evaluate only the first this many windows of the eval stream.
-    data_dir: TFDS data directory for lm1b.
+    data_dir: TFDS data directory for lm1b, local or gs://.
     max_files: stdlib only: keep the first this many files of each split (tests, smoke runs).
 
   Returns:
     The `TextData`.
+
+  Raises:
+    ValueError: an unknown name or tokenizer, or bad sizes.
+    ilbp.data.prepare.DatasetUnavailableError: LM1B is not prepared under `data_dir` and cannot
+      be downloaded here; raised within seconds, saying how to prepare it elsewhere.
   """
   if name not in DATASETS:
     raise ValueError(f"Unknown text dataset {name!r}; valid names: {', '.join(DATASETS)}.")
@@ -496,7 +501,9 @@ def _lm1b_data(
   """LM1B: eval tokenized once (cached), training streamed from TFDS and packed on the fly."""
   import tensorflow_datasets as tfds  # imported here: the stdlib corpus needs no TensorFlow
 
-  builder = tfds.builder("lm1b", data_dir=data_dir)
+  from ilbp.data import prepare
+
+  builder = prepare.prepared_builder("lm1b", data_dir)  # Offline: fails in seconds, says how.
   index, count = procs
   shard = tfds.even_splits("train", n=count)[index] if count > 1 else "train"
   version = str(builder.info.version)

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ilbp.models import conv as conv_lib
 from ilbp.staged import StagedModel
 
 # torchvision's BatchNorm defaults (PyTorch momentum 0.1 is flax momentum 0.9).
@@ -47,7 +48,7 @@ _BN_EPSILON = 1e-5
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 HEADS = ("conv", "pool")
-SPLITS = ("balanced",)
+SPLITS = ("balanced", "groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,7 @@ def block_specs(arch: Arch) -> tuple[BlockSpec, ...]:
   return tuple(specs)
 
 
-def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str, impl: str) -> nn.Conv:
   # Symmetric padding as in PyTorch: "SAME" would pad (0, 1) at stride 2 and shift the grid.
   pad = kernel // 2
   return nn.Conv(
@@ -134,6 +135,7 @@ def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn
     dtype=dtype,
     param_dtype=jnp.float32,
     kernel_init=_CONV_INIT,
+    conv_general_dilated=conv_lib.conv_general_dilated(impl),
     name=name,
   )
 
@@ -154,22 +156,23 @@ class ResidualBlock(nn.Module):
 
   spec: BlockSpec
   dtype: Any = jnp.float32
+  conv: str = "auto"  # convolution implementation (ilbp.models.conv.IMPLS)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    f, s, dt = self.spec.features, self.spec.strides, self.dtype
+    f, s, dt, c = self.spec.features, self.spec.strides, self.dtype, self.conv
     if self.spec.kind == "basic":
-      y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 3, s, dt, "conv1")(x)))
-      y = _bn(train, dt, "bn2")(_conv(f, 3, 1, dt, "conv2")(y))
+      y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 3, s, dt, "conv1", c)(x)))
+      y = _bn(train, dt, "bn2")(_conv(f, 3, 1, dt, "conv2", c)(y))
       out_features = f
     else:
-      y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 1, 1, dt, "conv1")(x)))
-      y = nn.relu(_bn(train, dt, "bn2")(_conv(f, 3, s, dt, "conv2")(y)))
+      y = nn.relu(_bn(train, dt, "bn1")(_conv(f, 1, 1, dt, "conv1", c)(x)))
+      y = nn.relu(_bn(train, dt, "bn2")(_conv(f, 3, s, dt, "conv2", c)(y)))
       out_features = 4 * f
-      y = _bn(train, dt, "bn3")(_conv(out_features, 1, 1, dt, "conv3")(y))
+      y = _bn(train, dt, "bn3")(_conv(out_features, 1, 1, dt, "conv3", c)(y))
     residual = x
     if s != 1 or x.shape[-1] != out_features:
-      residual = _bn(train, dt, "proj_bn")(_conv(out_features, 1, s, dt, "proj_conv")(x))
+      residual = _bn(train, dt, "proj_bn")(_conv(out_features, 1, s, dt, "proj_conv", c)(x))
     return nn.relu(y + residual)
 
 
@@ -179,15 +182,16 @@ class Stem(nn.Module):
   kind: str
   features: int
   dtype: Any = jnp.float32
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = jnp.asarray(x, self.dtype)
+    size, strides = (3, 1) if self.kind == "cifar" else (7, 2)
+    x = _conv(self.features, size, strides, self.dtype, "conv", self.conv)(x)
+    x = nn.relu(_bn(train, self.dtype, "bn")(x))
     if self.kind == "cifar":
-      return nn.relu(
-        _bn(train, self.dtype, "bn")(_conv(self.features, 3, 1, self.dtype, "conv")(x))
-      )
-    x = nn.relu(_bn(train, self.dtype, "bn")(_conv(self.features, 7, 2, self.dtype, "conv")(x)))
+      return x
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -216,6 +220,7 @@ class ResNetStage(nn.Module):
     num_classes: number of classes if this is the last stage (its output is then the logits),
       else None (its output is the last block's activations, in `dtype`).
     dtype: computation dtype.
+    conv: convolution implementation (`ilbp.models.conv.IMPLS`).
   """
 
   blocks: tuple[BlockSpec, ...]
@@ -223,14 +228,15 @@ class ResNetStage(nn.Module):
   stem_width: int = 0
   num_classes: int | None = None
   dtype: Any = jnp.float32
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = jnp.asarray(x, self.dtype)
     if self.stem is not None:
-      x = Stem(self.stem, self.stem_width, self.dtype, name="stem")(x, train)
+      x = Stem(self.stem, self.stem_width, self.dtype, self.conv, name="stem")(x, train)
     for spec in self.blocks:
-      x = ResidualBlock(spec, self.dtype, name=f"block{spec.index}")(x, train)
+      x = ResidualBlock(spec, self.dtype, self.conv, name=f"block{spec.index}")(x, train)
     if self.num_classes is not None:
       x = Classifier(self.num_classes, self.dtype, name="classifier")(x)
     return x
@@ -241,11 +247,13 @@ class ConvHead(nn.Module):
 
   num_classes: int
   dtype: Any = jnp.float32
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = nn.relu(_bn(train, self.dtype, "bn1")(_conv(128, 3, 1, self.dtype, "conv1")(x)))
-    x = nn.relu(_bn(train, self.dtype, "bn2")(_conv(64, 3, 1, self.dtype, "conv2")(x)))
+    dt, c = self.dtype, self.conv
+    x = nn.relu(_bn(train, dt, "bn1")(_conv(128, 3, 1, dt, "conv1", c)(x)))
+    x = nn.relu(_bn(train, dt, "bn2")(_conv(64, 3, 1, dt, "conv2", c)(x)))
     return Classifier(self.num_classes, self.dtype, name="classifier")(x)
 
 
@@ -254,6 +262,7 @@ class PoolHead(nn.Module):
 
   num_classes: int
   dtype: Any = jnp.float32
+  conv: str = "auto"  # unused (no convolution); keeps the head constructors uniform
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -343,7 +352,7 @@ def balanced_split(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
 
 
 def _check_args(name, num_classes, num_stages, split, head, input_shape) -> tuple[int, ...] | None:
-  """Validates every argument of `make_model`; returns the explicit split, or None if balanced."""
+  """Validates every argument of `make_model`; returns blocks per stage, or None if balanced."""
   if name not in ARCHS:
     raise ValueError(f"Unknown ResNet {name!r}; valid names: {', '.join(NAMES)}.")
   if head not in HEADS:
@@ -368,7 +377,16 @@ def _check_args(name, num_classes, num_stages, split, head, input_shape) -> tupl
         f"Unknown split {split!r}; pass {' or '.join(map(repr, SPLITS))} or a sequence of "
         f"blocks per stage."
       )
-    return None
+    if split == "balanced":
+      return None
+    groups = ARCHS[name].group_sizes  # "groups": one group of blocks per stage (the authors').
+    if num_stages != len(groups):
+      raise ValueError(
+        f"split='groups' puts one group of blocks in each stage and {name} has {len(groups)} "
+        f"groups ({'+'.join(map(str, groups))} blocks), so it needs num_stages={len(groups)}, "
+        f"got {num_stages}; use split='balanced' or blocks per stage for other stage counts."
+      )
+    return tuple(groups)
   sizes = tuple(split)
   if any(not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 1 for b in sizes):
     raise ValueError(f"split must give every stage at least one block (an integer), got {split!r}.")
@@ -388,6 +406,7 @@ def make_model(
   head: str = "conv",
   input_shape: Sequence[int] = (32, 32, 3),
   dtype: Any = jnp.float32,
+  conv: str = "auto",
 ) -> StagedModel:
   """Builds a ResNet cut into `num_stages` stages, with an auxiliary head on all but the last.
 
@@ -396,29 +415,34 @@ def make_model(
     num_classes: number of output classes (task head and auxiliary heads).
     num_stages: number of stages K, from 1 to the number of residual blocks.
     split: "balanced" (contiguous stages minimising the costliest stage's FLOPs, counted by
-      XLA on a batch-1 input of `input_shape`; compiles each distinct block once) or the
-      number of blocks in each stage, e.g. (3, 3, 3) for resnet20 in 3 stages.
+      XLA on a batch-1 input of `input_shape`; compiles each distinct block once), "groups"
+      (one group of blocks per stage, as the authors cut their nets; K must equal the number
+      of groups) or the number of blocks in each stage, e.g. (3, 3, 3) for resnet20 in 3 stages.
     head: auxiliary head: "conv" (the authors' two-conv head) or "pool" (pool + dense).
     input_shape: (height, width, channels) of one image; used only by the balanced split.
     dtype: computation dtype; parameters stay float32 and logits are returned as float32.
+    conv: how convolutions compute their weight gradient (`ilbp.models.conv`): "auto" (the
+      explicit formulation on CPU where it measured faster, XLA's own elsewhere), "xla" or
+      "explicit". Parameters and results are the same either way.
 
   Returns:
     A `StagedModel` whose `info` holds "name", "num_blocks", "blocks_per_stage", "split"
-    ("balanced" or "explicit"), "head", "block_flops" (per block, balanced only, else None),
-    "stem_flops" and "classifier_flops" (balanced only) and "stage_flops" (per stage, stem and
-    classifier included, balanced only).
+    ("balanced", "groups" or "explicit"), "head", "block_flops" (per block, balanced only, else
+    None), "stem_flops" and "classifier_flops" (balanced only) and "stage_flops" (per stage, stem
+    and classifier included, balanced only).
 
   Raises:
     ValueError: for an unknown name, head or split, or a split that does not fit the network;
       raised before anything is compiled.
   """
   explicit = _check_args(name, num_classes, num_stages, split, head, input_shape)
+  conv_lib.check_impl(conv)
   arch = ARCHS[name]
   specs = block_specs(arch)
   info: dict[str, Any] = {
     "name": name,
     "num_blocks": len(specs),
-    "split": "balanced" if explicit is None else "explicit",
+    "split": split if isinstance(split, str) else "explicit",
     "head": head,
     "block_flops": None,
     "stem_flops": None,
@@ -454,10 +478,11 @@ def make_model(
         stem_width=arch.stem_width if is_first else 0,
         num_classes=num_classes if is_last else None,
         dtype=dtype,
+        conv=conv,
       )
     )
     first += size
-  heads = [_HEAD_MODULES[head](num_classes, dtype) for _ in range(num_stages - 1)]
+  heads = [_HEAD_MODULES[head](num_classes, dtype, conv) for _ in range(num_stages - 1)]
   return StagedModel(stages, heads, info)
 
 

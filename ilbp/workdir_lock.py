@@ -1,0 +1,124 @@
+"""One live run per workdir: a lock that names its holder and dies with it.
+
+`hold(workdir)` takes an exclusive `fcntl.flock` on `workdir/run.lock` for as long as the run
+lasts and writes the holder (host, pid, start time) into the file. A second run on the same
+workdir finds the lock taken and refuses at once, naming the holder, before it reads or writes
+anything else there: two runs would otherwise interleave checkpoints and metrics.
+
+The kernel drops a flock when its process ends, however it ends (exception, SIGKILL,
+pre-emption), so a lock file left by a killed run names a dead process but holds no lock: the
+next run takes it over and resumes. The file is emptied on release but never deleted: deleting
+it would let a run that opened the old file lock it while a newcomer locks a new one.
+
+flock covers the processes of one machine, and of several on Linux NFS mounts. Where the
+filesystem refuses flock, the recorded holder is checked instead: a live process on this host
+refuses; a holder on another host cannot be checked, and is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+from absl import logging
+
+LOCK_FILE = "run.lock"
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live run holds the workdir; the message names it and what to do."""
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[None]:
+  """Holds `workdir`'s run lock for the duration of the `with` block.
+
+  Args:
+    workdir: an existing run directory.
+
+  Raises:
+    WorkdirInUseError: another live process holds the lock; nothing in `workdir` was changed.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Never truncated before the lock is ours.
+  try:
+    _acquire(fd, path, workdir)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%c %Z")}
+    _write(fd, json.dumps(me) + "\n")
+    try:
+      yield
+    finally:
+      _write(fd, "")  # Released: the file names nobody.
+  finally:
+    os.close(fd)  # Drops the flock.
+
+
+def _acquire(fd: int, path: str, workdir: str) -> None:
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return
+  except BlockingIOError:
+    raise WorkdirInUseError(_in_use_message(workdir, path, _holder(fd))) from None
+  except OSError as e:
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+      raise
+  # This filesystem has no flock: judge by the recorded holder.
+  holder = _holder(fd)
+  if not holder or holder.get("pid") == os.getpid():
+    return
+  if holder.get("host") == socket.gethostname():
+    if _alive(int(holder["pid"])):
+      raise WorkdirInUseError(_in_use_message(workdir, path, holder))
+    return
+  logging.warning(
+    "%s has no flock support and names a run on host %s (pid %s) that cannot be checked from "
+    "here; taking the workdir over. Make sure that run is gone.",
+    path,
+    holder.get("host"),
+    holder.get("pid"),
+  )
+
+
+def _holder(fd: int) -> dict | None:
+  """The holder recorded in the lock file, or None when it is empty or unreadable."""
+  text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+  try:
+    holder = json.loads(text) if text else None
+  except json.JSONDecodeError:
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _write(fd: int, text: str) -> None:
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, text.encode(), 0)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Exists, owned by someone else.
+    return True
+  return True
+
+
+def _in_use_message(workdir: str, path: str, holder: dict | None) -> str:
+  who = (
+    f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')})"
+    if holder
+    else "another process (it has not written its name into the lock yet)"
+  )
+  return (
+    f"Workdir {workdir} is in use by a live run: {who}, which holds {path}. This run stopped "
+    f"before reading or writing anything there, so two runs never write the same checkpoints. "
+    f"Wait for that run to finish, stop it, or pass another --workdir. (A lock left by a run "
+    f"that was killed does not block: it is taken over automatically.)"
+  )
