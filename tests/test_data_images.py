@@ -151,7 +151,7 @@ def test_imagenet_missing_data_says_where_the_tars_go(tmp_path):
   message = str(error.value)
   assert f"{tmp_path / 'downloads' / 'manual'}/" in message
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
-  assert f"tfds build imagenet2012 --data_dir={tmp_path}" in message
+  assert f"tfds.builder('imagenet2012', data_dir='{tmp_path}').download_and_prepare()" in message
 
 
 def test_digits_split_shapes_and_ranges():

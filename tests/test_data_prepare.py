@@ -28,7 +28,6 @@ def offline(monkeypatch):
 def _assert_says_how_to_prepare(message, name, data_dir):
   assert f"TFDS dataset {name!r} is not prepared in {data_dir}" in message
   assert "cannot be downloaded from this machine" in message
-  assert f"tfds build {name} --data_dir=DIR" in message
   assert f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()" in message
   assert f"--config.dataset.data_dir={data_dir}" in message
   assert "--config.dataset.data_dir=gs://BUCKET/tensorflow_datasets" in message
