@@ -16,6 +16,7 @@ The library has no flags (absl only for logging): import it from a notebook. Whe
   ilbp.workdir_lock one live run per workdir
   ilbp.placement  device meshes and shardings
   ilbp.profiling  XLA FLOPs and memory of a jitted function
+  ilbp.results    reading a run's metrics.jsonl (final evaluation, throughput)
   ilbp.models     resnet, transformer;  ilbp.data: images, text, prepare (TFDS, offline)
 """
 

@@ -73,7 +73,7 @@ def _acquire(fd: int, path: str, workdir: str) -> None:
   if not holder or holder.get("pid") == os.getpid():
     return
   if holder.get("host") == socket.gethostname():
-    if _alive(int(holder["pid"])):
+    if pid_alive(int(holder["pid"])):
       raise WorkdirInUseError(_in_use_message(workdir, path, holder))
     return
   logging.warning(
@@ -100,7 +100,8 @@ def _write(fd: int, text: str) -> None:
   os.pwrite(fd, text.encode(), 0)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether a process with this pid exists on this host."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:

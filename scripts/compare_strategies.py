@@ -21,13 +21,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ilbp import trainer
+from ilbp import results, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -37,17 +36,6 @@ flags.DEFINE_list("strategies", ["local", "pairwise", "global"], "Strategies to 
 flags.DEFINE_string(
   "workdir", None, "Base directory (default: runs/compare-<config>-<timestamp>, always fresh)."
 )
-
-
-def _read_metrics(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _throughput(rows: list[dict]) -> float | None:
-  rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
-  rates = rates[1:] or rates  # The first interval includes compilation.
-  return statistics.median(rates) if rates else None
 
 
 def run(config, strategies: list[str], workdir: str) -> list[dict]:
@@ -61,12 +49,11 @@ def run(config, strategies: list[str], workdir: str) -> list[dict]:
     start = time.time()
     final = trainer.train_and_evaluate(cfg, run_dir)
     wall = time.time() - start
-    metrics = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     rows.append(
       {
         "strategy": name,
         "final": final,
-        "steps_per_sec": _throughput(metrics),
+        "steps_per_sec": results.throughput(results.read_metrics(run_dir)),
         "wall_seconds": wall,
         "batch_size": cfg.batch_size,
       }

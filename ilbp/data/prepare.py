@@ -136,7 +136,7 @@ def _offline_message(builder: tfds.core.DatasetBuilder, silent: dict[str, str], 
     f"cannot be downloaded from this machine: within {timeout_s:g} s, no answer from\n{urls}\n"
     f"Prepare it on a machine with internet access, into any directory DIR, with this repo's "
     f"environment:\n"
-    f"  python -c \"import tensorflow_datasets as tfds; "
+    f'  python -c "import tensorflow_datasets as tfds; '
     f"tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"\n"
     + _where_to_point(name, root)
   )
@@ -149,7 +149,7 @@ def _manual_message(builder: tfds.core.DatasetBuilder) -> str:
     f"TFDS dataset {name!r} is not prepared in {root} (looked for {builder.data_dir}). It needs "
     f"a manual download; TFDS's instructions:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.rstrip()}\n"
     f"Put those files in {manual}/ and prepare it once (hours) with\n"
-    f"  python -c \"import tensorflow_datasets as tfds; "
+    f'  python -c "import tensorflow_datasets as tfds; '
     f"tfds.builder('{name}', data_dir='{root}').download_and_prepare()\"\n"
     f"(not the `tfds build` command: it needs apache-beam, which conflicts with this repo's "
     f"pinned pillow). Or prepare it the same way on another machine, with DIR for {root} "

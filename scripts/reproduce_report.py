@@ -1,0 +1,331 @@
+"""The table, CSVs and plots of a `scripts.reproduce` suite, built from its runs' metrics.jsonl.
+
+`write(out, suite=, runs=, missing=)` writes, for the runs that finished:
+
+  table.md     per experiment and evaluation split (test; validation when the config holds one
+               out): one row per strategy (and combine rule) with the mean ± sd over seeds of
+               every head's final accuracy or perplexity, the gap recovered at the output
+               ((m - local) / (global - local), 0 = local, 1 = global, whichever direction is
+               better), training steps/s, and the modelled pipeline time per step on K devices
+  results.csv  the same numbers, one row per (experiment, split, strategy, combine)
+  runs.csv     every run's own final metrics (one row per run and split)
+  plots/       <exp>_<split>_heads.png: each head's metric vs step, mean with a ±1 sd band;
+               <exp>_<split>_tradeoff.png: output metric vs modelled time per step;
+               gantt_K<K>_<strategy>_<combine>.png: the pipeline schedule of each strategy
+
+The modelled time is `ilbp.pipeline.schedule` with its unit costs (f = 1, b = 1, w = 2, aux
+head 0.25 per stage forward), not a measurement: the runs themselves train one fused program.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+
+from ilbp import results
+from ilbp.pipeline import schedule
+from ilbp.strategy import strategy as parse_strategy
+
+SPLIT_NAMES = {"eval": "test", "val": "validation"}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+  values = [v for v in values if v is not None and math.isfinite(v)]
+  if not values:
+    return math.nan, math.nan
+  return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _fmt(mean: float, sd: float, kind: str) -> str:
+  """Formats as 99.2 ± 0.3 (accuracy, in %) or 6.00 ± 0.05 (others); no sd for one seed."""
+  if math.isnan(mean):
+    return "—"
+  scale, digits = (100.0, 1) if kind == "accuracy" else (1.0, 2)
+  text = f"{scale * mean:.{digits}f}"
+  return text if math.isnan(sd) else f"{text} ± {scale * sd:.{digits}f}"
+
+
+def modelled_time(strategy: str, combine: str, num_stages: int, microbatches: int) -> float:
+  """Steady-state time per step of the unit-cost pipeline schedule, in stage forwards."""
+  sched = schedule.build(parse_strategy(strategy, combine), num_stages, microbatches)
+  return sched.predict()["time_per_step"]
+
+
+def aggregate(runs, out: str, microbatches: int) -> list[dict]:
+  """One dict per (experiment, split, variant) with per-head means and sds over seeds.
+
+  Args:
+    runs: finished `scripts.reproduce.Run`s.
+    out: the suite directory.
+    microbatches: M for the modelled pipeline time.
+
+  Returns:
+    Rows in run order, each with experiment, split, variant, strategy, combine, kind, stages,
+    seeds, head{k} (mean, sd) and per_seed lists, output (mean, sd), gap, steps_per_sec,
+    modelled, modelled_vs_global, curves ({seed: [(step, [value of each head])]}).
+  """
+  groups: dict[tuple, list] = {}
+  for run in runs:
+    rows = results.read_metrics(os.path.join(out, run.name))
+    groups.setdefault((run.experiment.label, run.variant), []).append((run, rows))
+  table = []
+  for (label, variant), members in groups.items():
+    run0 = members[0][0]
+    K = run0.experiment.stages
+    finals = [results.final_eval(rows) for _, rows in members]
+    kind = results.metric_kind(finals[0])
+    rates = [results.throughput(rows) for _, rows in members]
+    model = modelled_time(run0.strategy, run0.combine, K, microbatches)
+    for split in results.SPLITS:
+      if not any(f"{split}/head1/{kind}" in f for f in finals):
+        continue
+      row = {
+        "experiment": label,
+        "config": run0.experiment.config,
+        "split": split,
+        "variant": variant,
+        "strategy": run0.strategy,
+        "combine": run0.combine,
+        "kind": kind,
+        "stages": K,
+        "seeds": [run.seed for run, _ in members],
+        "steps": max((rows[-1]["step"] for _, rows in members if rows), default=0),
+        "steps_per_sec": _mean_sd(rates),
+        "modelled": model,
+        "curves": {},
+      }
+      for k in range(1, K + 1):
+        values = [f.get(f"{split}/head{k}/{kind}", math.nan) for f in finals]
+        row[f"head{k}"] = _mean_sd(values)
+        row[f"head{k}_per_seed"] = values
+      row["output"] = row[f"head{K}"]
+      for run, rows in members:
+        key = f"{split}/head1/{kind}"
+        row["curves"][run.seed] = [
+          (r["step"], [r.get(f"{split}/head{k}/{kind}") for k in range(1, K + 1)])
+          for r in rows
+          if key in r
+        ]
+      table.append(row)
+  for row in table:
+    same = [r for r in table if (r["experiment"], r["split"]) == (row["experiment"], row["split"])]
+    local = next((r for r in same if r["strategy"] == "local"), None)
+    # Global is end-to-end backprop under the furthest rule (under "sum" it also adds the heads).
+    glob = next((r for r in same if r["strategy"] == "global" and r["combine"] == "furthest"), None)
+    denom = glob["output"][0] - local["output"][0] if glob and local else math.nan
+    ok = math.isfinite(denom) and denom != 0
+    row["gap"] = (row["output"][0] - local["output"][0]) / denom if ok else math.nan
+    row["modelled_vs_global"] = row["modelled"] / glob["modelled"] if glob else math.nan
+  return table
+
+
+def markdown(table: list[dict], suite: str, missing: list[str], microbatches: int) -> str:
+  """table.md: one markdown table per (experiment, split), then the notes."""
+  lines = [f"# Suite {suite}", ""]
+  for exp, split in dict.fromkeys((r["experiment"], r["split"]) for r in table):
+    rows = [r for r in table if (r["experiment"], r["split"]) == (exp, split)]
+    K, kind = rows[0]["stages"], rows[0]["kind"]
+    unit = " (%)" if kind == "accuracy" else ""
+    lines += [
+      f"## {exp}: {SPLIT_NAMES[split]} {kind}{unit}",
+      "",
+      f"`{rows[0]['config']}`, K = {K}, {rows[0]['steps']} steps, "
+      f"seeds {', '.join(map(str, sorted({s for r in rows for s in r['seeds']})))}.",
+      "",
+    ]
+    heads = [f"head {k}" + (" (output)" if k == K else "") for k in range(1, K + 1)]
+    lines.append(
+      f"| strategy | seeds | {' | '.join(heads)} | gap recovered | steps/s "
+      f"| modelled time/step (K={K}, M={microbatches}) | vs global |"
+    )
+    lines.append("|---" * (len(heads) + 6) + "|")
+    for r in rows:
+      cells = [_fmt(*r[f"head{k}"], kind) for k in range(1, K + 1)]
+      sps = r["steps_per_sec"]
+      gap = "—" if math.isnan(r["gap"]) else f"{r['gap'] + 0.0:.2f}"  # No "-0.00".
+      lines.append(
+        f"| {r['variant']} | {len(r['seeds'])} | {' | '.join(cells)} | "
+        f"{gap} | {_fmt(*sps, 'steps/s')} | "
+        f"{r['modelled']:.2f} | {r['modelled_vs_global']:.3f} |"
+      )
+    lines.append("")
+  lines += [
+    "Notes:",
+    "- Each cell is the mean ± sample sd over seeds of the final evaluation "
+    "(test split = eval/…, validation split = val/…); accuracy in %, perplexity per token.",
+    "- Gap recovered = (m − m_local) / (m_global − m_local) on the output head's means, with "
+    "global = end-to-end backprop (furthest rule): 0 = local, 1 = global, whether the metric "
+    "is higher-better (accuracy) or lower-better (perplexity).",
+    "- steps/s: the median over each run's logged intervals after the first (which includes "
+    "compilation), mean ± sd over seeds; one fused program per step on this host, timed on a "
+    "machine that may be shared.",
+    f"- Modelled time/step: `ilbp.pipeline.schedule` with its unit-cost model (forward 1, "
+    f"input gradient 1, weight gradient 2, aux head 0.25, in units of one stage forward), "
+    f"K stages on K devices, M = {microbatches} microbatches, continuous; the unit-cost model "
+    f"of the schedule, not a measurement.",
+    "- A strategy shown without a combine rule trains the same under both rules.",
+  ]
+  if missing:
+    lines.append(f"- Not finished (left out above): {', '.join(missing)}.")
+  return "\n".join(lines) + "\n"
+
+
+def write_csv(table: list[dict], path: str) -> None:
+  K = max((r["stages"] for r in table), default=0)
+  fields = ["experiment", "config", "split", "strategy", "combine", "metric", "seeds", "steps"]
+  fields += [f"head{k}_{s}" for k in range(1, K + 1) for s in ("mean", "sd")]
+  fields += ["output_mean", "output_sd", "gap_recovered", "steps_per_sec_mean"]
+  fields += ["steps_per_sec_sd", "modelled_time_per_step", "modelled_vs_global"]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    for r in table:
+      row = {key: r[key] for key in ("experiment", "config", "split", "strategy", "combine")}
+      row |= {"metric": r["kind"], "seeds": " ".join(map(str, r["seeds"])), "steps": r["steps"]}
+      for k in range(1, r["stages"] + 1):
+        row[f"head{k}_mean"], row[f"head{k}_sd"] = r[f"head{k}"]
+      row["output_mean"], row["output_sd"] = r["output"]
+      row["steps_per_sec_mean"], row["steps_per_sec_sd"] = r["steps_per_sec"]
+      row |= {"gap_recovered": r["gap"], "modelled_time_per_step": r["modelled"]}
+      row["modelled_vs_global"] = r["modelled_vs_global"]
+      w.writerow(row)
+
+
+def write_runs_csv(table: list[dict], path: str) -> None:
+  """Every run's own final metric per head (the values the means are taken over)."""
+  K = max((r["stages"] for r in table), default=0)
+  fields = ["experiment", "split", "strategy", "combine", "seed", "metric"]
+  fields += [f"head{k}" for k in range(1, K + 1)]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    for r in table:
+      for i, seed in enumerate(r["seeds"]):
+        row = {key: r[key] for key in ("experiment", "split", "strategy", "combine")}
+        row |= {"seed": seed, "metric": r["kind"]}
+        row |= {f"head{k}": r[f"head{k}_per_seed"][i] for k in range(1, r["stages"] + 1)}
+        w.writerow(row)
+
+
+def _axis_label(kind: str, split: str) -> str:
+  return f"{SPLIT_NAMES[split]} " + ("accuracy (%)" if kind == "accuracy" else "perplexity")
+
+
+def plot_curves(rows: list[dict], path: str) -> None:
+  """Each head's metric vs step, one line per strategy: mean over seeds, band ±1 sd."""
+  from matplotlib.figure import Figure
+
+  K, kind, split = rows[0]["stages"], rows[0]["kind"], rows[0]["split"]
+  scale = 100.0 if kind == "accuracy" else 1.0
+  fig = Figure(figsize=(4.2 * K, 4.2), dpi=110)
+  axes = fig.subplots(1, K, squeeze=False)[0]
+  for i, r in enumerate(rows):
+    colour = f"C{i % 10}"
+    by_seed = [dict(c) for c in r["curves"].values()]
+    steps = sorted(set.intersection(*(set(c) for c in by_seed)))  # Evaluated in every seed.
+    for k, ax in enumerate(axes):
+      per_step = [[c[step][k] for c in by_seed if c[step][k] is not None] for step in steps]
+      points = [(step, *_mean_sd(vals)) for step, vals in zip(steps, per_step) if vals]
+      if not points:
+        continue
+      xs = [step for step, _, _ in points]
+      mean = [scale * m for _, m, _ in points]
+      sd = [scale * (0.0 if math.isnan(s) else s) for _, _, s in points]
+      ax.plot(xs, mean, color=colour, marker="o", markersize=3, label=r["variant"])
+      ax.fill_between(
+        xs,
+        [m - s for m, s in zip(mean, sd)],
+        [m + s for m, s in zip(mean, sd)],
+        color=colour,
+        alpha=0.18,
+        linewidth=0,
+      )
+  for k, ax in enumerate(axes):
+    ax.set_title(f"head {k + 1}" + (" (output)" if k + 1 == K else ""))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(_axis_label(kind, split))
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=9)
+  seeds = max(len(r["seeds"]) for r in rows)
+  better = "higher" if kind == "accuracy" else "lower"
+  fig.suptitle(
+    f"{rows[0]['experiment']}: {_axis_label(kind, split)} per head vs step ({better} is better; "
+    f"line: mean over {seeds} seed(s), band: ±1 sd)"
+  )
+  fig.tight_layout(rect=(0, 0.1, 1, 1))  # Room for the legend below.
+  fig.savefig(path, format="png")
+
+
+def plot_tradeoff(rows: list[dict], microbatches: int, path: str) -> None:
+  """Final output metric (mean ± sd over seeds) vs modelled pipeline time per step."""
+  from matplotlib.figure import Figure
+
+  K, kind, split = rows[0]["stages"], rows[0]["kind"], rows[0]["split"]
+  scale = 100.0 if kind == "accuracy" else 1.0
+  fig = Figure(figsize=(7.5, 5), dpi=110)
+  ax = fig.add_subplot()
+  shared_x: dict[float, int] = {}  # Labels of points at the same modelled time alternate sides.
+  for i, r in enumerate(rows):
+    mean, sd = r["output"]
+    ax.errorbar(
+      r["modelled"],
+      scale * mean,
+      yerr=None if math.isnan(sd) else scale * sd,
+      fmt="o",
+      color=f"C{i % 10}",
+      capsize=4,
+      label=r["variant"],
+    )
+    j = shared_x[round(r["modelled"], 6)] = shared_x.get(round(r["modelled"], 6), -1) + 1
+    ax.annotate(
+      r["variant"],
+      (r["modelled"], scale * mean),
+      xytext=(-7, 4) if j % 2 else (7, 4),
+      textcoords="offset points",
+      ha="right" if j % 2 else "left",
+      fontsize=8,
+    )
+  ax.set_xlabel(
+    f"modelled pipeline time per step (units of one stage forward; K={K}, M={microbatches}, "
+    "unit-cost model; lower is faster)"
+  )
+  better = "higher" if kind == "accuracy" else "lower"
+  ax.set_ylabel(f"output head {_axis_label(kind, split)} ({better} is better)")
+  ax.set_title(f"{rows[0]['experiment']}: output metric vs modelled time per step")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, format="png")
+
+
+def write(out: str, *, suite: str, runs, missing: list[str], microbatches: int = 8) -> list[str]:
+  """Writes table.md, results.csv, runs.csv and the plots; returns their paths, table first."""
+  table = aggregate(runs, out, microbatches)
+  plots = os.path.join(out, "plots")
+  os.makedirs(plots, exist_ok=True)
+  written = [os.path.join(out, "table.md"), os.path.join(out, "results.csv")]
+  written.append(os.path.join(out, "runs.csv"))
+  with open(written[0], "w") as f:
+    f.write(markdown(table, suite, missing, microbatches))
+  write_csv(table, written[1])
+  write_runs_csv(table, written[2])
+  for exp, split in dict.fromkeys((r["experiment"], r["split"]) for r in table):
+    rows = [r for r in table if (r["experiment"], r["split"]) == (exp, split)]
+    written.append(os.path.join(plots, f"{exp}_{SPLIT_NAMES[split]}_heads.png"))
+    plot_curves(rows, written[-1])
+    written.append(os.path.join(plots, f"{exp}_{SPLIT_NAMES[split]}_tradeoff.png"))
+    plot_tradeoff(rows, microbatches, written[-1])
+  for K, strategy, combine in dict.fromkeys(
+    (r["stages"], r["strategy"], r["combine"]) for r in table
+  ):
+    sched = schedule.build(parse_strategy(strategy, combine), K, microbatches)
+    written.append(os.path.join(plots, f"gantt_K{K}_{strategy}_{combine}.png"))
+    schedule.gantt(
+      sched.simulate(2),
+      written[-1],
+      title=f"{strategy} ({combine}), K={K}, M={microbatches}: unit-cost model, 2 steps",
+    )
+  return written

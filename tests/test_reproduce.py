@@ -1,0 +1,218 @@
+"""scripts/reproduce.py: the smoke quick suite end to end, skip and resume, claims, the report.
+
+The end-to-end run trains the whole quick suite through the experiment binaries on runlocal
+configs (14 runs of a few steps, two at a time, sharing a compilation cache); the other tests
+reuse its directory or write metrics.jsonl files by hand.
+"""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scripts import reproduce, reproduce_report
+
+QUICK_ROWS = [
+  "local",
+  "pairwise (furthest)",
+  "pairwise (sum)",
+  "3wise (furthest)",
+  "3wise (sum)",
+  "global (furthest)",
+  "global (sum)",
+]
+
+
+def _reproduce(*args, timeout=900):
+  out = subprocess.run(
+    [sys.executable, "-m", "scripts.reproduce", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("smoke")
+  start = time.time()
+  stdout = _reproduce("--suite=quick", "--smoke", f"--out={out}", "--jobs=2", "--claim_settle_s=0")
+  return out, stdout, time.time() - start
+
+
+def _table_rows(text: str, section: str) -> dict[str, list[str]]:
+  """The rows of one '## section' table of table.md, by strategy."""
+  body = text.split(f"## {section}")[1].split("\n## ")[0]
+  rows = [line.strip("|").split("|") for line in body.splitlines() if line.startswith("| ")]
+  return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
+  out, stdout, _ = smoke_dir
+  assert stdout.count(": done in ") == 14
+  text = (out / "table.md").read_text()
+  for section in ("stdlib: test perplexity", "digits: test accuracy"):
+    rows = _table_rows(text, section)
+    assert list(rows) == QUICK_ROWS
+    for name, cells in rows.items():
+      # seeds, 4 heads, gap recovered, steps/s, modelled time, vs global: all numbers.
+      assert cells[0] == "1"
+      for value in cells[1:5] + cells[6:]:
+        float(value)
+      assert cells[4] != "—", name
+    assert float(rows["local"][-1]) < 1.0 == float(rows["global (furthest)"][-1])
+  # Perplexities of different strategies differ even after 4 steps: the gap is defined.
+  stdlib = _table_rows(text, "stdlib: test perplexity")
+  assert stdlib["local"][5] == "0.00" and stdlib["global (furthest)"][5] == "1.00"
+  assert "unit-cost model" in text and "not a measurement" in text
+  with open(out / "results.csv") as f:
+    results = list(csv.DictReader(f))
+  assert len(results) == 14 and {r["split"] for r in results} == {"eval"}
+  assert all(
+    float(r["output_mean"]) > 0 and float(r["modelled_time_per_step"]) > 0 for r in results
+  )
+  plots = {p.name for p in (out / "plots").iterdir()}
+  expected = {
+    f"{e}_test_{kind}.png" for e in ("stdlib", "digits") for kind in ("heads", "tradeoff")
+  }
+  expected |= {f"gantt_K4_{s}_{c}.png" for s, c, _ in reproduce.variants(4)}
+  assert expected <= plots and len(expected) == 4 + 7
+  assert all((out / "plots" / name).stat().st_size > 10_000 for name in expected)
+
+
+def test_second_invocation_skips_finished_runs(smoke_dir):
+  out, _, first_seconds = smoke_dir
+  done = out / "digits-local-s0" / reproduce.DONE_FILE
+  before = done.read_text()
+  start = time.time()
+  stdout = _reproduce("--suite=quick", "--smoke", f"--out={out}")
+  assert stdout.count("finished, skipped") == 14 and "training" not in stdout
+  assert done.read_text() == before
+  assert time.time() - start < first_seconds / 2
+  assert "| local |" in (out / "table.md").read_text()
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(smoke_dir):
+  out, _, _ = smoke_dir
+  # What a run killed between its checkpoints at steps 3 and 6 leaves: no DONE, checkpoint 3.
+  workdir = out / "digits-pairwise-furthest-s0"
+  (workdir / reproduce.DONE_FILE).unlink()
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  stdout = _reproduce(
+    "--suite=quick", "--smoke", f"--out={out}", "--only=digits-pairwise-furthest-*"
+  )
+  assert "[1/1] digits-pairwise-furthest-s0: training" in stdout
+  log = (workdir / reproduce.LOG_FILE).read_text()
+  assert "at step 3." in log.split("$ python")[-1]  # "Resumed from …/checkpoints at step 3."
+  assert (workdir / reproduce.DONE_FILE).exists() and (workdir / "checkpoints" / "6").exists()
+
+
+def test_dry_run_prints_the_selected_commands(tmp_path):
+  stdout = _reproduce(
+    "--suite=quick", "--dry_run", f"--out={tmp_path}", "--only=digits-*-s1,*3wise-sum-s2"
+  )
+  names = [line for line in stdout.splitlines() if line and not line.startswith((" ", "suite"))]
+  variants = [
+    "local",
+    *(f"{s}-{c}" for s in ("pairwise", "3wise", "global") for c in ("furthest", "sum")),
+  ]
+  assert names[:7] == [f"digits-{v}-s1" for v in variants]
+  assert names[7:] == ["stdlib-3wise-sum-s2", "digits-3wise-sum-s2"]
+  assert (
+    f"python -m experiments.resnet --config=experiments/configs/resnet_digits.py:"
+    f"strategy=pairwise,stages=4,combine=sum --workdir={tmp_path}/digits-pairwise-sum-s1 "
+    "--config.seed=1 " in stdout
+  )
+  assert not any(tmp_path.iterdir())  # Nothing trained, nothing written.
+
+
+def test_suites_list_every_distinct_strategy():
+  assert [(s, c) for s, c, _ in reproduce.variants(4)] == [
+    ("local", "furthest"),
+    ("pairwise", "furthest"),
+    ("pairwise", "sum"),
+    ("3wise", "furthest"),
+    ("3wise", "sum"),
+    ("global", "furthest"),
+    ("global", "sum"),
+  ]
+  # At K = 3, 3wise reaches every stage: it is global, and not trained twice.
+  assert [s for s, _, _ in reproduce.variants(3)] == [
+    "local",
+    "pairwise",
+    "pairwise",
+    "global",
+    "global",
+  ]
+  for suite in reproduce.SUITES.values():
+    runs = reproduce.suite_runs(suite)
+    assert len({r.name for r in runs}) == len(runs) == 7 * len(suite.seeds) * len(suite.experiments)
+  quick = reproduce.suite_runs(reproduce.SUITES["quick"])
+  assert {r.seed for r in quick} == {0, 1, 2}
+  with pytest.raises(ValueError, match="matches no run"):
+    reproduce.select(quick, ["nothing-*"])
+
+
+def test_claims_one_holder_stale_taken_over(tmp_path):
+  a, b = reproduce.Claim(str(tmp_path)), reproduce.Claim(str(tmp_path))
+  assert a.take(stale_after_s=60, settle_s=0) is None
+  assert b.take(stale_after_s=60, settle_s=0)["token"] == a.me["token"]  # Live: same host, pid.
+  # Another host's claim: live while its heartbeat is fresh, taken over once stale.
+  other = {"host": "other-host", "pid": 1, "token": "t", "heartbeat": time.time()}
+  (tmp_path / reproduce.CLAIM_FILE).write_text(json.dumps(other))
+  assert b.take(stale_after_s=60, settle_s=0)["host"] == "other-host"
+  other["heartbeat"] -= 120
+  (tmp_path / reproduce.CLAIM_FILE).write_text(json.dumps(other))
+  assert b.take(stale_after_s=60, settle_s=0) is None
+  b.release()
+  assert not (tmp_path / reproduce.CLAIM_FILE).exists()
+  # A dead process on this host holds nothing.
+  dead = {"host": socket.gethostname(), "pid": 2**22 + 7, "token": "d", "heartbeat": time.time()}
+  (tmp_path / reproduce.CLAIM_FILE).write_text(json.dumps(dead))
+  assert a.take(stale_after_s=60, settle_s=0) is None
+
+
+def _fake_run(out, run, finals: dict, steps=(10, 20), rate=5.0):
+  """A finished run whose metrics.jsonl ends with `finals` (key -> value)."""
+  workdir = out / run.name
+  workdir.mkdir()
+  rows = [
+    {"step": s, "steps_per_sec": rate, **{k: v * s / steps[-1] for k, v in finals.items()}}
+    for s in steps
+  ]
+  rows.append({"step": steps[-1], "steps_per_sec": rate})
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (workdir / reproduce.DONE_FILE).write_text(json.dumps({"args": run.args()}))
+
+
+def test_report_mean_sd_gap_and_splits(tmp_path):
+  # Perplexity, K = 4, 2 seeds: local 8/10 -> 9, global 4/6 -> 5, pairwise-sum 6/8 -> 7 (gap 0.5).
+  runs = reproduce.suite_runs(reproduce.SUITES["quick"], seeds=[0, 1])
+  output = {"local": 9.0, "global (furthest)": 5.0, "pairwise (sum)": 7.0}
+  chosen = [r for r in runs if r.experiment.label == "stdlib" and r.variant in output]
+  for r in chosen:
+    value = output[r.variant] + (1 if r.seed else -1)
+    finals = {f"eval/head{k}/perplexity": value + 4 - k for k in range(1, 5)}
+    _fake_run(tmp_path, r, finals | {"val/head4/perplexity": value, "val/head1/perplexity": 2.0})
+  table = reproduce_report.aggregate(chosen, str(tmp_path), microbatches=8)
+  test = {r["variant"]: r for r in table if r["split"] == "eval"}
+  assert test["pairwise (sum)"]["output"] == (7.0, pytest.approx(2**0.5))
+  assert test["pairwise (sum)"]["head1"][0] == 10.0
+  assert test["pairwise (sum)"]["gap"] == pytest.approx(0.5)
+  assert test["local"]["gap"] == 0.0 and test["global (furthest)"]["gap"] == 1.0
+  assert test["local"]["steps_per_sec"] == (5.0, 0.0)
+  assert test["local"]["modelled_vs_global"] < 1.0
+  assert {r["split"] for r in table} == {"eval", "val"}
+  written = reproduce_report.write(str(tmp_path), suite="t", runs=chosen, missing=["x-s9"])
+  text = (tmp_path / "table.md").read_text()
+  assert "## stdlib: validation perplexity" in text and "x-s9" in text
+  assert "| pairwise (sum) | 2 | 10.00 ± 1.41 | 9.00 ± 1.41 |" in text
+  assert all(os.path.getsize(p) > 0 for p in written)
