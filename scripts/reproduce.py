@@ -1,6 +1,6 @@
 """Reproduces the paper's comparisons: one suite of runs, over strategies and seeds, then a table.
 
-  python -m scripts.reproduce --suite quick --out runs/quick            # ~1 h on a 2-core CPU
+  python -m scripts.reproduce --suite quick --out runs/quick            # 56 min on a 2-core CPU
   python -m scripts.reproduce --suite cifar10 --out /mnt/bucket/cifar10 --dry_run
   python -m scripts.reproduce --suite quick --out /tmp/smoke --smoke    # tiny, end to end
 
@@ -191,8 +191,8 @@ SUITES = {
   for s in [
     Suite(
       "quick",
-      "this 2-core CPU box, offline; 42 runs, ~55 min unloaded (stdlib ~2 min a run, digits "
-      "~25 s).",
+      "this 2-core CPU box, offline; 42 runs: 56 min measured on a shared box (stdlib "
+      "150 steps: 80-190 s a run; digits 300 steps: 17-27 s).",
       (
         Experiment(
           "stdlib",

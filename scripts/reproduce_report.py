@@ -116,7 +116,8 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
     glob = next((r for r in same if r["strategy"] == "global" and r["combine"] == "furthest"), None)
     denom = glob["output"][0] - local["output"][0] if glob and local else math.nan
     ok = math.isfinite(denom) and denom != 0
-    row["gap"] = (row["output"][0] - local["output"][0]) / denom if ok else math.nan
+    gap = (row["output"][0] - local["output"][0]) / denom if ok else math.nan
+    row["gap"] = gap + 0.0  # Local's own gap is 0, not -0.
     row["modelled_vs_global"] = row["modelled"] / glob["modelled"] if glob else math.nan
   return table
 
@@ -144,7 +145,7 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
     for r in rows:
       cells = [_fmt(*r[f"head{k}"], kind) for k in range(1, K + 1)]
       sps = r["steps_per_sec"]
-      gap = "—" if math.isnan(r["gap"]) else f"{r['gap'] + 0.0:.2f}"  # No "-0.00".
+      gap = "—" if math.isnan(r["gap"]) else f"{r['gap']:.2f}"
       lines.append(
         f"| {r['variant']} | {len(r['seeds'])} | {' | '.join(cells)} | "
         f"{gap} | {_fmt(*sps, 'steps/s')} | "
