@@ -204,8 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train_and_evaluate(config, workdir)
 
 
-def _optimizer_fields(config: ml_collections.ConfigDict) -> dict:
-  """config.optimizer, with the warm-up clamped to the run (short smoke runs exceed it)."""
+def make_optimizer(config: ml_collections.ConfigDict):
+  """config's (optimizer, learning-rate schedule), the warm-up clamped to the run (short smoke
+  runs exceed it): what the train state's optimizer states are built with."""
   fields = config.optimizer.to_dict()
   if fields["warmup_steps"] > config.total_steps:
     logging.warning(
@@ -216,7 +217,9 @@ def _optimizer_fields(config: ml_collections.ConfigDict) -> dict:
       config.total_steps,
     )
     fields["warmup_steps"] = config.total_steps
-  return fields
+  return state.make_optimizer(
+    learning_rate=config.learning_rate, total_steps=config.total_steps, **fields
+  )
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -224,9 +227,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   strategy = parse_strategy(config.strategy, config.combine)
   config_dict = config.to_dict()
   ckpt.check_compatible(workdir, config_dict, allow_change=config.get("allow_config_change", False))
-  tx, schedule = state.make_optimizer(
-    learning_rate=config.learning_rate, total_steps=config.total_steps, **_optimizer_fields(config)
-  )
+  tx, schedule = make_optimizer(config)
   built = families.build(config, workdir)
   model, data, task = built.model, built.data, built.task
   executor = executors.make(config, model, task, strategy, tx, schedule, built.input_spec)

@@ -489,7 +489,9 @@ def main(argv):
     out,
     suite=f"{suite.name}{' (smoke)' if FLAGS.smoke else ''}",
     runs=finished,
-    missing=[r.name for r in all_runs if r not in finished],
+    # Only what this command asked for counts as missing (--only narrows it); the table still
+    # holds every finished run in DIR, e.g. those another host trained.
+    missing=[r.name for r in runs if r not in finished],
     microbatches=FLAGS.pipeline_microbatches,
   )
   with open(written[0]) as f:

