@@ -244,10 +244,7 @@ class SpmdExecutor:
       a one-step call, whose metrics are scalars.
     """
     inputs, targets = batch
-    num = jax.tree.leaves(inputs)[0].shape[0]
-    if num not in self._programs:
-      self._programs[num] = self._build(num, inputs, targets)
-    return self._programs[num](st, inputs, targets)
+    return self._program(inputs, targets)(st, inputs, targets)
 
   def eval_step(self, st: PackedState, batch: dict) -> dict:
     """Every head's evaluation sums, stage by stage on its own devices (state unpacked once
@@ -259,12 +256,16 @@ class SpmdExecutor:
   def lower(self, st: PackedState, batch: tuple):
     """The jitted program for `batch`'s step count, lowered (for HLO and memory analysis)."""
     inputs, targets = batch
+    return self._program(inputs, targets).lower(st, inputs, targets)
+
+  # --- The program ------------------------------------------------------------------------
+
+  def _program(self, inputs, targets):
+    """The jitted program for calls of as many steps as `inputs` holds (built once)."""
     num = jax.tree.leaves(inputs)[0].shape[0]
     if num not in self._programs:
       self._programs[num] = self._build(num, inputs, targets)
-    return self._programs[num].lower(st, inputs, targets)
-
-  # --- The program ------------------------------------------------------------------------
+    return self._programs[num]
 
   def _build(self, num_steps: int, inputs, targets):
     """The jitted program for calls of `num_steps` optimizer steps."""
