@@ -9,7 +9,9 @@ under one resumes under another (or under another microbatch count).
              (`ilbp.steps`): the exactness reference.
   dataflow   one program per stage and operation, stage k's state on stage k's devices,
              asynchronous dispatch in schedule order (`ilbp.pipeline.dataflow`). One host.
-  spmd       one program over a ('stage', 'data') mesh: not built yet.
+  spmd       one program over a ('stage', 'data') mesh: a scan over the schedule's ticks,
+             stages packed on a 'stage' axis, `steps_per_call` steps per call
+             (`ilbp.pipeline.spmd`).
 
 `config.execution` (see experiments/configs/common.py) chooses and configures the executor;
 `validate` checks it before anything is built or compiled.
@@ -31,22 +33,47 @@ KINDS = ("fused", "dataflow", "spmd")
 
 
 class Executor(Protocol):
-  """The seam between the training loop and how a step runs."""
+  """The seam between the training loop and how a step runs.
 
-  def init_state(self, rng: jax.Array) -> state.TrainState:
-    """A fresh TrainState on this executor's devices."""
+  The live state is whatever `init_state` returns (a TrainState, or the SPMD executor's packed
+  form); `unpack_state` / `pack_state` convert it to and from the one `TrainState` layout
+  that checkpoints hold, so a run may resume under another executor.
+  """
+
+  steps_per_call: int  # Optimizer steps one `train_steps` call runs (1: `train_step` only).
+
+  def init_state(self, rng: jax.Array) -> Any:
+    """A fresh live state on this executor's devices."""
 
   def state_target(self, rng: jax.Array) -> state.TrainState:
     """The abstract TrainState (shapes, dtypes, shardings) to restore a checkpoint onto."""
 
+  def pack_state(self, st: state.TrainState) -> Any:
+    """A TrainState (e.g. restored onto `state_target`) -> the live state."""
+
+  def unpack_state(self, st: Any) -> state.TrainState:
+    """The live state -> a TrainState (what a checkpoint saves)."""
+
   def put_batch(self, batch: dict) -> Any:
     """This process's numpy training batch -> what `train_step` takes, on the devices."""
 
-  def train_step(self, st: state.TrainState, batch: Any) -> tuple[state.TrainState, dict]:
+  def train_step(self, st: Any, batch: Any) -> tuple[Any, dict]:
     """One optimizer step; may return before the devices finish (asynchronous dispatch)."""
 
-  def eval_step(self, st: state.TrainState, batch: dict) -> dict:
+  def eval_step(self, st: Any, batch: dict) -> dict:
     """Evaluation sums of every head (`steps.make_eval_step`) of this process's numpy batch."""
+
+
+class TrainStateIsLive:
+  """For executors whose live state is the TrainState itself: one step per call."""
+
+  steps_per_call = 1
+
+  def pack_state(self, st: state.TrainState) -> state.TrainState:
+    return st
+
+  def unpack_state(self, st: state.TrainState) -> state.TrainState:
+    return st
 
 
 def data_parallel(execution: ml_collections.ConfigDict, devices: int) -> int:
@@ -70,10 +97,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"Unknown config.execution.kind={ex.kind!r}; valid: {', '.join(KINDS)} "
       "(fused: one program, data parallel; dataflow: one program per stage)."
     )
-  if ex.kind == "spmd":
+  per_call = ex.get("steps_per_call", 1)
+  if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 1:
+    raise ValueError(f"config.execution.steps_per_call must be an integer >= 1, got {per_call!r}.")
+  if per_call > 1 and ex.kind != "spmd":
     raise ValueError(
-      "config.execution.kind='spmd' (one program over a ('stage', 'data') mesh) is not built "
-      "yet; use 'dataflow' for stages on their own devices, or 'fused'."
+      f"config.execution.steps_per_call={per_call} runs several optimizer steps in one program, "
+      f"which only config.execution.kind='spmd' does (got {ex.kind!r}); set steps_per_call=1 "
+      "or kind='spmd'."
     )
   if ex.gradients not in GRADIENT_METHODS[:2]:
     raise ValueError(f"Unknown config.execution.gradients={ex.gradients!r}; valid: engine, spec.")
@@ -93,13 +124,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"config.execution.data_parallel={d} but only {num_devices} devices are visible; "
       "leave it unset to use them all."
     )
-  if ex.kind == "dataflow":
-    if jax.process_count() > 1:
-      raise ValueError(
-        "config.execution.kind='dataflow' drives every stage from one Python thread and runs "
-        f"on one host, but this job has {jax.process_count()} processes; use 'fused' (data "
-        "parallel over every process) on multi-host slices."
-      )
+  if ex.kind == "dataflow" and jax.process_count() > 1:
+    raise ValueError(
+      "config.execution.kind='dataflow' drives every stage from one Python thread and runs "
+      f"on one host, but this job has {jax.process_count()} processes; use 'fused' (data "
+      "parallel over every process) on multi-host slices."
+    )
+  if ex.kind in ("dataflow", "spmd"):
     placement.check_stage_devices(config.num_stages, d, num_devices)
   for field in ("batch_size", "eval_batch_size"):
     size = int(config[field])
@@ -115,7 +146,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       )
 
 
-class FusedExecutor:
+class FusedExecutor(TrainStateIsLive):
   """The whole network as one jitted program, data parallel over a ("data",) mesh.
 
   Args:
@@ -197,7 +228,18 @@ def make(
     return FusedExecutor(
       *args, microbatches=ex.microbatches, gradients=ex.gradients, devices=devices
     )
-  from ilbp.pipeline import dataflow  # Only pipelined runs import the pipeline.
+  if ex.kind == "spmd":
+    from ilbp.pipeline import spmd  # Only pipelined runs import the pipeline.
+
+    return spmd.SpmdExecutor(
+      *args,
+      microbatches=ex.microbatches,
+      continuous=ex.continuous,
+      data_parallel=d,
+      steps_per_call=ex.get("steps_per_call", 1),
+      devices=jax.devices()[: config.num_stages * d],
+    )
+  from ilbp.pipeline import dataflow
 
   return dataflow.DataflowExecutor(
     *args, microbatches=ex.microbatches, continuous=ex.continuous, data_parallel=d

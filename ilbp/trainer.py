@@ -222,6 +222,38 @@ def make_optimizer(config: ml_collections.ConfigDict):
   )
 
 
+def call_size(done: int, config: ml_collections.ConfigDict, per_call: int) -> int:
+  """Optimizer steps the next executor call runs after `done` steps: `per_call` when no
+  evaluation, checkpoint or the run's end falls before the call's last step (the state is only
+  seen between calls), else 1 (a one-step call, compiled once more)."""
+  last = done + per_call
+  if per_call == 1 or last > config.total_steps:
+    return 1
+  for step in range(done + 1, last):
+    if step % config.eval_every_steps == 0 or step % config.checkpoint_every_steps == 0:
+      return 1
+  return per_call
+
+
+def _run_steps(executor, st, batches, start: int, config: ml_collections.ConfigDict):
+  """Yields (step, metrics, state after the call that ran it) for steps start+1..total_steps,
+  `executor.steps_per_call` steps per call where `call_size` allows."""
+  step = start
+  while step < config.total_steps:
+    n = call_size(step, config, executor.steps_per_call)
+    if n == 1:
+      st, metrics = executor.train_step(st, executor.put_batch(next(batches)))
+      per_step = [metrics]
+    else:
+      st, stacked = executor.train_steps(
+        st, executor.put_batches([next(batches) for _ in range(n)])
+      )
+      per_step = [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(n)]
+    for metrics in per_step:
+      step += 1
+      yield step, metrics, st
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`train_and_evaluate` once the config is valid and the workdir lock is held."""
   strategy = parse_strategy(config.strategy, config.combine)
@@ -251,7 +283,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if latest is not None:
     # Restore straight onto the executor's abstract state (its shardings, whichever executor
     # wrote the checkpoint): no throw-away initialisation in memory.
-    st = checkpointer.restore(latest, executor.state_target(rng))
+    st = executor.pack_state(checkpointer.restore(latest, executor.state_target(rng)))
     _console(f"Resumed from {workdir}/checkpoints at step {latest}.")
   else:
     st = executor.init_state(rng)
@@ -270,8 +302,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   last_eval: dict = {}
   t0 = time.time()
   try:
-    for step in range(start + 1, config.total_steps + 1):
-      st, metrics = executor.train_step(st, executor.put_batch(next(batches)))
+    for step, metrics, live in _run_steps(executor, st, batches, start, config):
+      st = live
       pending.append((step, metrics))
       is_last = step == config.total_steps
       do_eval = step % config.eval_every_steps == 0 or is_last
@@ -309,7 +341,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if do_log or do_eval:
         writer.flush()
       if do_ckpt:
-        checkpointer.save(step, st)
+        checkpointer.save(step, executor.unpack_state(st))
   finally:
     checkpointer.close()
     writer.flush()

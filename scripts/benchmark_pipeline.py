@@ -7,16 +7,23 @@ Usage (from the repository root; forced CPU devices are set up here when none ar
       --executors=dataflow,fused --json_out=/tmp/pipe.json --gantt_dir=/tmp/gantt
   .venv/bin/python -m scripts.benchmark_pipeline --model=transformer --stages=2
 
-Rows: every strategy on every executor. On `dataflow`, a strategy of reach < K runs
+Rows: every strategy on every executor. On `dataflow` and `spmd`, a strategy of reach < K runs
 `continuous` (no flush between steps) and `flushed`; global runs flushed — its semantics force
 the flush — as a one-forward-one-backward pipeline (dispatched without a host wait: its own
 dependencies flush it). That global row is the baseline every row
 on the same executor is divided by (`vs global`). `fused` runs the whole network as one program
 on one device (no pipelining, the same M microbatches): a second, unpipelined reference.
+`spmd` runs one program over a ('stage', 'data') mesh; a call runs --spmd_steps_per_call
+steps (continuous within a call), and its rows add the compiled program's memory per device
+(`memory_analysis`: arguments + outputs + temporaries - aliased) and the padding its flat
+buffers carry per device (the widest stage's state and stored-input slots, `padding`).
 
 Measured: `ms/step` is the median over --chunks of (wall time of --steps_per_chunk consecutive
 steps, blocking only at the end) / steps_per_chunk, after a warm-up chunk; rows are timed
 round-robin, one chunk each per round, so drift on a shared machine hits all rows alike.
+Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
+the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group,
+a B op that waits for a cotangent from above paying a recomputed forward).
 Predicted (dataflow): the schedule's simulation (`ilbp.pipeline.schedule`) with per-op costs
 measured here, each program timed alone (`DataflowExecutor.measure_costs`), and the measured
 activation transfer as the latency between stages. `in-flight` is the most microbatches whose
@@ -52,7 +59,7 @@ from ilbp import executor as executors
 from ilbp import families, tasks
 from ilbp import state as train_state
 from ilbp.models import resnet, transformer
-from ilbp.pipeline import dataflow
+from ilbp.pipeline import dataflow, spmd, ticks
 from ilbp.pipeline import schedule as schedule_lib
 from ilbp.strategy import strategy as parse_strategy
 
@@ -68,7 +75,10 @@ _MICRO = flags.DEFINE_integer("microbatches", 8, "Microbatches M per optimizer s
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size (images or sequences) per step.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["local", "pairwise", "global"], "Strategies.")
 _COMBINE = flags.DEFINE_enum("combine", "furthest", ["furthest", "sum"], "Combine rule.")
-_EXECUTORS = flags.DEFINE_list("executors", ["dataflow"], "dataflow and/or fused.")
+_EXECUTORS = flags.DEFINE_list("executors", ["dataflow"], "dataflow, spmd and/or fused.")
+_SPMD_PER_CALL = flags.DEFINE_integer(
+  "spmd_steps_per_call", 8, "spmd: optimizer steps per call (divides --steps_per_chunk)."
+)
 _MODES = flags.DEFINE_list(
   "modes", ["continuous", "flushed"], "Dataflow modes for reach < K (global is always flushed)."
 )
@@ -138,8 +148,8 @@ def make_rows(model, task, spec) -> list[dict]:
     if mode not in ("continuous", "flushed"):
       raise ValueError(f"--modes: unknown {mode!r}; valid: continuous, flushed.")
   for kind in _EXECUTORS.value:
-    if kind not in ("dataflow", "fused"):
-      raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused (spmd: not built).")
+    if kind not in ("dataflow", "fused", "spmd"):
+      raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused, spmd.")
     for name in _STRATEGIES.value:
       strat = parse_strategy(name, _COMBINE.value)
       is_global = strat.reach_for(k) == k
@@ -148,6 +158,13 @@ def make_rows(model, task, spec) -> list[dict]:
         args = (model, task, strat, tx, sched, spec)
         if kind == "fused":
           ex = executors.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
+        elif kind == "spmd":
+          ex = spmd.SpmdExecutor(
+            *args,
+            microbatches=m,
+            continuous=mode == "continuous" or is_global,
+            steps_per_call=_SPMD_PER_CALL.value,
+          )
         else:
           # Global's own dependencies flush every step; dispatching it without a host wait
           # (continuous=True) keeps the baseline free of a per-step block that it does not need.
@@ -161,16 +178,25 @@ def make_rows(model, task, spec) -> list[dict]:
 
 def time_rows(rows: list[dict], batch: dict) -> None:
   """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin)."""
+  per_call = _SPMD_PER_CALL.value
+  if _STEPS.value % per_call:
+    raise ValueError(f"--spmd_steps_per_call={per_call} must divide --steps_per_chunk.")
   for row in rows:
     row["state"] = row["ex"].init_state(jax.random.PRNGKey(_SEED.value))
-    row["batch"] = row["ex"].put_batch(batch)
+    spmd_row = row["executor"] == "spmd"
+    row["batch"] = (
+      row["ex"].put_batches([batch] * per_call) if spmd_row else row["ex"].put_batch(batch)
+    )
     row["times"] = []
   for r in range(_CHUNKS.value + 1):
     for row in rows:
       ex, st = row["ex"], row["state"]
       jax.block_until_ready(st)
       start = time.perf_counter()
-      for _ in range(_STEPS.value):
+      if row["executor"] == "spmd":
+        for _ in range(_STEPS.value // per_call):
+          st, metrics = ex.train_steps(st, row["batch"])
+      for _ in range(_STEPS.value if row["executor"] != "spmd" else 0):
         st, metrics = ex.train_step(st, row["batch"])
       jax.block_until_ready((st, metrics))
       if r:  # The first round compiles and warms up.
@@ -206,9 +232,43 @@ def measure(rows: list[dict]) -> None:
     row["transfer_ms"], row["slowdown"] = comm, slowdown
 
 
+def predict_spmd(row: dict, flow: list[dict]) -> None:
+  """The lock-step tick model with the dataflow rows' pooled op costs (same strategy); the
+  compiled program's memory per device, and the padding of the flat buffers."""
+  ex = row["ex"]
+  compiled = ex.lower(row["state"], row["batch"]).compile()
+  mem = compiled.memory_analysis()
+  used = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+  pad = ex.padding(_BATCH.value)
+  row.update(
+    memory_mb_per_device=(used - mem.alias_size_in_bytes) / 1e6,
+    padding_kb_per_device=(
+      max(pad["state_padding_bytes_per_stage"]) + max(pad["slot_padding_bytes_per_stage"])
+    )
+    / 1e3,
+    padding=pad,
+    inflight_microbatches_max=pad["slots"]["inputs"],
+    predicted_ms_per_step=None,
+    predicted_alone_ms_per_step=None,
+    bubble_fraction=None,
+  )
+  same = [r for r in flow if r["s"] == row["s"]]
+  if not same:
+    return
+  costs, comm, slowdown = same[0]["costs"], same[0]["transfer_ms"], same[0]["slowdown"]
+  sched = schedule_lib.build(row["s"], ex.K, ex.M, ex.schedule.continuous, costs=costs)
+  table = ticks.build(sched, ex.steps_per_call)
+  per_step = lambda slow: (
+    (ticks.predict_time(table, sched, slow) + comm * table.num_ticks) / (ex.steps_per_call)
+  )
+  row.update(predicted_ms_per_step=per_step(slowdown), predicted_alone_ms_per_step=per_step(1.0))
+
+
 def predict(row: dict) -> None:
   """Measured op costs -> the schedule's predicted ms per step, in-flight and bubble."""
   ex = row["ex"]
+  if row["executor"] == "spmd":
+    return
   if row["executor"] != "dataflow":
     row.update(
       predicted_ms_per_step=None,
@@ -254,9 +314,11 @@ def print_table(rows: list[dict]) -> None:
     ("pred/meas", "predicted_over_measured", ".3f"),
     ("in-flight", "inflight_microbatches_max", "d"),
     ("bubble", "bubble_fraction", ".2f"),
+    ("mem MB/dev", "memory_mb_per_device", ".1f"),
+    ("pad KB/dev", "padding_kb_per_device", ".1f"),
   ]
   cells = [[c[0] for c in columns]] + [
-    [fmt(r[key], spec) for _, key, spec in columns] for r in rows
+    [fmt(r.get(key), spec) for _, key, spec in columns] for r in rows
   ]
   widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
   for i, line in enumerate(cells):
@@ -286,8 +348,11 @@ def main(argv: list[str]) -> None:
   rows = make_rows(model, task, spec)
   time_rows(rows, batch)
   measure(rows)
+  flow = [r for r in rows if r["executor"] == "dataflow"]
   for row in rows:
     predict(row)
+    if row["executor"] == "spmd":
+      predict_spmd(row, flow)
   base = {
     r["executor"]: statistics.median(r["times"])
     for r in rows

@@ -63,3 +63,60 @@ def run_with_devices(script: str, num_devices: int, *, timeout: int = 900) -> st
   )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   return out.stdout
+
+
+class Preempted(Exception):
+  """Raised by the data stream of `crash_after`: a run killed between checkpoints."""
+
+
+def crash_after(num_batches: int):
+  """Makes every run built from now on raise Preempted when it asks for batch `num_batches`
+  (0-based); returns the real `families.build` to put back."""
+  from ilbp import families
+
+  real = families.build
+
+  def build(c, w):
+    built = real(c, w)
+    source = built.data
+
+    def batches(start):
+      for i, batch in enumerate(source.train_batches(start)):
+        if i == num_batches:
+          raise Preempted()
+        yield batch
+
+    data = type(source)(**{**source.__dict__, "train_batches": batches})
+    return families.Built(built.model, data, built.task, built.input_spec)
+
+  families.build = build
+  return real
+
+
+def checkpoint_params(workdir: str) -> list:
+  """Every stage's params in the newest checkpoint of `workdir`."""
+  from ilbp.checkpoint import Checkpointer
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return [s["params"] for s in ckpt.restore(ckpt.latest_step())["stages"]]
+  finally:
+    ckpt.close()
+
+
+def assert_trained_alike(reference, state, reference_metrics: dict, metrics: dict) -> None:
+  """Two executors' TrainStates and step metrics agree to 1e-5 relative to each element, or to
+  the tensor's largest element: different XLA fusions of the same float32 sums differ in the
+  last bits."""
+  import numpy as np
+
+  assert sorted(reference_metrics) == sorted(metrics), (sorted(reference_metrics), sorted(metrics))
+  paths = jax.tree_util.tree_flatten_with_path(reference)[0]
+  for (path, x), y in zip(paths, jax.tree.leaves(state), strict=True):
+    scale = float(np.max(np.abs(x))) if np.size(x) else 0.0
+    np.testing.assert_allclose(
+      y, x, rtol=1e-5, atol=max(1e-5 * scale, 1e-7), err_msg=jax.tree_util.keystr(path)
+    )
+  for key in reference_metrics:
+    np.testing.assert_allclose(metrics[key], reference_metrics[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)  # fmt: skip

@@ -16,7 +16,7 @@ from ilbp import executor, trainer
 COMMON = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np
-  from conftest import conv_bn_model
+  from conftest import assert_trained_alike, conv_bn_model
   import ilbp
   from ilbp import executor, interlock, state
   from ilbp.models import resnet, transformer
@@ -47,16 +47,8 @@ COMMON = textwrap.dedent(
       a, ma = fused.train_step(a, fused.put_batch(batch))
       b, mb = flow.train_step(b, flow.put_batch(batch))
     a, b, ma, mb = jax.device_get((a, b, ma, mb))
-    assert int(b.step) == 3 and sorted(ma) == sorted(mb), (sorted(ma), sorted(mb))
-    # 1e-5 relative to each element, or to the tensor's largest element: different XLA fusions
-    # of the same float32 sums differ in the last bits.
-    paths = jax.tree_util.tree_flatten_with_path(a)[0]
-    for (path, x), y in zip(paths, jax.tree.leaves(b)):
-      scale = float(np.max(np.abs(x))) if np.size(x) else 0.0
-      np.testing.assert_allclose(y, x, rtol=1e-5, atol=max(1e-5 * scale, 1e-7),
-                                 err_msg=jax.tree_util.keystr(path))
-    for key in ma:
-      np.testing.assert_allclose(mb[key], ma[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert int(b.step) == 3
+    assert_trained_alike(a, b, ma, mb)
     ea, eb = jax.device_get((fused.eval_step(a, batch), flow.eval_step(b, batch)))
     for key in ea:
       np.testing.assert_allclose(eb[key], ea[key], rtol=1e-5, atol=1e-5, err_msg=key)
@@ -125,8 +117,8 @@ RESUME = textwrap.dedent(
   """
   import os, shutil, jax, numpy as np
   from experiments.configs import resnet_digits
+  from conftest import Preempted, checkpoint_params, crash_after
   from ilbp import families, trainer
-  from ilbp.checkpoint import Checkpointer
 
   def config(kind, **kw):
     c = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
@@ -136,30 +128,6 @@ RESUME = textwrap.dedent(
       setattr(c, k, v)
     return c
 
-  class Preempted(Exception):
-    pass
-
-  def crash_after(n):
-    real = families.build
-    def build(c, w):
-      built = real(c, w)
-      source = built.data
-      def batches(start):
-        for i, batch in enumerate(source.train_batches(start)):
-          if i == n:
-            raise Preempted()
-          yield batch
-      data = type(source)(**{**source.__dict__, "train_batches": batches})
-      return families.Built(built.model, data, built.task, built.input_spec)
-    families.build = build
-    return real
-
-  def params(workdir):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-      return [s["params"] for s in ckpt.restore(ckpt.latest_step())["stages"]]
-    finally:
-      ckpt.close()
 
   root = os.environ["TMP_ROOT"]
   final = trainer.train_and_evaluate(config("dataflow"), f"{root}/straight")
@@ -176,7 +144,8 @@ RESUME = textwrap.dedent(
     again = trainer.train_and_evaluate(config(resume_kind), work)
     for key, value in final.items():
       np.testing.assert_allclose(again[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-    for x, y in zip(jax.tree.leaves(params(f"{root}/straight")), jax.tree.leaves(params(work))):
+    for x, y in zip(jax.tree.leaves(checkpoint_params(f"{root}/straight")),
+                    jax.tree.leaves(checkpoint_params(work))):
       np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     print("RESUMED", resume_kind, flush=True)
   """
@@ -192,7 +161,9 @@ def test_dataflow_resume_equals_uninterrupted_and_resumes_under_fused(tmp_path):
   "overrides, message",
   [
     ({"execution.kind": "pipelined"}, "fused, dataflow, spmd"),
-    ({"execution.kind": "spmd"}, "not built yet"),
+    ({"execution.kind": "spmd"}, "XLA_FLAGS=--xla_force_host_platform_device_count=3"),
+    ({"execution.steps_per_call": 2}, "only config.execution.kind='spmd'"),
+    ({"execution.kind": "spmd", "execution.steps_per_call": 0}, "steps_per_call must be"),
     ({"execution.microbatches": 3}, "microbatches"),
     ({"execution.microbatches": 0}, "microbatches must be >= 1"),
     ({"execution.kind": "dataflow"}, "XLA_FLAGS=--xla_force_host_platform_device_count=3"),

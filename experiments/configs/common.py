@@ -80,7 +80,8 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.execution = ml_collections.ConfigDict()
   # "fused" (one program, data parallel over every device), "dataflow" (stage k on its own
-  # devices, one program per stage and operation), "spmd" (not built yet).
+  # devices, one program per stage and operation), "spmd" (one program over a
+  # ('stage', 'data') mesh: a scan over the schedule's ticks).
   c.execution.kind = "fused"
   # M: the batch is split into M microbatches (gradients accumulate; BatchNorm statistics
   # per microbatch). Pipelines overlap stages across microbatches.
@@ -90,6 +91,9 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.execution.continuous = True
   # D: devices per stage for pipelines (K·D in all; None = 1); fused: None = every device.
   c.execution.data_parallel = ml_collections.config_dict.placeholder(int)
+  # spmd: optimizer steps per program call, without a flush between them where the strategy
+  # allows; eval/checkpoint steps inside a call's span fall back to one-step calls.
+  c.execution.steps_per_call = 1
   # "engine" (per-stage VJPs) or "spec" (jax.grad of the stop_gradient composition; fused only).
   c.execution.gradients = "engine"
   return c

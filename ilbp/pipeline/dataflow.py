@@ -40,9 +40,11 @@ import numpy as np
 import optax
 
 from ilbp import interlock, placement, steps
+from ilbp.executor import TrainStateIsLive
 from ilbp.pipeline import schedule as schedule_lib
+from ilbp.pipeline import stage_ops
 from ilbp.staged import StagedModel
-from ilbp.state import StageState, TrainState, init_keys, init_stage_state, update_stage
+from ilbp.state import StageState, TrainState
 from ilbp.strategy import Strategy
 
 PyTree = Any
@@ -71,46 +73,14 @@ class PlacedBatch:
 # Inputs are committed to stage k's devices, so every program runs there.
 
 
-@functools.partial(jax.jit, static_argnames=("model", "k"))
-def _forward(params, stage_state, rng, step, m, x, *, model: StagedModel, k: int):
-  """F: stage k's forward of microbatch m under `jax.vjp` -> (a_k, vjp, new stage state)."""
-  key = steps.microbatch_rng(rng, step, m)
-  f = lambda p, x: model.stage_apply(
-    k, {"stage": p}, {"stage": stage_state}, x, train=True, rng=key
-  )
-  return interlock.stage_forward(f, params, x, has_aux=True)
+_forward = jax.jit(stage_ops.forward, static_argnames=("model", "k"))
+"""F: stage k's forward of microbatch m under `jax.vjp` -> (a_k, vjp, new stage state)."""
 
+_loss = jax.jit(stage_ops.loss, static_argnames=("model", "task", "k", "needs_input"))
+"""H: loss k of microbatch m -> (cotangent or None, head grad sums, head state, metrics)."""
 
-@functools.partial(jax.jit, static_argnames=("model", "task", "k", "needs_input"))
-def _loss(params, head_state, rng, step, m, a, targets, grads, *, model, task, k, needs_input):
-  """H: loss k of microbatch m -> (cotangent or None, head grad sums, head state, metrics)."""
-  key = steps.microbatch_rng(rng, step, m)
-  is_head = k < model.num_stages - 1
-  head = lambda p, a: model.head_apply(k, {"head": p}, {"head": head_state}, a, train=True, rng=key)
-  value, metrics, head_grads, cot, new_head_state = interlock.loss_step(
-    head if is_head else None,
-    task.loss,
-    params,
-    a,
-    targets,
-    needs_input=needs_input,
-    has_aux=is_head,
-    loss_has_aux=True,
-  )
-  if is_head:
-    grads = jax.tree.map(jnp.add, grads, head_grads)
-  else:
-    new_head_state = head_state
-  return cot, grads, new_head_state, {"loss": value, **metrics}
-
-
-@functools.partial(jax.jit, static_argnames=("op",))
-def _backward(vjp, cotangents, grads, *, op: interlock.BackwardOp):
-  """B: one backward-plan op -> (stage grad sums, {loss j: cotangent for the stage below})."""
-  d_params, passed = interlock.stage_backward(vjp, op, cotangents)
-  if d_params is not None:
-    grads = jax.tree.map(jnp.add, grads, d_params)
-  return grads, passed
+_backward = jax.jit(stage_ops.backward, static_argnames=("op",))
+"""B: one backward-plan op -> (stage grad sums, {loss j: cotangent for the stage below})."""
 
 
 @functools.partial(
@@ -119,27 +89,16 @@ def _backward(vjp, cotangents, grads, *, op: interlock.BackwardOp):
 def _update(stage, model_state, sums, per_microbatch, step, *, optimizer, lr, k, num_stages, m):
   """U: stage k's optimizer update with the mean over its m microbatches -> (new stage state,
   zero gradient sums for the next step, the stage's metrics)."""
-  grads = jax.tree.map(lambda g: g / m, sums)
-  stage, norms = update_stage(
-    optimizer, stage.replace(model_state=model_state), grads, k, num_stages
-  )
   mean = steps.mean_metrics(jax.tree.map(lambda *xs: jnp.stack(xs), *per_microbatch))
-  metrics = {f"head{k + 1}/{name}": v for name, v in mean.items()}
-  metrics.update(norms)
-  if k == 0 and lr is not None:
-    metrics["learning_rate"] = lr(step)
+  stage, metrics = stage_ops.update(
+    optimizer, lr, k, num_stages, m, stage.replace(model_state=model_state), sums, mean, step
+  )
   return stage, jax.tree.map(jnp.zeros_like, sums), metrics
 
 
 @jax.jit
 def _zeros_like(tree):
   return jax.tree.map(jnp.zeros_like, tree)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "task", "k"))
-def _evaluate(params, model_state, a, targets, *, model, task, k):
-  """Stage k's inference forward and its head's evaluation sums."""
-  return steps.eval_stage(model, task, k, params, model_state, a, targets)
 
 
 def _timed(fn: Callable, repeats: int) -> float:
@@ -153,7 +112,7 @@ def _timed(fn: Callable, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-class DataflowExecutor:
+class DataflowExecutor(TrainStateIsLive):
   """Stages on their own devices, asynchronous dispatch in schedule order (see module doc).
 
   Args:
@@ -205,29 +164,13 @@ class DataflowExecutor:
 
   # --- State ------------------------------------------------------------------------------
 
-  def _stage_init(self, k: int) -> Callable:
-    return lambda init_rng: init_stage_state(self.model, self.optimizer, k, init_rng, self.specs[k])
-
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh TrainState: stage k is created on stage k's devices (never anywhere else)."""
-    init_rng, dropout_rng = init_keys(rng)
-    stages = tuple(
-      jax.jit(self._stage_init(k), out_shardings=self.replicated[k])(init_rng)
-      for k in range(self.K)
-    )
-    step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated[0])
-    return TrainState(step=step, rng=jax.device_put(dropout_rng, self.replicated[0]), stages=stages)
+    return stage_ops.init_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
 
   def state_target(self, rng: jax.Array) -> TrainState:
     """The abstract TrainState with this executor's shardings (checkpoint restore target)."""
-    init_rng, dropout_rng = jax.eval_shape(init_keys, rng)
-    spec = lambda sharding: lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    stages = tuple(
-      jax.tree.map(spec(self.replicated[k]), jax.eval_shape(self._stage_init(k), init_rng))
-      for k in range(self.K)
-    )
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated[0])
-    return TrainState(step=scalar, rng=spec(self.replicated[0])(dropout_rng), stages=stages)
+    return stage_ops.target_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
 
   def _sync(self, st: TrainState) -> None:
     """Reads the step and spreads the dropout key when `st` is not the state we returned last
@@ -429,15 +372,4 @@ class DataflowExecutor:
 
   def eval_step(self, st: TrainState, batch: dict) -> dict:
     """Every head's evaluation sums, each stage on its own devices (no microbatching)."""
-    a = jax.device_put(self.task.inputs(batch), self.split[0])
-    targets = self.task.targets(batch)
-    per_head = []
-    for k, stage in enumerate(st.stages):
-      if k:
-        a = jax.device_put(a, self.split[k])
-      t = jax.device_put(targets, self.split[k])
-      a, sums = _evaluate(
-        stage.params, stage.model_state, a, t, model=self.model, task=self.task, k=k
-      )
-      per_head.append(sums)
-    return steps.named_sums(per_head)
+    return stage_ops.evaluate_on_stages(self.model, self.task, st, batch, self.split)

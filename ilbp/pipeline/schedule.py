@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ilbp.interlock import BackwardOp, backward_plan
 from ilbp.strategy import Strategy
@@ -230,11 +230,16 @@ class Schedule:
       return (c.backward_input if b.passes else 0.0) + (c.backward_weight if b.params else 0.0)
     return {"F": c.forward, "H": c.head, "U": c.update}[op.kind]
 
-  def simulate(self, steps: int = 1) -> Timeline:
+  def simulate(self, steps: int = 1, duration: Callable[[Op], float] | None = None) -> Timeline:
     """Runs the list-scheduling policy over `steps` consecutive optimizer steps.
 
     Step s's timing does not depend on later steps (a stage starts step s+1 only after its own
     update of step s), so step s looks the same in every simulation that contains it.
+
+    Args:
+      steps: optimizer steps to simulate.
+      duration: each op's duration; default `self.duration` (the costs). The SPMD executor
+        passes its own (whole ticks) to lay the same policy out on a lock-step clock.
 
     Returns:
       A Timeline.
@@ -243,6 +248,7 @@ class Schedule:
       ValueError: if `steps` < 1.
     """
     _check_int("steps", steps)
+    duration = self.duration if duration is None else duration
     K = self.num_stages
     ops = [op for s in range(steps) for op in self.ops(s)]
     deps = {op: self.dependencies(op) for op in ops}
@@ -299,8 +305,8 @@ class Schedule:
         for k in range(K):
           if running[k] is None and (op := pick(k)) is not None:
             ready[k].remove(op)
-            running[k] = (op, t, t + self.duration(op))
-            slots.append(Slot(op, t, t + self.duration(op)))
+            running[k] = (op, t, t + duration(op))
+            slots.append(Slot(op, t, t + duration(op)))
             changed = True
       if not left:
         break

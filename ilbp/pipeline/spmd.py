@@ -1,0 +1,289 @@
+"""The SPMD executor: one jitted program over a ('stage', 'data') mesh of K x D devices.
+
+Inside one `jax.jit`, a `shard_map` that is manual over 'stage' runs a `lax.scan` over the
+ticks of a static table (`ilbp.pipeline.ticks`, laid out from `schedule.py`'s ops,
+dependencies and policy). At each tick every stage `lax.switch`es on its table entry to one
+branch per kind of op group — F(k, m) with H(k, m) and the B ops that need only its own loss;
+or one other B op; U joining the group of its last dependency — and then every boundary's
+message moves one hop with its own `ppermute` (activations up, cotangents down, each the size
+of that boundary's activation, after an `optimization_barrier`). The branches call the same
+per-stage ops as the dataflow executor (`stage_ops`), so the routing rule lives once.
+
+The 'data' axis is left to XLA's partitioner (shard_map's `axis_names={'stage'}`): each of a
+stage's D devices holds 1/D of every microbatch, and the partitioner inserts the all-reduces
+over 'data' — the gradient psum, and also BatchNorm's batch statistics and a token-weighted
+loss's denominator, which a per-device manual split would get wrong (they must be those of
+the whole microbatch, as in the fused executor).
+
+State: stage k's parameters, statistics and optimizer state live in per-dtype flat buffers
+padded to the widest stage (`flat.FlatLayout`), stacked on a leading K axis sharded over
+'stage', so row k sits only on stage k's D devices (`PackedState`). The trainer and checkpoints
+see the same `TrainState` as every executor: `pack_state` / `unpack_state` convert, each
+stage on its own devices. In-flight microbatches keep their stage *input* (in slots sized by
+the in-flight count); a B op that waits for a cotangent from above recomputes the forward
+under `jax.vjp` (its BatchNorm statistics are discarded: running averages move only on the
+forward). `steps_per_call` optimizer steps run in one call, each stage applying its own update
+inside the scan; the pipeline is empty at the start and end of each call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ilbp import interlock, placement, steps
+from ilbp.pipeline import schedule as schedule_lib
+from ilbp.pipeline import stage_ops, ticks
+from ilbp.pipeline.flat import FlatLayout
+from ilbp.staged import StagedModel
+from ilbp.state import StageState, TrainState
+from ilbp.strategy import Strategy
+
+PyTree = Any
+STAGE_AXIS = "stage"
+_PARTS = ("params", "model_state", "opt_state")
+
+
+@flax.struct.dataclass
+class PackedState:
+  """The SPMD executor's live state: `TrainState` with stages packed on a 'stage' axis.
+
+  Attributes:
+    step: optimizer updates so far (replicated).
+    rng: the dropout base key (replicated).
+    params, model_state, opt_state: {dtype: [K, width]} padded flat buffers; row k lives on
+      stage k's devices only.
+  """
+
+  step: jax.Array
+  rng: jax.Array
+  params: dict
+  model_state: dict
+  opt_state: dict
+
+
+class SpmdExecutor:
+  """One program over a ('stage', 'data') mesh (see module doc).
+
+  Args:
+    model, task, strategy, optimizer, schedule, input_spec: as for the dataflow executor.
+    microbatches: M per optimizer step.
+    continuous: no global flush between the steps of a call (global flushes regardless).
+    data_parallel: D devices per stage.
+    steps_per_call: optimizer steps one `train_steps` call runs in one scan.
+    devices: the devices to use (default all); stage k gets devices k·D .. k·D + D - 1.
+  """
+
+  def __init__(
+    self,
+    model: StagedModel,
+    task: Any,
+    strategy: Strategy,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule | None,
+    input_spec: jax.ShapeDtypeStruct,
+    *,
+    microbatches: int = 1,
+    continuous: bool = True,
+    data_parallel: int = 1,
+    steps_per_call: int = 1,
+    devices=None,
+  ):
+    self.model, self.task, self.optimizer, self._lr = model, task, optimizer, schedule
+    self.K, self.M, self.D = model.num_stages, microbatches, data_parallel
+    self.steps_per_call = steps_per_call
+    devices = jax.devices() if devices is None else list(devices)
+    placement.check_stage_devices(self.K, self.D, len(devices))
+    grid = np.asarray(devices[: self.K * self.D]).reshape(self.K, self.D)
+    self.mesh = Mesh(grid, (STAGE_AXIS, placement.DATA_AXIS))
+    self.meshes = [placement.data_mesh(row) for row in grid]
+    self.replicated = [placement.replicated(m) for m in self.meshes]
+    self.split = [placement.batch_sharding(m) for m in self.meshes]
+    self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
+    self.specs = model.input_specs(input_spec)
+    abstract = stage_ops.abstract_stages(model, optimizer, self.specs)
+    self.layouts = {p: FlatLayout([getattr(s, p) for s in abstract]) for p in _PARTS}
+    self._abstract = abstract
+    self._users = interlock.loss_users(strategy, self.K)
+    inner = self.specs[1:]  # a_1 .. a_{K-1}: what crosses a boundary (and is stored).
+    if len({s.dtype for s in inner}) > 1:
+      raise ValueError(f"Stage outputs of different dtypes ({inner}); spmd needs one dtype.")
+    self._act_dtype = inner[0].dtype if inner else jnp.float32
+    self._sizes = [int(np.prod(s.shape[1:])) for s in self.specs]
+    self._features = max(self._sizes[1:], default=1)
+    self._programs: dict = {}
+    self._unpacked: tuple | None = None
+    self.description = (
+      f"spmd: one program over a ('stage', 'data') mesh of {self.K} x {self.D} devices, "
+      f"{microbatches} microbatch(es), {steps_per_call} step(s) per call, "
+      f"{'continuous' if continuous else 'flushed every step'}"
+    )
+
+  # --- State ------------------------------------------------------------------------------
+
+  def init_state(self, rng: jax.Array) -> PackedState:
+    """A fresh state: stage k is created on stage k's devices, then packed there."""
+    return self.pack_state(
+      stage_ops.init_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
+    )
+
+  def state_target(self, rng: jax.Array) -> TrainState:
+    """The abstract TrainState (stage k on its devices) a checkpoint restores onto."""
+    return stage_ops.target_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
+
+  @functools.cached_property
+  def _pack_fns(self):
+    def pack(k):
+      return lambda stage: {p: self.layouts[p].pack(k, getattr(stage, p)) for p in _PARTS}
+
+    return [jax.jit(pack(k), out_shardings=self.replicated[k]) for k in range(self.K)]
+
+  @functools.cached_property
+  def _unpack_fns(self):
+    def unpack(k):
+      return lambda bufs: StageState(**{p: self.layouts[p].unpack(k, bufs[p]) for p in _PARTS})
+
+    return [jax.jit(unpack(k), out_shardings=self.replicated[k]) for k in range(self.K)]
+
+  def pack_state(self, st: TrainState) -> PackedState:
+    """TrainState (any placement) -> PackedState; stage k is packed on its own devices."""
+    rows = [
+      self._pack_fns[k](jax.device_put(st.stages[k], self.replicated[k])) for k in range(self.K)
+    ]
+    sharding = NamedSharding(self.mesh, P(STAGE_AXIS))
+    stacked = {}
+    for p in _PARTS:
+      stacked[p] = {}
+      for dt, width in self.layouts[p].width.items():
+        shards = [s.data[None] for row in rows for s in row[p][dt].addressable_shards]
+        stacked[p][dt] = jax.make_array_from_single_device_arrays((self.K, width), sharding, shards)
+    everywhere = NamedSharding(self.mesh, P())
+    return PackedState(
+      step=jax.device_put(st.step, everywhere), rng=jax.device_put(st.rng, everywhere), **stacked
+    )
+
+  def unpack_state(self, ps: PackedState) -> TrainState:
+    """PackedState -> the TrainState every executor and checkpoint uses (stage k on stage k's
+    devices; nothing crosses between stages)."""
+    stages = []
+    for k in range(self.K):
+      own = set(self.meshes[k].devices.flat)
+      bufs = {}
+      for p in _PARTS:
+        bufs[p] = {}
+        for dt, arr in getattr(ps, p).items():
+          shards = [s.data[0] for s in arr.addressable_shards if s.device in own]
+          bufs[p][dt] = jax.make_array_from_single_device_arrays(
+            arr.shape[1:], self.replicated[k], shards
+          )
+      stages.append(self._unpack_fns[k](bufs))
+    put = lambda x: jax.device_put(x, self.replicated[0])
+    return TrainState(step=put(ps.step), rng=put(ps.rng), stages=tuple(stages))
+
+  def padding(self, batch_size: int, steps_per_call: int | None = None) -> dict:
+    """What padding costs, in bytes per device: per stage, the state buffers' zeros (params,
+    statistics, optimizer state, gradient sums) and the stored-input and cotangent slots'
+    zeros; per boundary, the message (padded to nothing: each boundary has its own size)."""
+    table = ticks.build(self.schedule, steps_per_call or self.steps_per_call)
+    item = np.dtype(self._act_dtype).itemsize
+    rows = batch_size // (self.M * self.D)
+    layouts = [*self.layouts.values(), self.layouts["params"]]  # + gradient sums
+    slots = table.x_slots + table.cot_slots + 2  # + one spare each
+    return {
+      "state_bytes_per_stage": sum(lay.bytes() for lay in layouts),
+      "state_padding_bytes_per_stage": [
+        sum(lay.padding_bytes(k) for lay in layouts) for k in range(self.K)
+      ],
+      "slots": {"inputs": table.x_slots, "cotangents": table.cot_slots},
+      "slot_bytes_per_stage": slots * rows * self._features * item,
+      "slot_padding_bytes_per_stage": [
+        slots * rows * (self._features - (self._sizes[k] if k else self._features)) * item
+        for k in range(self.K)
+      ],
+      "message_bytes_per_boundary": [rows * self._sizes[b + 1] * item for b in range(self.K - 1)],
+      "message_padding_bytes_per_boundary": [0] * (self.K - 1),
+      "ticks_per_call": table.num_ticks,
+    }
+
+  # --- Batches ----------------------------------------------------------------------------
+
+  def put_batch(self, batch: dict) -> tuple:
+    """One step's numpy batch -> (inputs, targets) as [1, M, B/M, ...], split over 'data'."""
+    return self.put_batches([batch])
+
+  def put_batches(self, batches: list[dict]) -> tuple:
+    """S steps' numpy batches -> (inputs, targets) as [S, M, B/M, ...] on the mesh, each
+    microbatch split over 'data' (replicated over 'stage')."""
+    cut = lambda b, f: steps.split_microbatches(f(b), self.M)
+    stack = lambda f: jax.tree.map(lambda *xs: np.stack(xs), *[cut(b, f) for b in batches])
+    sharding = NamedSharding(self.mesh, P(None, None, placement.DATA_AXIS))
+    place = lambda tree: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), tree
+    )
+    return place(stack(self.task.inputs)), place(stack(self.task.targets))
+
+  # --- Steps ------------------------------------------------------------------------------
+
+  def train_step(self, st: PackedState, batch: tuple) -> tuple[PackedState, dict]:
+    """One optimizer step (a one-step call); metrics are scalars."""
+    return self.train_steps(st, batch)
+
+  def train_steps(self, st: PackedState, batch: tuple) -> tuple[PackedState, dict]:
+    """As many optimizer steps as `batch` holds (`put_batches`), in one call.
+
+    Returns:
+      (new state, metrics): each metric has a leading axis of one value per step, except for
+      a one-step call, whose metrics are scalars.
+    """
+    inputs, targets = batch
+    return self._program(inputs, targets)(st, inputs, targets)
+
+  def eval_step(self, st: PackedState, batch: dict) -> dict:
+    """Every head's evaluation sums, stage by stage on its own devices (state unpacked once
+    per state)."""
+    if self._unpacked is None or self._unpacked[0] is not st.params:
+      self._unpacked = (st.params, self.unpack_state(st))
+    return stage_ops.evaluate_on_stages(self.model, self.task, self._unpacked[1], batch, self.split)
+
+  def lower(self, st: PackedState, batch: tuple):
+    """The jitted program for `batch`'s step count, lowered (for HLO and memory analysis)."""
+    inputs, targets = batch
+    return self._program(inputs, targets).lower(st, inputs, targets)
+
+  # --- The program ------------------------------------------------------------------------
+
+  def _program(self, inputs, targets):
+    """The jitted program for calls of as many steps as `inputs` holds (built once)."""
+    num = jax.tree.leaves(inputs)[0].shape[0]
+    if num not in self._programs:
+      self._programs[num] = self._build(num, inputs, targets)
+    return self._programs[num]
+
+  def _build(self, num_steps: int, inputs, targets):
+    """The jitted program for calls of `num_steps` optimizer steps."""
+    from ilbp.pipeline import spmd_program  # The tick body lives apart (module size).
+
+    table = ticks.build(self.schedule, num_steps)
+    fn = spmd_program.make(self, table, num_steps, inputs, targets)
+    row = NamedSharding(self.mesh, P(STAGE_AXIS))
+    everywhere = NamedSharding(self.mesh, P())
+    state_sharding = PackedState(
+      step=everywhere,
+      rng=everywhere,
+      **{p: {dt: row for dt in self.layouts[p].width} for p in _PARTS},
+    )
+    data = NamedSharding(self.mesh, P(None, None, placement.DATA_AXIS))
+    return jax.jit(
+      fn,
+      in_shardings=(state_sharding, data, data),
+      out_shardings=(state_sharding, everywhere),
+      donate_argnums=0,
+    )

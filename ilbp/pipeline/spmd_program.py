@@ -1,0 +1,231 @@
+"""The SPMD executor's program: one branch per kind of op group, the tick, the scan over ticks.
+
+`make` returns `call(state, inputs, targets) -> (state, metrics)` for `jax.jit`: a `shard_map`
+manual over 'stage' (the 'data' axis is left to XLA's partitioner, see `spmd.py`) whose body
+scans over the ticks of a `ticks.TickTable`. Per tick, each device looks up its stage's entry,
+`lax.switch`es to that branch (0 idles), puts an `optimization_barrier` after the compute, and
+then moves every boundary's activation up and cotangent down with one `ppermute` each, storing
+what arrives in the slot the table names. Inside the shard_map, batch dimensions are global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from ilbp import interlock
+from ilbp.pipeline import stage_ops
+from ilbp.pipeline.ticks import TickTable, own_ops
+from ilbp.state import StageState
+
+PyTree = Any
+
+
+def _index(tree: PyTree, s, m) -> PyTree:
+  return jax.tree.map(lambda x: x[s, m], tree)
+
+
+def metric_names(ex, inputs, targets) -> tuple[list[str], list[list[str]]]:
+  """(the loss metrics every H op reports, each stage's metric names in its U op's order)."""
+  model, K = ex.model, ex.K
+  rows = jax.tree.leaves(inputs)[0].shape[2]
+  one = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), tree)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  last = ex._abstract[K - 1]
+  x = jax.ShapeDtypeStruct((rows, *ex.specs[K - 1].shape[1:]), ex.specs[K - 1].dtype)
+  logits = jax.eval_shape(
+    lambda p, s, key, x: stage_ops.forward(p, s, key, 0, 0, x, model=model, k=K - 1)[0],
+    last.params["stage"],
+    last.model_state["stage"],
+    key,
+    x,
+  )
+  loss_metrics = jax.eval_shape(ex.task.loss, logits, one(targets))[1]
+  head = ["loss", *sorted(loss_metrics)]
+  per_stage = []
+  for k, stage in enumerate(ex._abstract):
+    metrics = jax.eval_shape(
+      lambda st, k=k: stage_ops.update(
+        ex.optimizer, ex._lr, k, K, ex.M, st, st.params, dict.fromkeys(head, 0.0), 0
+      )[1],
+      stage,
+    )
+    per_stage.append(list(metrics))
+  return head, per_stage
+
+
+def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
+  """The program of one call of `num_steps` optimizer steps (see module doc).
+
+  Args:
+    ex: the SpmdExecutor (model, task, optimizer, layouts, mesh, schedule).
+    table: the call's tick table.
+    num_steps: optimizer steps per call.
+    inputs, targets: example batch arrays ([S, M, rows, ...]) for shapes.
+  """
+  K, M, model, task = ex.K, ex.M, ex.model, ex.task
+  plan, layouts, users = ex.schedule.plan, ex.layouts, ex._users
+  lp, lm, lo = layouts["params"], layouts["model_state"], layouts["opt_state"]
+  rows = jax.tree.leaves(inputs)[0].shape[2]
+  feat, act_dtype, sizes = ex._features, ex._act_dtype, ex._sizes
+  head_names, stage_names = metric_names(ex, inputs, targets)
+  width = max(len(n) for n in stage_names)
+  # Stages whose own loss's cotangent waits for a later B op (it is stored in a slot).
+  keeps_own = [
+    any(k in b.losses for i, b in enumerate(plan[k]) if i not in own_ops(ex.schedule, k))
+    for k in range(K)
+  ]
+  act_shape = lambda k: (rows, *ex.specs[k].shape[1:])  # a_{k-1}: stage k's input
+
+  def read(buf, slot, k_in):
+    """Stage k_in's input (a_{k_in - 1}) from a slot."""
+    flat = lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)[:, : sizes[k_in]]
+    return flat.reshape(act_shape(k_in))
+
+  def store(buf, slot, value):
+    value = value.reshape(1, rows, -1).astype(buf.dtype)
+    return lax.dynamic_update_slice(buf, value, (slot, 0, 0))
+
+  def messages():
+    return [jnp.zeros(act_shape(b + 1), act_dtype) for b in range(K - 1)]
+
+  def make_branch(kind, step0, rng, inputs, targets):
+    k, forward, backward = kind
+
+    def branch(carry, mine):
+      carry = dict(carry)
+      s, m = mine["step"], mine["microbatch"]
+      step = step0 + s
+      params = lp.unpack(k, carry["params"])
+      state = lm.unpack(k, carry["model_state"])
+      x = _index(inputs, s, m) if k == 0 else read(carry["xs"], mine["x_slot"], k)
+      a, vjp, new_stage = stage_ops.forward(
+        params["stage"], state["stage"], rng, step, m, x, model=model, k=k
+      )
+      up, down = messages(), messages()
+      if forward:
+        cot, head_grads, new_head, metrics = stage_ops.loss(
+          params["head"], state["head"], rng, step, m, a, _index(targets, s, m),
+          jax.tree.map(jnp.zeros_like, params["head"]), model=model, task=task, k=k,
+          needs_input=bool(users[k]),
+        )  # fmt: skip
+        # Running statistics move here only: a recompute in a B op discards its own.
+        ms = lm.write(k, carry["model_state"], "stage", new_stage)
+        carry["model_state"] = lm.write(k, ms, "head", new_head)
+        carry["grads"] = lp.add(k, carry["grads"], "head", head_grads)
+        carry["msums"] = carry["msums"] + jnp.stack(
+          [jnp.asarray(metrics[n], jnp.float32) for n in head_names]
+        )
+        arrived = {} if cot is None else {k: cot}
+        if keeps_own[k]:
+          carry["cots"] = store(carry["cots"], mine["own_slot"], cot)
+        if k < K - 1:
+          up[k] = a.astype(act_dtype)
+      else:
+        (i,) = backward
+        arrived = {
+          j: read(carry["cots"], mine["cot_slots"][n], k + 1).astype(a.dtype)
+          for n, j in enumerate(plan[k][i].losses)
+        }
+      for i in backward:
+        d_params, passed = interlock.stage_backward(vjp, plan[k][i], arrived)
+        if d_params is not None:
+          # The barrier keeps XLA:CPU from fusing weight-gradient dots into the buffer update.
+          carry["grads"] = lp.add(k, carry["grads"], "stage", lax.optimization_barrier(d_params))
+        for cot in passed.values():
+          down[k - 1] = cot.astype(act_dtype)
+      return carry, tuple(up), tuple(down)
+
+    return branch
+
+  def make_update(k, step0):
+    return lambda carry, s: _update(dict(carry), k, s, step0 + s)
+
+  def _update(carry, k, s, step):
+    stage = StageState(
+      params=lp.unpack(k, carry["params"]),
+      model_state=lm.unpack(k, carry["model_state"]),
+      opt_state=lo.unpack(k, carry["opt_state"]),
+    )
+    means = {n: carry["msums"][i] / M for i, n in enumerate(head_names)}
+    new, metrics = stage_ops.update(
+      ex.optimizer, ex._lr, k, K, M, stage, lp.unpack(k, carry["grads"]), means, step
+    )
+    carry["params"] = lp.pack(k, new.params)
+    carry["opt_state"] = lo.pack(k, new.opt_state)
+    carry["grads"] = lp.zeros()
+    carry["msums"] = jnp.zeros_like(carry["msums"])
+    row = jnp.stack([jnp.asarray(metrics[n], jnp.float32) for n in stage_names[k]])
+    row = jnp.pad(row, (0, width - row.shape[0]))
+    carry["metrics"] = lax.dynamic_update_slice(carry["metrics"], row[None], (s, 0))
+    return carry
+
+  def idle(carry, mine):
+    del mine
+    return dict(carry), tuple(messages()), tuple(messages())
+
+  def body(step0, rng, params, model_state, opt_state, inputs, targets):
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    carry = {
+      "params": first(params),
+      "model_state": first(model_state),
+      "opt_state": first(opt_state),
+      "grads": lp.zeros(),
+      "xs": jnp.zeros((table.x_slots + 1, rows, feat), act_dtype),
+      "cots": jnp.zeros((table.cot_slots + 1, rows, feat), act_dtype),
+      "msums": jnp.zeros((len(head_names),), jnp.float32),
+      "metrics": jnp.zeros((num_steps, width), jnp.float32),
+    }
+    stage = lax.axis_index("stage")
+    branches = [idle] + [make_branch(kd, step0, rng, inputs, targets) for kd in table.kinds]
+    updates = [lambda carry, s: dict(carry)] + [make_update(k, step0) for k in range(K)]
+
+    def tick(carry, fields):
+      mine = {name: v[stage] for name, v in fields.items()}
+      carry, up, down = lax.switch(mine["branch"], branches, carry, mine)
+      # U(k) when the group completes the step's gradients (a branch per stage, not per kind).
+      carry = lax.switch(mine["update"] * (stage + 1), updates, carry, mine["step"])
+      # Compute first, then the collectives: a collective scheduled mid-tick serialises stages.
+      carry, up, down = lax.optimization_barrier((carry, up, down))
+      for b in range(K - 1):
+        got = lax.ppermute(up[b], "stage", [(b, b + 1)])
+        slot = jnp.where(stage == b + 1, mine["x_store"], table.x_slots)
+        carry["xs"] = store(carry["xs"], slot, got)
+        got = lax.ppermute(down[b], "stage", [(b + 1, b)])
+        slot = jnp.where(stage == b, mine["cot_store"], table.cot_slots)
+        carry["cots"] = store(carry["cots"], slot, got)
+      return carry, None
+
+    fields = {name: jnp.asarray(v) for name, v in table.fields.items()}
+    carry, _ = lax.scan(tick, carry, fields)
+    again = lambda tree: jax.tree.map(lambda x: x[None], tree)
+    out = (carry["params"], carry["model_state"], carry["opt_state"], carry["metrics"])
+    return again(out)
+
+  def call(st, inputs, targets):
+    mapped = jax.shard_map(
+      body,
+      mesh=ex.mesh,
+      in_specs=(P(), P(), P("stage"), P("stage"), P("stage"), P(), P()),
+      out_specs=P("stage"),
+      axis_names={"stage"},
+      check_vma=False,
+    )
+    params, model_state, opt_state, metrics = mapped(
+      st.step, st.rng, st.params, st.model_state, st.opt_state, inputs, targets
+    )
+    out = {}
+    for k, names in enumerate(stage_names):
+      for i, name in enumerate(names):
+        out[name] = metrics[k, 0, i] if num_steps == 1 else metrics[k, :, i]
+    new = st.replace(
+      step=st.step + num_steps, params=params, model_state=model_state, opt_state=opt_state
+    )
+    return new, out
+
+  return call

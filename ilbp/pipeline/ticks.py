@@ -1,0 +1,303 @@
+"""The schedule on a lock-step clock: what every stage does at every tick of the SPMD program.
+
+The SPMD executor (`ilbp.pipeline.spmd`) runs one `lax.scan` over ticks; at each tick every
+stage runs at most one *group* of ops and then messages move one hop. The ops, their
+dependencies and the stage-local policy (priorities, in-flight caps) are `schedule.py`'s; this
+module only lays them out on ticks:
+
+  1. `Schedule.simulate` with tick durations: F and every B op that waits for a cotangent from
+     the stage above take one tick; H, U and the B ops that consume only the stage's own loss
+     take none. This fixes each stage's order of ops.
+  2. Ops are grouped into what one tick runs on one stage: F(k, m) with its H(k, m) and the
+     B(k, m) ops that need only the stage's own loss (they run on the forward's VJP, so the
+     stage output and its own cotangent are never stored); each other B op alone; U joins the
+     group of its last dependency.
+  3. Ticks are assigned as soon as possible in that order: a group runs one tick after every
+     group it depends on (a message sent at the end of tick t is there at tick t + 1), and
+     after the stage's previous group.
+  4. Buffer slots: each stage input that a later tick recomputes from (stages k > 0: the
+     activation that arrived), and each cotangent that waits for a later B op, gets a slot from
+     an interval colouring over ticks, so the buffers hold the in-flight count, not M.
+
+Everything here is plain Python and numpy, unit-tested on one CPU (tests/test_spmd.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ilbp.pipeline.schedule import Op, Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """What one stage runs in one tick.
+
+  Attributes:
+    stage: k.
+    step: the optimizer step within the call.
+    microbatch: m (of the F or B ops).
+    forward: F(k, m) and H(k, m) run (first).
+    backward: plan positions (`Schedule.plan[k]`) of the B(k, m) ops that run next.
+    update: U(k) of `step` runs last.
+  """
+
+  stage: int
+  step: int
+  microbatch: int
+  forward: bool
+  backward: tuple[int, ...]
+  update: bool = False
+
+  @property
+  def kind(self) -> tuple:
+    """What the group's F/H/B part computes, without which microbatch or whether U follows:
+    one program branch per kind (U is a branch of its own per stage)."""
+    return (self.stage, self.forward, self.backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class TickTable:
+  """A static plan of one call of the SPMD program.
+
+  Attributes:
+    num_ticks: T, the scan length.
+    groups: {(tick, stage): Group}.
+    kinds: the distinct `Group.kind`s, in a fixed order (branch 1 + i runs kinds[i]; branch 0
+      idles).
+    fields: per-(tick, stage) int32 arrays [T, K] (or [T, K, n]): `branch`, `update` (1 when
+      U follows, else 0), `step`,
+      `microbatch`, `x_slot` (the stage input's slot), `cot_slots` (one per loss the group's
+      separate B op consumes), `own_slot` (where F stores its own loss's cotangent for a later
+      B op), `x_store` / `cot_store` (where a message arriving this tick is stored). Unused
+      entries point at the spare slot (index x_slots / cot_slots), which nothing reads.
+    x_slots: slots for stored stage inputs (per stage, the most held at once, over stages).
+    cot_slots: slots for stored cotangents.
+    fwd_sends, bwd_sends: [T, K-1] bools: boundary b carries an activation (stage b -> b+1) or
+      a cotangent (stage b+1 -> b) at the end of tick t.
+  """
+
+  num_ticks: int
+  groups: dict
+  kinds: tuple
+  fields: dict
+  x_slots: int
+  cot_slots: int
+  fwd_sends: np.ndarray
+  bwd_sends: np.ndarray
+
+
+def own_ops(schedule: Schedule, k: int) -> tuple[int, ...]:
+  """Plan positions of stage k's B ops that consume only stage k's own loss."""
+  return tuple(i for i, b in enumerate(schedule.plan[k]) if b.losses == (k,))
+
+
+def _tick_duration(schedule: Schedule):
+  own = [set(own_ops(schedule, k)) for k in range(schedule.num_stages)]
+
+  def duration(op: Op) -> float:
+    if op.kind == "F":
+      return 1.0
+    if op.kind == "B":
+      return 0.0 if schedule.plan[op.stage].index(op.backward) in own[op.stage] else 1.0
+    return 0.0
+
+  return duration
+
+
+def build(schedule: Schedule, steps: int) -> TickTable:
+  """Lays `steps` consecutive optimizer steps of `schedule` out on ticks (module docstring).
+
+  Args:
+    schedule: from `schedule.build` (its strategy, K, M and continuity).
+    steps: optimizer steps in one call; the pipeline is empty at the start and end of a call.
+
+  Returns:
+    A TickTable.
+  """
+  K, plan = schedule.num_stages, schedule.plan
+  own = [own_ops(schedule, k) for k in range(K)]
+  timeline = schedule.simulate(steps, duration=_tick_duration(schedule))
+  order = sorted(timeline.slots, key=lambda s: (s.start, s.op.stage))
+
+  # 2. Groups, in simulated order of their first (anchor) op.
+  anchors, group_of, members = [], {}, {}
+  for slot in order:
+    op = slot.op
+    if op.kind == "F":
+      key = ("F", op.stage, op.step, op.microbatch)
+      ops = [op, Op("H", op.stage, op.microbatch, op.step)]
+      ops += [Op("B", op.stage, op.microbatch, op.step, plan[op.stage][i]) for i in own[op.stage]]
+    elif op.kind == "B" and plan[op.stage].index(op.backward) not in own[op.stage]:
+      key = ("B", op.stage, op.step, op.microbatch, op.backward)
+      ops = [op]
+    else:
+      continue
+    anchors.append(key)
+    members[key] = ops
+    for o in ops:
+      group_of[o] = key
+
+  # 3. Ticks, as soon as possible in that order.
+  tick, last = {}, [-1] * K
+  u_tick: dict[Op, int] = {}
+
+  def dep_tick(dep: Op) -> int:
+    if dep.kind == "U":
+      if dep not in u_tick:
+        u_tick[dep] = max(dep_tick(d) for d in schedule.dependencies(dep))
+      return u_tick[dep]
+    return tick[group_of[dep]]
+
+  for key in anchors:
+    t = last[key[1]] + 1
+    for op in members[key]:
+      for dep in schedule.dependencies(op):
+        if group_of.get(dep) != key:
+          t = max(t, dep_tick(dep) + 1)
+    tick[key] = last[key[1]] = t
+  for s in range(steps):
+    for k in range(K):
+      dep_tick(Op("U", k, None, s))
+
+  groups = {}
+  for key in anchors:
+    ops = members[key]
+    first = ops[0]
+    backward = tuple(plan[first.stage].index(o.backward) for o in ops if o.kind == "B")
+    groups[tick[key], first.stage] = Group(
+      first.stage, first.step, first.microbatch, first.kind == "F", backward
+    )
+  for u, t in u_tick.items():
+    g = groups[t, u.stage]
+    assert g.step == u.step, (u, g)
+    groups[t, u.stage] = dataclasses.replace(g, update=True)
+  T = max(t for t, _ in groups) + 1
+  return _with_slots(schedule, groups, T, tick, group_of)
+
+
+def _with_slots(schedule, groups, T, tick, group_of) -> TickTable:
+  """Allocates buffer slots and fills the per-tick arrays."""
+  K, plan = schedule.num_stages, schedule.plan
+  width = max(len(plan[k][i].losses) for (_, k), g in groups.items() for i in g.backward)
+  # Intervals per stage: (start, end, key); start is half a tick later for a message stored
+  # after the tick's compute, so a slot whose last reader runs in that tick can take it.
+  x_iv = [[] for _ in range(K)]
+  cot_iv = [[] for _ in range(K)]
+  readers: dict = {}  # (buffer, k, s, m[, j]) -> last tick that reads it
+  for (t, k), g in groups.items():
+    sm = (g.step, g.microbatch)
+    if k > 0:
+      readers["x", k, *sm] = max(readers.get(("x", k, *sm), -1), t)
+    for i in g.backward:
+      b = plan[k][i]
+      if not g.forward:
+        for j in b.losses:
+          readers["c", k, *sm, j] = max(readers.get(("c", k, *sm, j), -1), t)
+  fwd_sends = np.zeros((T, max(K - 1, 0)), bool)
+  bwd_sends = np.zeros((T, max(K - 1, 0)), bool)
+  writers = {}
+  for (t, k), g in groups.items():
+    sm = (g.step, g.microbatch)
+    if g.forward and k < K - 1:
+      fwd_sends[t, k] = True
+      writers["x", k + 1, *sm] = t + 0.5
+    if g.forward and ("c", k, *sm, k) in readers:
+      writers["c", k, *sm, k] = t
+    for i in g.backward:
+      for j in plan[k][i].passes:
+        bwd_sends[t, k - 1] = True
+        writers["c", k - 1, *sm, j] = t + 0.5
+  for key, end in readers.items():
+    (x_iv if key[0] == "x" else cot_iv)[key[1]].append((writers[key], end, key))
+  slot_of, x_slots = _colour(x_iv)
+  cot_of, cot_slots = _colour(cot_iv)
+  slot_of.update(cot_of)
+
+  kinds = tuple(sorted({g.kind for g in groups.values()}))
+  lossw = max(width, 1)
+  f = {
+    name: np.zeros((T, K), np.int32)
+    for name in (
+      "branch",
+      "update",
+      "step",
+      "microbatch",
+      "x_slot",
+      "own_slot",
+      "x_store",
+      "cot_store",
+    )
+  }
+  f["cot_slots"] = np.full((T, K, lossw), cot_slots, np.int32)
+  for name, spare in (("x_slot", x_slots), ("x_store", x_slots)):
+    f[name][:] = spare
+  for name in ("own_slot", "cot_store"):
+    f[name][:] = cot_slots
+  for (t, k), g in groups.items():
+    sm = (g.step, g.microbatch)
+    f["branch"][t, k] = 1 + kinds.index(g.kind)
+    f["update"][t, k] = int(g.update)
+    f["step"][t, k], f["microbatch"][t, k] = sm
+    if k > 0:
+      f["x_slot"][t, k] = slot_of["x", k, *sm]
+    if g.forward:
+      f["own_slot"][t, k] = slot_of.get(("c", k, *sm, k), cot_slots)
+    else:
+      (i,) = g.backward
+      for n, j in enumerate(plan[k][i].losses):
+        f["cot_slots"][t, k, n] = slot_of["c", k, *sm, j]
+    if g.forward and k < K - 1 and ("x", k + 1, *sm) in slot_of:
+      f["x_store"][t, k + 1] = slot_of["x", k + 1, *sm]
+    for i in g.backward:
+      for j in plan[k][i].passes:
+        f["cot_store"][t, k - 1] = slot_of["c", k - 1, *sm, j]
+  return TickTable(T, groups, kinds, f, x_slots, cot_slots, fwd_sends, bwd_sends)
+
+
+def _colour(per_stage: list[list[tuple]]) -> tuple[dict, int]:
+  """Greedy interval colouring per stage: {key: slot}, and the most slots any stage needs."""
+  slot_of, most = {}, 0
+  for intervals in per_stage:
+    free_at: list[float] = []  # slot -> tick of its last reader
+    for start, end, key in sorted(intervals):
+      slot = next((i for i, e in enumerate(free_at) if e < start), None)
+      if slot is None:
+        slot = len(free_at)
+        free_at.append(end)
+      free_at[slot] = end
+      slot_of[key] = slot
+    most = max(most, len(free_at))
+  return slot_of, most
+
+
+def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) -> float:
+  """The cost model of a lock-step program: time of one call of `table`, in the costs' unit.
+
+  Every tick lasts as long as its slowest stage's group: the sum of its ops' durations
+  (`schedule.duration`, from `schedule.costs`), plus a forward for a group without one (the B
+  op's recompute). Ticks where two or more stages are busy take `slowdown` times as long
+  (devices sharing cores; 1 on accelerators), as in `Schedule.predict`.
+
+  Returns:
+    The predicted time of the whole call (divide by its steps for time per step).
+  """
+  total = 0.0
+  for t in range(table.num_ticks):
+    busy = []
+    for k in range(schedule.num_stages):
+      g = table.groups.get((t, k))
+      if g is None:
+        continue
+      ops = (
+        [Op("F", k, g.microbatch, g.step), Op("H", k, g.microbatch, g.step)] if g.forward else []
+      )
+      ops += [Op("B", k, g.microbatch, g.step, schedule.plan[k][i]) for i in g.backward]
+      ops += [Op("U", k, None, g.step)] if g.update else []
+      recompute = 0.0 if g.forward else schedule.costs[k].forward
+      busy.append(recompute + sum(schedule.duration(op) for op in ops))
+    if busy:
+      total += max(busy) * (slowdown if len(busy) > 1 else 1.0)
+  return total

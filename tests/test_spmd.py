@@ -1,0 +1,228 @@
+"""The SPMD executor: exactly the fused executor's training, as one program over a mesh.
+
+The tick table is checked on one CPU against schedule.py's dependencies. Multi-device cases run
+in a subprocess with 8 forced CPU devices (as tests/test_pipeline.py does); the fused executor
+with the same microbatches is the reference: after 3 optimizer steps, parameters, BatchNorm
+statistics and optimizer states agree to 1e-5 relative. The full cross product of strategies,
+combine rules, K, D, models and steps per call is `scripts/check_spmd.py`; here a covering set
+takes every value of every factor at least once.
+"""
+
+import itertools
+import textwrap
+
+import ml_collections
+import pytest
+from conftest import run_with_devices
+
+import ilbp
+from ilbp import trainer
+from ilbp.pipeline import schedule, ticks
+
+CASES = [
+  (name, combine, K, continuous)
+  for name, combine in [
+    ("local", "furthest"),
+    ("pairwise", "furthest"),
+    ("pairwise", "sum"),
+    ("3wise", "sum"),
+    ("global", "furthest"),
+    ("global", "sum"),
+  ]
+  for K in (2, 4)
+  for continuous in (True, False)
+]
+
+
+@pytest.mark.parametrize("name, combine, K, continuous", CASES)
+def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous):
+  sched = schedule.build(ilbp.strategy(name, combine), K, 4, continuous)
+  steps = 2
+  table = ticks.build(sched, steps)
+  tick_of = {}
+  for (t, k), g in table.groups.items():
+    assert g.stage == k
+    ops = [schedule.Op("F", k, g.microbatch, g.step), schedule.Op("H", k, g.microbatch, g.step)]
+    ops = ops if g.forward else []
+    ops += [schedule.Op("B", k, g.microbatch, g.step, sched.plan[k][i]) for i in g.backward]
+    ops += [schedule.Op("U", k, None, g.step)] if g.update else []
+    for op in ops:
+      assert op not in tick_of, op
+      tick_of[op] = (t, len(tick_of))
+  # Every op of every step runs exactly once ...
+  assert set(tick_of) == {op for s in range(steps) for op in sched.ops(s)}
+  for op, (t, order) in tick_of.items():
+    for dep in sched.dependencies(op):
+      t_dep, order_dep = tick_of[dep]
+      if dep.stage != op.stage:  # ... after its dependencies: messages take a tick ...
+        assert t_dep < t, (dep, op)
+      else:  # ... or earlier in the same tick's group, on the same stage.
+        assert (t_dep, order_dep) < (t, order), (dep, op)
+  # Flushed: no stage starts step 1 before every stage's update of step 0.
+  if not continuous:
+    last_update = max(tick_of[schedule.Op("U", k, None, 0)][0] for k in range(K))
+    first = min(t for op, (t, _) in tick_of.items() if op.step == 1)
+    assert first > last_update
+  # Stored inputs: each arrives (end of the sender's tick) into the slot its readers use, and
+  # no slot holds two live microbatches at once.
+  f, spans = table.fields, {}
+  for (t, k), g in table.groups.items():
+    if g.forward and k + 1 < K:
+      key = (k + 1, int(f["x_store"][t, k + 1]), g.step, g.microbatch)
+      spans[key] = [t + 0.5, t + 0.5]
+  for (t, k), g in table.groups.items():
+    if k > 0:
+      key = (k, int(f["x_slot"][t, k]), g.step, g.microbatch)
+      assert key in spans and spans[key][0] < t, (key, t)
+      spans[key][1] = max(spans[key][1], t)
+  for k in range(1, K):
+    for slot in range(table.x_slots):
+      held = sorted(v for key, v in spans.items() if key[:2] == (k, slot))
+      assert all(a[1] < b[0] for a, b in itertools.pairwise(held)), (k, slot, held)
+  assert table.x_slots <= max(sched.caps) + 1 < 4 * steps
+
+
+def test_call_size_falls_back_to_one_step_around_evals_checkpoints_and_the_end():
+  config = ml_collections.ConfigDict(
+    {"total_steps": 10, "eval_every_steps": 4, "checkpoint_every_steps": 10}
+  )
+  sizes, done = [], 0
+  while done < config.total_steps:
+    sizes.append(trainer.call_size(done, config, 3))
+    done += sizes[-1]
+  # Steps 1-3; 4-6 would pass the eval at 4: step 4 alone; 5-7; 8 (eval) alone; 9-11 would
+  # pass the end: 9 and 10 alone.
+  assert sizes == [3, 1, 3, 1, 1, 1], sizes
+  assert trainer.call_size(0, config, 1) == 1
+
+
+COMMON = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np
+  from conftest import assert_trained_alike, conv_bn_model
+  import ilbp
+  from ilbp import executor, state
+  from ilbp.models import resnet, transformer
+  from ilbp.pipeline import spmd
+  from ilbp.tasks import Classification, LanguageModeling
+
+  tx, sched = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10,
+                                   weight_decay=1e-4)
+
+  def check(model, task, batch, spec, name, combine="furthest", M=4, D=1, S=1, evaluate=False):
+    strat = ilbp.strategy(name, combine)
+    args = (model, task, strat, tx, sched, spec)
+    # The reference splits each microbatch over the same D devices: ResNet conv heads amplify
+    # the last bits of a D-way reduction (fused on 2 devices vs on 1: 4e-2 in one channel).
+    fused = executor.FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
+    ex = spmd.SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
+    rng = jax.random.PRNGKey(1)
+    a, b = fused.init_state(rng), ex.init_state(rng)
+    # Stage k's packed row lives on stage k's D devices only; so does its unpacked state.
+    for part in (b.params, b.model_state, b.opt_state):
+      for leaf in jax.tree.leaves(part):
+        for shard in leaf.addressable_shards:
+          assert shard.device in set(ex.mesh.devices[shard.index[0].start]), shard
+    for k, stage in enumerate(ex.unpack_state(b).stages):
+      for leaf in jax.tree.leaves(stage):
+        assert leaf.sharding.device_set == set(ex.mesh.devices[k]), (k, leaf.sharding)
+    for _ in range(3):
+      a, ma = fused.train_step(a, fused.put_batch(batch))
+    if S == 1:
+      for _ in range(3):
+        b, mb = ex.train_step(b, ex.put_batch(batch))
+    else:
+      b, mb = ex.train_steps(b, ex.put_batches([batch] * S))
+      mb = {key: v[-1] for key, v in mb.items()}
+    bt = ex.unpack_state(b)
+    a, bt, ma, mb = jax.device_get((a, bt, ma, mb))
+    assert int(bt.step) == 3
+    assert_trained_alike(a, bt, ma, mb)
+    if evaluate:  # Compiles K + 1 more programs: once is enough.
+      ea, eb = jax.device_get((fused.eval_step(a, batch), ex.eval_step(b, batch)))
+      for key in ea:
+        np.testing.assert_allclose(eb[key], ea[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    print("EXACT", model.num_stages, name, combine, M, D, S, flush=True)
+
+  rng = np.random.default_rng(0)
+  images = {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, size=16).astype(np.int32)}
+  image_spec = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  """
+)
+
+COVERING = textwrap.dedent(
+  """
+  # K = 4 on the conv + BatchNorm model: every reach and both combine rules between them.
+  model = conv_bn_model(4)
+  for name, combine in (("local", "furthest"), ("pairwise", "sum"), ("3wise", "furthest")):
+    check(model, Classification(), images, image_spec, name, combine)
+  # K = 2, D = 2, 3 steps per call: the real ResNet family (conv heads with BatchNorm; at
+  # K = 2 pairwise is global: every stage but the last recomputes) ...
+  net = resnet.make_model("resnet_tiny", num_classes=10, num_stages=2, split=(3, 2),
+                          head="conv", input_shape=(8, 8, 3))
+  check(net, Classification(), images, image_spec, "pairwise", "furthest", D=2, S=3)
+  # ... and the Transformer with dropout and token weights (K = 4, D = 2, 3 steps per call;
+  # global with "sum": every head's loss reaches back to stage 1).
+  lm = transformer.make_model(vocab_size=37, num_layers=4, num_stages=4, d_model=16,
+                              num_heads=2, d_ff=32, max_len=12, dropout_rate=0.1)
+  tokens = rng.integers(0, 37, size=(8, 13)).astype(np.int32)
+  text = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": (rng.random((8, 12)) > 0.1).astype(np.float32)}
+  text_spec = jax.ShapeDtypeStruct((1, 12), jnp.int32)
+  check(lm, LanguageModeling(), text, text_spec, "global", "sum", M=2, D=2, S=3, evaluate=True)
+  """
+)
+
+
+def test_spmd_equals_fused_covering_strategies_rules_k_d_models_steps_per_call():
+  out = run_with_devices(COMMON + COVERING, 8)
+  assert out.count("EXACT") == 5, out
+
+
+RESUME = textwrap.dedent(
+  """
+  import os, jax, numpy as np
+  from experiments.configs import resnet_digits
+  from conftest import Preempted, checkpoint_params, crash_after
+  from ilbp import families, trainer
+
+  def config(kind):
+    c = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
+    c.total_steps, c.checkpoint_every_steps, c.eval_every_steps = 6, 2, 6
+    c.execution.kind, c.execution.microbatches = kind, 2
+    c.execution.steps_per_call = 2 if kind == "spmd" else 1
+    return c
+
+
+  # Killed between checkpoints under one executor, resumed under the other, both ways: the two
+  # runs must end equal (each executor's own resume is tested against an uninterrupted run in
+  # tests/test_train.py and tests/test_pipeline.py).
+  root = os.environ["TMP_ROOT"]
+  finals = []
+  for first, then in (("spmd", "fused"), ("fused", "spmd")):
+    work = f"{root}/{first}_{then}"
+    real = crash_after(3)
+    try:
+      trainer.train_and_evaluate(config(first), work)
+      raise AssertionError("no crash")
+    except Preempted:
+      pass
+    families.build = real
+    assert sorted(os.listdir(f"{work}/checkpoints")) == ["2"], os.listdir(f"{work}/checkpoints")
+    finals.append((trainer.train_and_evaluate(config(then), work), checkpoint_params(work)))
+    print("RESUMED", first, then, flush=True)
+  (one, p_one), (two, p_two) = finals
+  assert one["step"] == two["step"] == 6
+  for key, value in one.items():
+    np.testing.assert_allclose(two[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  for x, y in zip(jax.tree.leaves(p_one), jax.tree.leaves(p_two), strict=True):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+  print("EQUAL", flush=True)
+  """
+)
+
+
+def test_spmd_checkpoint_resumes_under_fused_and_back(tmp_path):
+  out = run_with_devices(f"import os\nos.environ['TMP_ROOT'] = {str(tmp_path)!r}\n" + RESUME, 2)
+  assert "RESUMED spmd fused" in out and "RESUMED fused spmd" in out and "EQUAL" in out, out
