@@ -130,6 +130,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"on one host, but this job has {jax.process_count()} processes; use 'fused' (data "
       "parallel over every process) on multi-host slices."
     )
+  if ex.kind == "spmd" and jax.process_count() > 1:
+    # The input pipelines split a batch by process index; a ('stage', 'data') mesh over
+    # several hosts puts different stages on different processes, which must then see the
+    # same examples. Until the loaders split by the mesh's 'data' coordinate, refuse.
+    raise ValueError(
+      "config.execution.kind='spmd' runs on one process so far: with "
+      f"{jax.process_count()} processes the input pipeline (split by process) would feed "
+      "different examples to the stages of one microbatch. Use 'fused' (data parallel over "
+      "every process) on multi-host slices, or 'spmd' on one host's devices."
+    )
   if ex.kind in ("dataflow", "spmd"):
     placement.check_stage_devices(config.num_stages, d, num_devices)
   for field in ("batch_size", "eval_batch_size"):

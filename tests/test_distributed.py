@@ -103,3 +103,19 @@ def test_two_processes_train_checkpoint_and_resume_on_one(tmp_path):
   # The checkpoint both processes wrote resumes in one process, which trains on to step 6.
   stdout, stderr = _binary(workdir, 6).communicate(timeout=300)
   assert "at step 4." in stdout and "Done: 6 steps" in stdout, stdout[-2000:] + stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  "kind, message", [("spmd", "one process so far"), ("dataflow", "one host")]
+)
+def test_pipelines_refuse_several_processes(monkeypatch, kind, message):
+  import jax
+
+  from experiments.configs import resnet_digits
+  from ilbp import executor
+
+  config = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
+  config.execution.kind = kind
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=message):
+    executor.validate(config, num_devices=4)
