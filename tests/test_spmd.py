@@ -153,10 +153,12 @@ COMMON = textwrap.dedent(
 
 COVERING = textwrap.dedent(
   """
-  # K = 4 on the conv + BatchNorm model: every reach and both combine rules between them.
+  # K = 4 on the conv + BatchNorm model: every reach and both combine rules between them;
+  # 3 steps per call for local and 3wise, so stages run into the next step without a flush.
   model = conv_bn_model(4)
-  for name, combine in (("local", "furthest"), ("pairwise", "sum"), ("3wise", "furthest")):
-    check(model, Classification(), images, image_spec, name, combine)
+  for name, combine, S in (("local", "furthest", 3), ("pairwise", "sum", 1),
+                           ("3wise", "furthest", 3)):
+    check(model, Classification(), images, image_spec, name, combine, S=S)
   # K = 2, D = 2, 3 steps per call: the real ResNet family (conv heads with BatchNorm; at
   # K = 2 pairwise is global: every stage but the last recomputes) ...
   net = resnet.make_model("resnet_tiny", num_classes=10, num_stages=2, split=(3, 2),
