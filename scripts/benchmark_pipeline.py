@@ -179,8 +179,11 @@ def make_rows(model, task, spec) -> list[dict]:
 def time_rows(rows: list[dict], batch: dict) -> None:
   """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin)."""
   per_call = _SPMD_PER_CALL.value
-  if _STEPS.value % per_call:
-    raise ValueError(f"--spmd_steps_per_call={per_call} must divide --steps_per_chunk.")
+  if any(row["executor"] == "spmd" for row in rows) and _STEPS.value % per_call:
+    raise ValueError(
+      f"--spmd_steps_per_call={per_call} must divide --steps_per_chunk={_STEPS.value} (a chunk "
+      "is whole spmd calls); change either flag."
+    )
   for row in rows:
     row["state"] = row["ex"].init_state(jax.random.PRNGKey(_SEED.value))
     spmd_row = row["executor"] == "spmd"
