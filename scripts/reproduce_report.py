@@ -146,10 +146,12 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
       cells = [_fmt(*r[f"head{k}"], kind) for k in range(1, K + 1)]
       sps = r["steps_per_sec"]
       gap = "—" if math.isnan(r["gap"]) else f"{r['gap']:.2f}"
+      vs = r["modelled_vs_global"]
+      vs = "—" if math.isnan(vs) else f"{vs:.3f}"  # No global run finished: nothing to divide.
       lines.append(
         f"| {r['variant']} | {len(r['seeds'])} | {' | '.join(cells)} | "
         f"{gap} | {_fmt(*sps, 'steps/s')} | "
-        f"{r['modelled']:.2f} | {r['modelled_vs_global']:.3f} |"
+        f"{r['modelled']:.2f} | {vs} |"
       )
     lines.append("")
   lines += [
