@@ -9,9 +9,14 @@ Every (model, K, D, steps per call, strategy, combine rule) runs 3 optimizer ste
 microbatches on the SPMD executor and on the fused executor over the same D devices (the same
 split of each microbatch), and compares parameters, BatchNorm statistics and optimizer states.
 Strategies whose backward plan is the same at that K (at K = 2, pairwise and 3wise are global)
-run once. `max rel err` is the largest |spmd - fused| of any tensor over that tensor's largest
+run once. `vs fused` is the largest |spmd - fused| of any tensor over that tensor's largest
 |element| (at least 1e-2, so that exactly-zero gradients' float noise is not divided by zero);
 `pass` is tests/test_spmd.py's criterion: 1e-5 relative per element or to that largest element.
+Each case also runs the dataflow executor (the same per-stage ops, one program each) and
+compares spmd with it (`vs dataflow`): `= dataflow` marks a case that misses fused's 1e-5 but
+equals dataflow's result: both pipelines then round differently from the one fused program
+(seen on resnet_tiny's conv heads at K = 4: from the third step, in stage 1's head), not an
+spmd error. Only `FAIL` fails the script.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from absl import app, flags
 import ilbp
 from ilbp import executor, interlock, state
 from ilbp.models import resnet, transformer
-from ilbp.pipeline import spmd
+from ilbp.pipeline import dataflow, spmd
 from ilbp.tasks import Classification, LanguageModeling
 
 _MODELS = flags.DEFINE_list("models", ["resnet", "transformer"], "resnet and/or transformer.")
@@ -86,8 +91,9 @@ def compare(reference, candidate) -> tuple[float, bool]:
   return worst, ok
 
 
-def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, float]:
-  """3 steps on both executors -> (max rel err, pass, seconds)."""
+def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, float, bool, float]:
+  """3 steps on spmd, fused and dataflow -> (max rel err vs fused, pass vs fused, max rel err
+  vs dataflow, pass vs dataflow, seconds)."""
   start = time.perf_counter()
   tx, sched = state.make_optimizer(
     name="sgd", learning_rate=0.05, total_steps=10, weight_decay=1e-4
@@ -105,8 +111,14 @@ def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, flo
   else:
     for _ in range(3 // S):
       b, _ = ex.train_steps(b, ex.put_batches([batch] * S))
-  err, ok = compare(jax.device_get(a), jax.device_get(ex.unpack_state(b)))
-  return err, ok, time.perf_counter() - start
+  flow = dataflow.DataflowExecutor(*args, microbatches=M, continuous=True, data_parallel=D)
+  c = flow.init_state(rng)
+  for _ in range(3):
+    c, _ = flow.train_step(c, flow.put_batch(batch))
+  got = jax.device_get(ex.unpack_state(b))
+  err, ok = compare(jax.device_get(a), got)
+  flow_err, flow_ok = compare(jax.device_get(c), got)
+  return err, ok, flow_err, flow_ok, time.perf_counter() - start
 
 
 def main(argv):
@@ -124,22 +136,30 @@ def main(argv):
                 continue
               seen.add((name, K, D, S, plan))
               model, task, batch, spec, M = problem(name, K, np.random.default_rng(0))
-              err, ok, secs = run_case(model, task, batch, spec, M, strat, D, S)
-              row = (name, K, D, S, M, strategy, combine, err, "pass" if ok else "FAIL", secs)
+              err, ok, ferr, fok, secs = run_case(model, task, batch, spec, M, strat, D, S)
+              result = "pass" if ok else ("= dataflow" if fok else "FAIL")
+              row = (name, K, D, S, M, strategy, combine, err, ferr, result, secs)
               rows.append(row)
               print(
                 "  ".join(str(v) if not isinstance(v, float) else f"{v:.2e}" for v in row[:-1])
                 + f"  ({secs:.0f} s)",
                 flush=True,
               )
-  header = ("model", "K", "D", "steps/call", "M", "strategy", "combine", "max rel err", "result")
+  header = (
+    "model", "K", "D", "steps/call", "M", "strategy", "combine", "vs fused", "vs dataflow",
+    "result",
+  )  # fmt: skip
   print("\n| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for row in rows:
     cells = [f"{v:.1e}" if isinstance(v, float) else str(v) for v in row[:-1]]
     print("| " + " | ".join(cells) + " |")
-  failed = sum(r[8] != "pass" for r in rows)
-  print(f"\n{len(rows) - failed}/{len(rows)} pass; {sum(r[9] for r in rows):.0f} s in all.")
+  failed = sum(r[9] == "FAIL" for r in rows)
+  same = sum(r[9] == "= dataflow" for r in rows)
+  print(
+    f"\n{len(rows) - failed - same}/{len(rows)} equal fused; {same} differ from fused but equal "
+    f"the dataflow executor; {failed} fail; {sum(r[10] for r in rows):.0f} s in all."
+  )
   if failed:
     raise SystemExit(1)
 
