@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from jax.flatten_util import ravel_pytree
 
 from ilbp import executor as executors
 from ilbp import families, trainer
@@ -45,7 +46,7 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the numbers
 
 
 def _flat(tree) -> jax.Array:
-  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+  return ravel_pytree(tree)[0].astype(jnp.float32)
 
 
 def alignment(workdir: str, step: int | None, batches: int, data_step: int) -> dict:

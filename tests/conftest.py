@@ -69,39 +69,79 @@ class Preempted(Exception):
   """Raised by the data stream of `crash_after`: a run killed between checkpoints."""
 
 
+def build_with_batches(edit):
+  """A `families.build` whose training batches pass through `edit(i, step, batch)` (i counts
+  from 0 per run, step is the optimizer step the batch feeds)."""
+  from ilbp import families
+
+  real = families.build
+
+  def build(config, workdir):
+    built = real(config, workdir)
+    source = built.data
+
+    def train_batches(start):
+      for i, batch in enumerate(source.train_batches(start)):
+        yield edit(i, start + 1 + i, batch)
+
+    data = type(source)(**{**source.__dict__, "train_batches": train_batches})
+    return families.Built(built.model, data, built.task, built.input_spec)
+
+  return build
+
+
+def preempt_at(num_batches: int):
+  """An `edit` for `build_with_batches`: raises Preempted when batch `num_batches` (0-based) is
+  asked for."""
+
+  def edit(i, step, batch):
+    if i == num_batches:
+      raise Preempted(f"killed at batch {i} (step {step})")
+    return batch
+
+  return edit
+
+
 def crash_after(num_batches: int):
   """Makes every run built from now on raise Preempted when it asks for batch `num_batches`
   (0-based); returns the real `families.build` to put back."""
   from ilbp import families
 
   real = families.build
-
-  def build(c, w):
-    built = real(c, w)
-    source = built.data
-
-    def batches(start):
-      for i, batch in enumerate(source.train_batches(start)):
-        if i == num_batches:
-          raise Preempted()
-        yield batch
-
-    data = type(source)(**{**source.__dict__, "train_batches": batches})
-    return families.Built(built.model, data, built.task, built.input_spec)
-
-  families.build = build
+  families.build = build_with_batches(preempt_at(num_batches))
   return real
 
 
-def checkpoint_params(workdir: str) -> list:
-  """Every stage's params in the newest checkpoint of `workdir`."""
+def checkpoint_params(workdir: str, step: int | None = None) -> list:
+  """Every stage's params in the checkpoint of `step` (default: the newest) of `workdir`."""
   from ilbp.checkpoint import Checkpointer
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    return [s["params"] for s in ckpt.restore(ckpt.latest_step())["stages"]]
+    step = ckpt.latest_step() if step is None else step
+    return [s["params"] for s in ckpt.restore(step)["stages"]]
   finally:
     ckpt.close()
+
+
+def image_problem():
+  """16 numpy 8×8×3 images with labels (seeded) and the input spec: the pipeline tests' batch."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  images = {
+    "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, size=16).astype(np.int32),
+  }
+  return images, jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32), rng
+
+
+def assert_evaluated_alike(reference: dict, sums: dict) -> None:
+  """Two executors' evaluation sums of every head agree to 1e-5."""
+  import numpy as np
+
+  for key in reference:
+    np.testing.assert_allclose(sums[key], reference[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def assert_trained_alike(reference, state, reference_metrics: dict, metrics: dict) -> None:

@@ -6,7 +6,6 @@ stops with the step; bad configs fail before any compute; warm-up longer than a 
 clamped; a second run on a live workdir refuses; the CIFAR configs carry the authors' recipe.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import Preempted, build_with_batches, checkpoint_params, preempt_at
 
 from experiments.configs import (
   common,
@@ -30,7 +30,6 @@ from experiments.configs import (
   transformer_stdlib,
 )
 from ilbp import families, state, trainer, workdir_lock
-from ilbp.checkpoint import Checkpointer
 from ilbp.models import resnet
 
 STRATEGIES = ("local", "pairwise", "3wise", "global")
@@ -105,48 +104,13 @@ def test_transformer_lm1b_every_strategy_mock_data(tmp_path, strategy):
   assert "train/head4/loss" in _metrics(tmp_path)[0]
 
 
-class _Preempted(Exception):
-  pass
-
-
-def _crash_after(monkeypatch, num_batches):
-  """Makes the next run's input stream die after `num_batches` batches, like a preemption."""
-  _patch_batches(
-    monkeypatch,
-    lambda i, step, batch: _raise(_Preempted(f"killed at {i}")) if i == num_batches else batch,
-  )
-
-
 def _raise(error):
   raise error
 
 
-def _patch_batches(monkeypatch, edit):
-  """Passes every training batch through `edit(i, step, batch)` (i counts from 0 per run)."""
-  real_build = families.build
-
-  def build(config, workdir):
-    built = real_build(config, workdir)
-    real = built.data
-
-    def train_batches(start):
-      for i, batch in enumerate(real.train_batches(start)):
-        yield edit(i, start + 1 + i, batch)
-
-    return dataclasses.replace(
-      built, data=type(real)(**{**real.__dict__, "train_batches": train_batches})
-    )
-
-  monkeypatch.setattr(families, "build", build)
-
-
-def _params(workdir, step):
-  """The parameters saved at `step`, as nested dicts of arrays."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    return [stage["params"] for stage in ckpt.restore(step)["stages"]]
-  finally:
-    ckpt.close()
+def _crash_after(monkeypatch, num_batches):
+  """Makes the next run's input stream die after `num_batches` batches, like a preemption."""
+  monkeypatch.setattr(families, "build", build_with_batches(preempt_at(num_batches)))
 
 
 @pytest.mark.parametrize("module", [resnet_digits, transformer_stdlib])
@@ -160,13 +124,13 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch, module):
   resumed = tmp_path / "resumed"
   with monkeypatch.context() as m:
     _crash_after(m, 3)
-    with pytest.raises(_Preempted):
+    with pytest.raises(Preempted):
       trainer.train_and_evaluate(config, str(resumed))
   assert sorted(int(s) for s in os.listdir(resumed / "checkpoints") if s.isdigit()) == [2]
   final_b = trainer.train_and_evaluate(config, str(resumed))
 
   assert final_a == pytest.approx(final_b, rel=1e-6, abs=1e-7)
-  a, b = _params(straight, 6), _params(resumed, 6)
+  a, b = checkpoint_params(straight, 6), checkpoint_params(resumed, 6)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
   # The train metrics logged after the resume match the uninterrupted run's.
@@ -195,7 +159,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
   nan = lambda batch: {**batch, "image": np.full_like(batch["image"], np.nan)}
-  _patch_batches(monkeypatch, lambda i, step, batch: nan(batch) if step == 3 else batch)
+  monkeypatch.setattr(
+    families, "build", build_with_batches(lambda i, step, batch: nan(batch) if step == 3 else batch)
+  )
   with pytest.raises(trainer.NonFiniteLossError, match="at step 3"):
     trainer.train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())

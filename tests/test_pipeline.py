@@ -16,7 +16,8 @@ from ilbp import executor, trainer
 COMMON = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np
-  from conftest import assert_trained_alike, conv_bn_model
+  from conftest import (assert_evaluated_alike, assert_trained_alike, conv_bn_model,
+                      image_problem)
   import ilbp
   from ilbp import executor, interlock, state
   from ilbp.models import resnet, transformer
@@ -49,15 +50,10 @@ COMMON = textwrap.dedent(
     a, b, ma, mb = jax.device_get((a, b, ma, mb))
     assert int(b.step) == 3
     assert_trained_alike(a, b, ma, mb)
-    ea, eb = jax.device_get((fused.eval_step(a, batch), flow.eval_step(b, batch)))
-    for key in ea:
-      np.testing.assert_allclose(eb[key], ea[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert_evaluated_alike(*jax.device_get((fused.eval_step(a, batch), flow.eval_step(b, batch))))
     print("EXACT", model.num_stages, name, combine, M, continuous, D, flush=True)
 
-  rng = np.random.default_rng(0)
-  images = {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, size=16).astype(np.int32)}
-  image_spec = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  images, image_spec, rng = image_problem()
   """
 )
 

@@ -99,7 +99,8 @@ def test_call_size_falls_back_to_one_step_around_evals_checkpoints_and_the_end()
 COMMON = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np
-  from conftest import assert_trained_alike, conv_bn_model
+  from conftest import (assert_evaluated_alike, assert_trained_alike, conv_bn_model,
+                      image_problem)
   import ilbp
   from ilbp import executor, state
   from ilbp.models import resnet, transformer
@@ -139,15 +140,10 @@ COMMON = textwrap.dedent(
     assert int(bt.step) == 3
     assert_trained_alike(a, bt, ma, mb)
     if evaluate:  # Compiles K + 1 more programs: once is enough.
-      ea, eb = jax.device_get((fused.eval_step(a, batch), ex.eval_step(b, batch)))
-      for key in ea:
-        np.testing.assert_allclose(eb[key], ea[key], rtol=1e-5, atol=1e-5, err_msg=key)
+      assert_evaluated_alike(*jax.device_get((fused.eval_step(a, batch), ex.eval_step(b, batch))))
     print("EXACT", model.num_stages, name, combine, M, D, S, flush=True)
 
-  rng = np.random.default_rng(0)
-  images = {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, size=16).astype(np.int32)}
-  image_spec = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  images, image_spec, rng = image_problem()
   """
 )
 
