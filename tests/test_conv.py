@@ -1,4 +1,6 @@
-"""Tests for ilbp.models.conv: the explicit weight gradient equals XLA's, and the switch."""
+"""Tests for ilbp.models.conv: gradients equal XLA's, keep the fast form nested, the switch."""
+
+import re
 
 import flax.linen as nn
 import jax
@@ -27,8 +29,8 @@ _CASES = [
 ]
 
 
-def test_explicit_equals_xla():
-  # Every case in one jitted program: one compile for all 18, not one each.
+def test_custom_gradients_equal_xla():
+  # Every case and both custom weight gradients in one jitted program: one compile, not 36.
   inputs = []
   for i, (kernel, _, _) in enumerate(_CASES):
     k1, k2 = jax.random.split(jax.random.key(i))
@@ -36,31 +38,73 @@ def test_explicit_equals_xla():
     inputs.append(
       (jax.random.normal(k1, (2, 11, 9, 3)), jax.random.normal(k2, (kernel, kernel, 3, 5)))
     )
-  ours = conv.conv_general_dilated("explicit")
+  impls = ("explicit", "canonical")
 
   @jax.jit
-  def both(inputs):
+  def run(inputs):
     out = []
     for (_, strides, padding), (x, w) in zip(_CASES, inputs):
       s = (strides, strides)
       ref = lambda x, w, s=s, padding=padding: lax.conv_general_dilated(
         x, w, s, padding, dimension_numbers=_NHWC
       )
-      fn = lambda x, w, s=s, padding=padding: ours(x, w, s, padding, dimension_numbers=_NHWC)
-      dy = jnp.cos(jnp.arange(np.prod(jax.eval_shape(ref, x, w).shape), dtype=jnp.float32))
-      dy = dy.reshape(jax.eval_shape(ref, x, w).shape)
-      out.append((_grads(fn, x, w, dy), _grads(ref, x, w, dy)))
+      shape = jax.eval_shape(ref, x, w).shape
+      dy = jnp.cos(jnp.arange(np.prod(shape), dtype=jnp.float32)).reshape(shape)
+      got = [
+        _grads(
+          lambda x, w, s=s, padding=padding, impl=impl: conv.conv_general_dilated(impl)(
+            x, w, s, padding, dimension_numbers=_NHWC
+          ),
+          x,
+          w,
+          dy,
+        )
+        for impl in impls
+      ]
+      out.append((got, _grads(ref, x, w, dy)))
     return out
 
-  for case, (got, want) in zip(_CASES, both(inputs)):
-    for name, a, b in zip(("output", "input gradient", "weight gradient"), got, want):
-      assert a.shape == b.shape, (case, name)
-      np.testing.assert_allclose(
-        a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()), err_msg=f"{case}: {name}"
-      )
+  for case, (got, want) in zip(_CASES, run(inputs)):
+    for impl, ours in zip(impls, got):
+      for name, a, b in zip(("output", "input gradient", "weight gradient"), ours, want):
+        assert a.shape == b.shape, (impl, case, name)
+        np.testing.assert_allclose(
+          a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()), err_msg=f"{impl} {case}: {name}"
+        )
 
 
-def _uses_explicit(impl: str, kernel: int) -> bool:
+def _switched_conv_labels(impl: str) -> list[str]:
+  """The dimension labels of every convolution XLA compiles for a conv's gradients in a switch."""
+  fn = conv.conv_general_dilated(impl)
+  dn = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+  def loss(x, w):
+    y = fn(x, w, (2, 2), "SAME", dimension_numbers=dn)
+    return jnp.sum(jnp.tanh(fn(y, w[:, :, :1].repeat(4, 2), (1, 1), "SAME", dimension_numbers=dn)))
+
+  grads = jax.grad(loss, argnums=(0, 1))
+  x, w = jnp.ones((2, 9, 9, 4)), jnp.ones((3, 3, 4, 4))
+  hlo = (
+    jax.jit(lambda i, x, w: lax.switch(i, [lambda x, w: (x, w), grads], x, w))
+    .lower(1, x, w)
+    .compile()
+    .as_text()
+  )
+  return re.findall(r"= \S+ convolution\(.*?dim_labels=(\S+?),", hlo)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's convolution forms")
+def test_gradients_in_a_switch_keep_the_fast_form():
+  # XLA:CPU runs a convolution fast only in the NHWC/HWIO form, and rewrites autodiff's gradient
+  # convolutions into it only at a program's top level: inside a lax.switch (the SPMD executor's
+  # stages) XLA's own gradients keep other forms. Ours are written in that form.
+  fast = "b01f_01io->b01f"
+  ours = _switched_conv_labels("auto")
+  assert len(ours) == 6 and set(ours) == {fast}, ours
+  assert set(_switched_conv_labels("xla")) != {fast}
+
+
+def _uses_custom(impl: str, kernel: int) -> bool:
   """Whether the conv's gradient goes through the custom VJP (read from the jaxpr)."""
   fn = conv.conv_general_dilated(impl)
   x, w = jnp.ones((1, 8, 8, 2)), jnp.ones((kernel, kernel, 2, 3))
@@ -77,12 +121,14 @@ def _uses_explicit(impl: str, kernel: int) -> bool:
 
 
 def test_choice():
-  assert _uses_explicit("explicit", 3) and _uses_explicit("explicit", 1)
-  assert not _uses_explicit("xla", 1) and not _uses_explicit("xla", 3)
+  for impl in ("explicit", "canonical"):
+    assert _uses_custom(impl, 3) and _uses_custom(impl, 1)
+  assert not _uses_custom("xla", 1) and not _uses_custom("xla", 3)
+  # auto: the custom gradients on CPU only (XLA's convolution for cuDNN and the TPU compiler).
   on_cpu = jax.default_backend() == "cpu"
-  # auto: the explicit weight gradient only for 1x1 kernels, and only on CPU.
-  assert _uses_explicit("auto", 1) == on_cpu
-  assert not _uses_explicit("auto", 3)
+  assert _uses_custom("auto", 1) == on_cpu and _uses_custom("auto", 3) == on_cpu
+  assert conv.use_explicit((2, 8, 8, 4), (1, 1, 4, 8), (2, 2))
+  assert not conv.use_explicit((2, 8, 8, 4), (3, 3, 4, 8), (1, 1))
 
 
 def test_unsupported_calls_fall_back_to_xla():
@@ -114,7 +160,7 @@ def test_flax_conv_same_parameters_and_gradients():
 
 
 def test_bad_impl_is_named():
-  with pytest.raises(ValueError, match=r"conv='fast'.*auto, xla, explicit"):
+  with pytest.raises(ValueError, match=r"conv='fast'.*auto, xla, explicit, canonical"):
     conv.conv_general_dilated("fast")
   with pytest.raises(ValueError, match="auto, xla, explicit"):
     resnet.make_model("resnet_tiny", num_classes=3, num_stages=2, split=(3, 2), conv="cudnn")
@@ -122,11 +168,11 @@ def test_bad_impl_is_named():
 
 def test_resnet_gradients_do_not_depend_on_the_implementation():
   # Every conv of a ResNet (stem, 3x3 and strided 1x1 projections, conv heads) through the
-  # interlocking engine: the explicit weight gradients give the same gradients and statistics.
+  # interlocking engine: the custom gradients give the same gradients and statistics.
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
   labels = {"label": jnp.array([0, 1, 2, 1])}
   out = {}
-  for impl in ("xla", "explicit"):
+  for impl in ("xla", "explicit", "canonical"):
     model = resnet.make_model(
       "resnet_tiny", num_classes=3, num_stages=2, split=(3, 2), head="conv", conv=impl
     )
@@ -136,6 +182,7 @@ def test_resnet_gradients_do_not_depend_on_the_implementation():
         p, s, x, labels, loss_fn=tasks.Classification().loss, strategy=strategy("pairwise")
       )[:2]
     )(params, state, x)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out["xla"], out["explicit"]
-  )
+  for impl in ("explicit", "canonical"):
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out["xla"], out[impl]
+    )
