@@ -103,6 +103,8 @@ def make_train_step(
         rng=microbatch_rng(state.rng, state.step, m),
       )
       acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
+      # Statistics keep their stored dtype (a float64 forward would promote float32 ones).
+      model_state = jax.tree.map(lambda new, old: new.astype(old.dtype), model_state, carry[0])
       return (model_state, acc), metrics
 
     if microbatches == 1:

@@ -14,9 +14,14 @@ run once. `vs fused` is the largest |spmd - fused| of any tensor over that tenso
 `pass` is tests/test_spmd.py's criterion: 1e-5 relative per element or to that largest element.
 Each case also runs the dataflow executor (the same per-stage ops, one program each) and
 compares spmd with it (`vs dataflow`): `= dataflow` marks a case that misses fused's 1e-5 but
-equals dataflow's result: both pipelines then round differently from the one fused program
-(seen on resnet_tiny's conv heads at K = 4: from the third step, in stage 1's head), not an
+equals dataflow's result (both pipelines round differently from the one fused program), not an
 spmd error. Only `FAIL` fails the script.
+
+The ResNet computes in float64 by default (`--float64`; parameters and statistics stay
+float32). In float32, reduction-order rounding flips the ReLUs of near-zero pre-activations in
+resnet_tiny's conv heads and moves a channel's gradient by up to 1e-1 of its tensor within 3
+steps — fused on 1 vs 2 devices differs that much — so no 1e-5 check decides anything; in
+float64 every case of the grid equals fused (WORKSPACE.md, 2026-11-26: 76 of 76).
 """
 
 from __future__ import annotations
@@ -49,21 +54,27 @@ _STRATEGIES = flags.DEFINE_list(
   "strategies", ["local", "pairwise", "3wise", "global"], "Strategies."
 )
 _COMBINES = flags.DEFINE_list("combines", ["furthest", "sum"], "Combine rules.")
+_FLOAT64 = flags.DEFINE_bool(
+  "float64",
+  True,
+  "Compute the ResNet in float64 (parameters and statistics stay float32; see the module doc).",
+)
 _SPLITS = {2: (3, 2), 4: (2, 1, 1, 1)}  # resnet_tiny's 5 blocks per stage.
 
 
 def problem(name: str, K: int, rng: np.random.Generator):
   """(model, task, batch, input spec, M) of a tiny model."""
   if name == "resnet":
+    dtype = jnp.float64 if _FLOAT64.value else jnp.float32
     model = resnet.make_model(
       "resnet_tiny", num_classes=10, num_stages=K, split=_SPLITS[K], head="conv",
-      input_shape=(8, 8, 3),
+      input_shape=(8, 8, 3), dtype=dtype,
     )  # fmt: skip
     batch = {
-      "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+      "image": rng.normal(size=(16, 8, 8, 3)).astype(dtype),
       "label": rng.integers(0, 10, size=16).astype(np.int32),
     }
-    return model, Classification(), batch, jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32), 4
+    return model, Classification(), batch, jax.ShapeDtypeStruct((1, 8, 8, 3), dtype), 4
   model = transformer.make_model(
     vocab_size=37, num_layers=4, num_stages=K, d_model=16, num_heads=2, d_ff=32, max_len=12,
     dropout_rate=0.1,
@@ -123,6 +134,8 @@ def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, flo
 
 def main(argv):
   del argv
+  if _FLOAT64.value:
+    jax.config.update("jax_enable_x64", True)
   rows, seen = [], set()
   for name in _MODELS.value:
     for K in map(int, _STAGES.value):
