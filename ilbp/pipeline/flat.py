@@ -4,8 +4,12 @@ One SPMD program holds every stage's state in arrays of the same shape on every 
 leading axis K sharded over 'stage'); stages with different parameters (a ResNet's) therefore
 keep theirs flat: per dtype, every leaf of stage k's tree raveled and concatenated, padded with
 zeros to the longest stage's length. A branch of the program that runs stage k unpacks with
-static slices; gradients are added and statistics written leaf by leaf into their own slices,
-so no per-tick work touches the whole buffer. Stages whose trees are all alike need no padding.
+static slices. Gradients are added, and statistics written, as one whole-buffer operation per
+call (the leaves concatenated, padded, then one add or one concatenate with the rest), not leaf
+by leaf: XLA:CPU does not update a buffer in place inside the program's switch, so each leaf's
+own dynamic-update-slice copied the whole buffer (90 leaves into a 243,466-float buffer inside
+a switch in a scan: 19.8 ms leaf by leaf, 0.25 ms whole). Stages whose trees are all alike need
+no padding.
 """
 
 from __future__ import annotations
@@ -116,12 +120,28 @@ class FlatLayout:
     values = jax.tree.leaves(tree)
     if len(values) != hi - lo:
       raise ValueError(f"Stage {k}'s {top!r} subtree has {hi - lo} leaves, got {len(values)}.")
-    bufs = dict(bufs)
+    pieces: dict[str, list] = {}
     for s, v in zip(self.leaves[k][lo:hi], values):
-      v = jnp.ravel(v).astype(s.dtype)
-      window = bufs[s.dtype].at[s.offset : s.offset + s.size]
-      bufs[s.dtype] = window.add(v) if add else window.set(v)
+      pieces.setdefault(s.dtype, []).append(jnp.ravel(v).astype(s.dtype))
+    bufs = dict(bufs)
+    for dt, (start, end) in self._spans(k, lo, hi).items():
+      buf = bufs[dt]
+      if add:
+        pad = lambda n, dt=dt: [jnp.zeros((n,), dt)] if n else []
+        bufs[dt] = buf + jnp.concatenate([*pad(start), *pieces[dt], *pad(buf.shape[-1] - end)])
+      else:
+        bufs[dt] = jnp.concatenate([buf[:start], *pieces[dt], buf[end:]])
     return bufs
+
+  def _spans(self, k: int, lo: int, hi: int) -> dict[str, tuple[int, int]]:
+    """Per dtype, the [start, end) that leaves lo .. hi - 1 of stage k fill (contiguous: offsets
+    are handed out in leaf order within each dtype)."""
+    spans: dict[str, tuple[int, int]] = {}
+    for s in self.leaves[k][lo:hi]:
+      start, end = spans.get(s.dtype, (s.offset, s.offset))
+      assert end == s.offset, (k, s)
+      spans[s.dtype] = (start, s.offset + s.size)
+    return spans
 
   def add(self, k: int, bufs: dict, top: str | None, tree: PyTree) -> dict[str, jax.Array]:
     """Adds `tree` (stage k's `top` subtree, or all of it) into its slices."""
