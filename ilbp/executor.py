@@ -130,16 +130,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       f"on one host, but this job has {jax.process_count()} processes; use 'fused' (data "
       "parallel over every process) on multi-host slices."
     )
-  if ex.kind == "spmd" and jax.process_count() > 1:
-    # The input pipelines split a batch by process index; a ('stage', 'data') mesh over
-    # several hosts puts different stages on different processes, which must then see the
-    # same examples. Until the loaders split by the mesh's 'data' coordinate, refuse.
-    raise ValueError(
-      "config.execution.kind='spmd' runs on one process so far: with "
-      f"{jax.process_count()} processes the input pipeline (split by process) would feed "
-      "different examples to the stages of one microbatch. Use 'fused' (data parallel over "
-      "every process) on multi-host slices, or 'spmd' on one host's devices."
-    )
   if ex.kind in ("dataflow", "spmd"):
     placement.check_stage_devices(config.num_stages, d, num_devices)
   for field in ("batch_size", "eval_batch_size"):
@@ -217,6 +207,21 @@ class FusedExecutor(TrainStateIsLive):
 
   def eval_step(self, st: state.TrainState, batch: dict) -> dict:
     return self._eval(st, self.put_batch(batch))
+
+
+def input_shard(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """`(index, count)`: the share of every batch this process loads for config.execution.
+
+  fused splits each batch over every process (`(process_index, process_count)`); dataflow runs
+  on one process (the whole batch); spmd feeds the data columns of its (stage, data) grid that
+  this process's devices sit in, so processes holding different stages of the same columns
+  load the same examples (`placement.input_shard`).
+  """
+  ex = config.execution
+  if ex.kind == "spmd":
+    d = data_parallel(ex, jax.device_count())
+    return placement.input_shard(placement.stage_grid(config.num_stages, d))
+  return jax.process_index(), jax.process_count()
 
 
 def make(

@@ -75,7 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     conv.check_impl(config.model.get("conv", "auto"), what="config.model.conv")
 
 
-def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
+def _resnet(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
   from ilbp.data import images
   from ilbp.models import resnet
 
@@ -89,6 +89,7 @@ def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
     data_dir=d.get("data_dir"),
     augment=d.augment,
     validation_fraction=d.get("validation_fraction", 0.0),
+    shard=shard,
   )
   model = resnet.make_model(
     m.name,
@@ -104,7 +105,7 @@ def _resnet(config: ml_collections.ConfigDict, workdir: str) -> Built:
   return Built(model, data, task, jax.ShapeDtypeStruct((1, *data.image_shape), jnp.float32))
 
 
-def _transformer(config: ml_collections.ConfigDict, workdir: str) -> Built:
+def _transformer(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
   from ilbp.data import text
   from ilbp.models import transformer
 
@@ -121,6 +122,7 @@ def _transformer(config: ml_collections.ConfigDict, workdir: str) -> Built:
     max_eval_sequences=d.get("max_eval_sequences"),
     data_dir=d.get("data_dir"),
     **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
+    shard=shard,
   )
   layers = m.get("layers_per_stage")
   model = transformer.make_model(
@@ -147,12 +149,16 @@ _BUILDERS = {"resnet": _resnet, "transformer": _transformer}
 FAMILIES = tuple(_BUILDERS)
 
 
-def build(config: ml_collections.ConfigDict, workdir: str) -> Built:
+def build(
+  config: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] | None = None
+) -> Built:
   """Data, staged model, task and input spec for the config's family.
 
   Args:
     config: an experiment config (experiments/configs/).
     workdir: the run directory (caches that belong to the run, e.g. a tokenizer, go there).
+    shard: `(index, count)` of the input share this process loads (default: by process;
+      `ilbp.executor.input_shard(config)` gives the executor's).
   """
   validate(config)
-  return _BUILDERS[config.family](config, workdir)
+  return _BUILDERS[config.family](config, workdir, shard)

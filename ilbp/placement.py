@@ -38,15 +38,69 @@ def check_stage_devices(num_stages: int, data_parallel: int, num_devices: int) -
     )
 
 
+def stage_grid(
+  num_stages: int, data_parallel: int, devices: Sequence[jax.Device] | None = None
+) -> np.ndarray:
+  """The [K, D] array of devices of a pipeline: row k holds stage k's devices k·D .. k·D + D - 1.
+
+  `jax.devices()` lists devices host by host, so a stage's D devices share a host where they
+  can (a TPU VM's chips, a GPU node's cards), and its data-parallel all-reduce stays local.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  check_stage_devices(num_stages, data_parallel, len(devices))
+  return np.asarray(devices[: num_stages * data_parallel]).reshape(num_stages, data_parallel)
+
+
+def input_shard(grid: np.ndarray, process: int | None = None) -> tuple[int, int]:
+  """Which part of every batch this process loads, for a [K, D] grid fed replicated over
+  stages and split over the D data columns.
+
+  A process feeds the columns its devices sit in, from every stage row it holds: the examples
+  of columns lo .. hi - 1 of each microbatch. Processes whose devices cover the same columns
+  load the same examples (the input pipelines are deterministic given seed and shard).
+
+  Args:
+    grid: the devices, [K, D] (`stage_grid`).
+    process: the process to answer for (default: this one).
+
+  Returns:
+    `(index, count)`: the process loads shard `index` of `count` equal shards of each batch
+    (`(0, 1)`: the whole batch, e.g. when every stage's D devices sit on one host).
+
+  Raises:
+    ValueError: the processes' columns do not form equal, aligned blocks (no process can then
+      load a contiguous share), naming what to change.
+  """
+  process = jax.process_index() if process is None else process
+  K, D = grid.shape
+  columns = {}
+  for k in range(K):
+    for d in range(D):
+      columns.setdefault(grid[k, d].process_index, set()).add(d)
+  widths = {len(c) for c in columns.values()}
+  aligned = all(
+    c == set(range(min(c), min(c) + len(c))) and min(c) % len(c) == 0 for c in columns.values()
+  )
+  if len(widths) != 1 or not aligned:
+    raise ValueError(
+      f"The ({K} stages x {D} data) device grid gives the processes data columns "
+      f"{ {p: sorted(c) for p, c in sorted(columns.items())} }: each process must cover an "
+      "equal, aligned block of columns to load a contiguous share of each batch. Choose "
+      "config.execution.data_parallel so that a stage's devices are whole hosts or a whole "
+      "host's devices split evenly among stages."
+    )
+  mine = columns.get(process)
+  if mine is None:
+    return 0, 1  # Not in the grid: any share will do (it feeds no device).
+  width = widths.pop()
+  return min(mine) // width, D // width
+
+
 def stage_meshes(
   num_stages: int, data_parallel: int, devices: Sequence[jax.Device] | None = None
 ) -> list[Mesh]:
   """K disjoint ("data",) meshes of D devices each: stage k gets devices k·D .. k·D + D - 1."""
-  devices = jax.devices() if devices is None else list(devices)
-  check_stage_devices(num_stages, data_parallel, len(devices))
-  return [
-    data_mesh(devices[k * data_parallel : (k + 1) * data_parallel]) for k in range(num_stages)
-  ]
+  return [data_mesh(row) for row in stage_grid(num_stages, data_parallel, devices)]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -260,7 +260,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   config_dict = config.to_dict()
   ckpt.check_compatible(workdir, config_dict, allow_change=config.get("allow_config_change", False))
   tx, schedule = make_optimizer(config)
-  built = families.build(config, workdir)
+  built = families.build(config, workdir, executors.input_shard(config))
   model, data, task = built.model, built.data, built.task
   executor = executors.make(config, model, task, strategy, tx, schedule, built.input_spec)
   # Written only once the config has proved buildable, so a typo never replaces the record.

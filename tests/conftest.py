@@ -76,8 +76,8 @@ def build_with_batches(edit):
 
   real = families.build
 
-  def build(config, workdir):
-    built = real(config, workdir)
+  def build(config, workdir, shard=None):
+    built = real(config, workdir, shard)
     source = built.data
 
     def train_batches(start):

@@ -203,6 +203,10 @@ def test_digits_process_shares(monkeypatch):
     shares.append((rows([b["image"] for b in train]), sum(b["mask"].sum() for b in evals)))
   assert not set(shares[0][0]) & set(shares[1][0])  # Disjoint train shares.
   assert shares[0][1] + shares[1][1] == 355
+  # An explicit input shard (an spmd grid's data columns) is that process's share, whatever the
+  # process index: here process 1 of 2 loads shard 0 of 2, as process 0 does.
+  data = images.get_data("digits", batch_size=64, eval_batch_size=100, seed=0, shard=(0, 2))
+  assert rows([b["image"] for b in take(data.train_batches(0), 22)]) == shares[0][0]
 
 
 def test_bad_arguments_raise(monkeypatch):
@@ -215,7 +219,9 @@ def test_bad_arguments_raise(monkeypatch):
   with pytest.raises(ValueError, match="start_step"):
     next(images.get_data("digits", batch_size=4, seed=0).train_batches(-1))
   monkeypatch.setattr(images.jax, "process_count", lambda: 3)
-  with pytest.raises(ValueError, match=r"batch_size=4 must be a positive multiple .*\(3\)"):
+  with pytest.raises(
+    ValueError, match=r"batch_size=4 must be a positive multiple .*input shares \(3"
+  ):
     images.get_data("digits", batch_size=4, seed=0)
   with pytest.raises(ValueError, match="eval_batch_size=10"):
     images.get_data("digits", batch_size=6, eval_batch_size=10, seed=0)

@@ -132,8 +132,11 @@ def test_processes_split_each_global_batch(small_stdlib, monkeypatch):
     np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), whole["inputs"])
   eval_weight = sum(b["weights"].sum() for s in shares for b in s.eval_batches())
   assert eval_weight == shares[0].num_eval_tokens == small_stdlib.num_eval_tokens
-  with pytest.raises(ValueError, match="multiple of 2"):
+  with pytest.raises(ValueError, match=r"multiple of the number of input shares \(2"):
     text.get_data("stdlib", **dict(SMALL, batch_size=3))
+  # An explicit input shard wins over the process index (an spmd grid's data columns).
+  again = text.get_data("stdlib", eval_batch_size=4, shard=(0, 2), **SMALL)
+  _assert_same(_take(again.train_batches(7), 2), _take(shares[0].train_batches(7), 2))
 
 
 def test_stdlib_split_is_by_file_disjoint_and_deterministic():

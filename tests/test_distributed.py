@@ -1,8 +1,8 @@
-"""Multi-host jobs: when the launcher joins processes, and a real two-process run on CPU.
+"""Multi-host jobs: when the launcher joins processes, and real two-process runs on CPU.
 
 Two processes on this machine join through a coordinator on a free local port (JAX's gloo
 collectives on CPU), as the hosts of a GPU cluster do; a Cloud TPU slice differs only in how JAX
-finds the coordinator.
+finds the coordinator. Fused runs data parallel over both; spmd puts one stage on each.
 """
 
 import json
@@ -61,9 +61,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _binary(workdir, steps, extra_env=None):
+def _binary(workdir, steps, extra_env=None, flags=(), devices=1):
   env = dict(os.environ, **(extra_env or {}))
-  env.pop("XLA_FLAGS", None)  # One CPU device per process.
+  env.pop("XLA_FLAGS", None)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   cmd = [
     sys.executable,
     "-m",
@@ -71,33 +73,47 @@ def _binary(workdir, steps, extra_env=None):
     "--config=experiments/configs/resnet_digits.py:strategy=pairwise,stages=2,runlocal=1",
     f"--workdir={workdir}",
     f"--config.total_steps={steps}",
+    *flags,
   ]
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_two_processes_train_checkpoint_and_resume_on_one(tmp_path):
-  workdir = tmp_path / "run"
+def _two_processes(workdir, steps, flags=()):
+  """Starts the two processes of one job (one CPU device each)."""
   port = _free_port()
-  procs = [
+  return [
     _binary(
       workdir,
-      4,
+      steps,
       {
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
         "JAX_NUM_PROCESSES": "2",
         "JAX_PROCESS_ID": str(i),
       },
+      flags,
     )
     for i in range(2)
   ]
-  outs = [p.communicate(timeout=300) for p in procs]
+
+
+def _finish(procs) -> list[tuple[str, str]]:
+  outs = [p.communicate(timeout=400) for p in procs]
   for p, (stdout, stderr) in zip(procs, outs):
     assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+  return outs
+
+
+def _metrics(workdir) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_checkpoint_and_resume_on_one(tmp_path):
+  workdir = tmp_path / "run"
+  outs = _finish(_two_processes(workdir, 4))
   # Process 0 alone writes the console lines and metrics; evaluation counts every test image
   # once (each process evaluated its own share).
   assert "Done: 4 steps" in outs[0][0] and "Done:" not in outs[1][0]
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  evals = [r for r in rows if "eval/count" in r]
+  evals = [r for r in _metrics(workdir) if "eval/count" in r]
   assert evals and evals[-1]["step"] == 4 and evals[-1]["eval/count"] == 355
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
   # The checkpoint both processes wrote resumes in one process, which trains on to step 6.
@@ -105,17 +121,76 @@ def test_two_processes_train_checkpoint_and_resume_on_one(tmp_path):
   assert "at step 4." in stdout and "Done: 6 steps" in stdout, stdout[-2000:] + stderr[-2000:]
 
 
-@pytest.mark.parametrize(
-  "kind, message", [("spmd", "one process so far"), ("dataflow", "one host")]
+_SPMD = (
+  "--config.execution.kind=spmd",
+  "--config.execution.microbatches=2",
+  "--config.execution.steps_per_call=2",
 )
-def test_pipelines_refuse_several_processes(monkeypatch, kind, message):
+
+
+def test_spmd_stages_on_two_processes_train_like_one_process(tmp_path):
+  # Stage 1 on process 0's device, stage 2 on process 1's: activations and cotangents cross
+  # processes by ppermute, both processes feed the whole batch (they hold the same data
+  # column), evaluation runs as one program, and the checkpoint is written by both.
+  two, one = tmp_path / "two", tmp_path / "one"
+  procs = [*_two_processes(two, 4, _SPMD), _binary(one, 4, flags=_SPMD, devices=2)]
+  outs = _finish(procs)
+  assert "Done: 4 steps" in outs[0][0] and "Done:" not in outs[1][0]
+  # The same training as one process driving both devices, to float rounding.
+  a, b = _metrics(two), _metrics(one)
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for x, y in zip(a, b):
+    for key, value in x.items():
+      if key.startswith(("train/", "eval/")):
+        assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (x["step"], key)
+  assert a[-1]["eval/count"] == 355
+  # The two processes' checkpoint resumes in one process, under another executor too.
+  stdout, stderr = _binary(two, 6).communicate(timeout=300)
+  assert "at step 4." in stdout and "Done: 6 steps" in stdout, stdout[-2000:] + stderr[-2000:]
+
+
+def test_dataflow_refuses_several_processes(monkeypatch):
   import jax
 
   from experiments.configs import resnet_digits
   from ilbp import executor
 
   config = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
-  config.execution.kind = kind
+  config.execution.kind = "dataflow"
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match="one host"):
     executor.validate(config, num_devices=4)
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+@pytest.mark.parametrize(
+  "hosts, K, D, want",
+  [
+    # 4 hosts x 4 devices, a stage per host: every host feeds the whole batch.
+    ([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4, 4, 4, {0: (0, 1), 1: (0, 1), 2: (0, 1), 3: (0, 1)}),
+    # 2 stages of 8 devices over 4 hosts: hosts 0 and 2 feed the first half of each
+    # microbatch (columns 0-3 of both stages), hosts 1 and 3 the second.
+    ([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4, 2, 8, {0: (0, 2), 1: (1, 2), 2: (0, 2), 3: (1, 2)}),
+    # One host: the whole batch.
+    ([0] * 8, 4, 2, {0: (0, 1)}),
+  ],
+)
+def test_input_shard_of_each_process(hosts, K, D, want):
+  from ilbp import placement
+
+  grid = placement.stage_grid(K, D, [_Device(h) for h in hosts])
+  assert {p: placement.input_shard(grid, p) for p in set(hosts)} == want
+
+
+def test_input_shard_refuses_ragged_columns():
+  from ilbp import placement
+
+  # 3 hosts of 2 devices, 2 stages of 3: host 1 holds column 2 of stage 1 and column 0 of
+  # stage 2, so no contiguous share of a batch feeds it.
+  grid = placement.stage_grid(2, 3, [_Device(h) for h in (0, 0, 1, 1, 2, 2)])
+  with pytest.raises(ValueError, match="equal, aligned block of columns"):
+    placement.input_shard(grid, 1)

@@ -144,7 +144,7 @@ def cifar_config(args, *, dataset: str):
   c.model.split = "balanced"
   c.model.head = args.head  # Aux head: "conv" (authors': 2 convs + pool + dense) or "pool".
   c.model.dtype = "float32"  # Computation dtype: "float32" or "bfloat16" (params stay f32).
-  c.model.conv = "auto"  # Conv weight gradient: "auto", "xla" or "explicit" (ilbp.models.conv).
+  c.model.conv = "auto"  # Conv gradients: auto, xla, explicit or canonical (ilbp.models.conv).
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = dataset  # TFDS name.

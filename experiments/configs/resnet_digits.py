@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.model.split = "balanced"  # "balanced" (by XLA FLOPs) or blocks per stage, e.g. "3,3,3".
   c.model.head = args.head  # "pool" (cheap) or "conv" (authors' head).
   c.model.dtype = "float32"
-  c.model.conv = "auto"  # Conv weight gradient: "auto", "xla" or "explicit" (ilbp.models.conv).
+  c.model.conv = "auto"  # Conv gradients: auto, xla, explicit or canonical (ilbp.models.conv).
 
   c.dataset = common.ml_collections.ConfigDict()
   c.dataset.name = "digits"  # scikit-learn's load_digits, split deterministically.

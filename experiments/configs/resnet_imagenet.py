@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   c.model.split = "balanced"  # "balanced" (by XLA FLOPs) or blocks per stage, e.g. "3,4,6,3".
   c.model.head = args.head  # Aux head: "conv" (authors') or "pool".
   c.model.dtype = "bfloat16"  # Computation dtype on TPU/GPU; params and losses stay f32.
-  c.model.conv = "auto"  # Conv weight gradient: "auto", "xla" or "explicit" (ilbp.models.conv).
+  c.model.conv = "auto"  # Conv gradients: auto, xla, explicit or canonical (ilbp.models.conv).
 
   c.dataset = common.ml_collections.ConfigDict()
   c.dataset.name = "imagenet2012"  # TFDS name; needs the manual download (see README).

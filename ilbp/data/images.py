@@ -36,7 +36,9 @@ TFDS train split in its canonical order (`train[90%:]` for 0.1) is held out, ide
 machine and for every seed, and served like the eval split; training reads the rest
 (`train[:90%]`). The test (eval) split is untouched.
 
-Multi-process: each process reads `tfds.even_splits(split, process_count)[process_index]`; train
+Multi-process: each process reads `tfds.even_splits(split, count)[index]` of its input shard
+(`shard=(index, count)`: by default its process index and count; processes that feed the same
+devices of a pipeline share a shard and read the same examples); train
 shares drop the remainder so every process has the same epoch length; eval shares may differ by
 one example, so every process pads to the same number of eval batches.
 """
@@ -74,13 +76,13 @@ class ImageData:
     eval_batches: `() -> iterator`; one pass over this process's share of the eval (test)
       split, {"image", "label", "mask"}, all batches full size; `mask` is float32, 1 for real
       examples and 0 for padding, so each example counts exactly once.
-    num_train_examples: train examples in one epoch, summed over processes.
-    num_eval_examples: eval examples, summed over processes (padding excluded).
+    num_train_examples: train examples in one epoch, summed over the input shards.
+    num_eval_examples: eval examples, summed over the input shards (padding excluded).
     num_classes: number of labels.
     image_shape: (H, W, C) of every image.
     validation_batches: like `eval_batches`, over the validation split held out of train; None
       without one.
-    num_validation_examples: validation examples, summed over processes (0 without one).
+    num_validation_examples: validation examples, summed over the input shards (0 without one).
   """
 
   train_batches: Callable[[int], Iterator[dict]]
@@ -134,12 +136,13 @@ def get_data(
   data_dir: str | None = None,
   augment: bool = True,
   validation_fraction: float = 0.0,
+  shard: tuple[int, int] | None = None,
 ) -> ImageData:
   """Builds the input pipelines of one image classification dataset.
 
   Args:
     name: "cifar10", "cifar100", "imagenet2012" or "digits".
-    batch_size: global train batch size; each process gets `batch_size // jax.process_count()`.
+    batch_size: global train batch size; each process gets `batch_size // count` (`shard`).
     seed: non-negative; fixes the shuffle order and the augmentation of every train example.
     eval_batch_size: global eval batch size; defaults to `batch_size`.
     image_size: output side for ImageNet (default 224). CIFAR and digits keep their native size
@@ -149,6 +152,10 @@ def get_data(
     augment: apply the train augmentation described in the module docstring.
     validation_fraction: share of the TFDS train split held out for validation, in whole
       percent (0.1 holds out `train[90%:]`); 0 for none. Not for digits.
+    shard: `(index, count)`: this process loads shard `index` of `count` equal shares of the
+      data and of every batch (default: `(jax.process_index(), jax.process_count())`; an
+      executor whose stages sit on different processes feeds several processes the same
+      shard, `ilbp.executor.input_shard`).
 
   Returns:
     The `ImageData` of this process.
@@ -164,9 +171,10 @@ def get_data(
     raise ValueError(f"Unknown image dataset {name!r}; valid names: {', '.join(_VALID_NAMES)}.")
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}.")
-  per_batch = _per_process(batch_size, "batch_size")
-  per_eval_batch = _per_process(
-    batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size"
+  shard = (jax.process_index(), jax.process_count()) if shard is None else tuple(shard)
+  per_batch = _per_shard(batch_size, "batch_size", shard[1])
+  per_eval_batch = _per_shard(
+    batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size", shard[1]
   )
   validation_percent = round(validation_fraction * 100)
   if (
@@ -183,7 +191,7 @@ def get_data(
       raise ValueError(
         "validation_fraction applies to the TFDS datasets; digits has a fixed train/test split."
       )
-    return _digits(per_batch, per_eval_batch, seed)
+    return _digits(per_batch, per_eval_batch, seed, shard)
   spec = _TFDS_SPECS[name]
   if spec.native_size is not None and image_size not in (None, spec.native_size):
     raise ValueError(
@@ -199,17 +207,18 @@ def get_data(
     data_dir,
     augment,
     validation_percent,
+    shard,
   )
 
 
-def _per_process(global_batch: int, what: str) -> int:
-  """The share of a global batch that one process loads."""
-  processes = jax.process_count()
-  if global_batch <= 0 or global_batch % processes:
+def _per_shard(global_batch: int, what: str, shards: int) -> int:
+  """The share of a global batch that one process loads (one of `shards` equal shares)."""
+  if global_batch <= 0 or global_batch % shards:
     raise ValueError(
-      f"{what}={global_batch} must be a positive multiple of the number of processes ({processes})."
+      f"{what}={global_batch} must be a positive multiple of the number of input shares "
+      f"({shards}: one per process, or per group of processes feeding the same devices)."
     )
-  return global_batch // processes
+  return global_batch // shards
 
 
 def _pad_batch(batch: dict, size: int) -> dict:
@@ -252,6 +261,7 @@ def _tfds_data(
   data_dir: str | None,
   augment: bool,
   validation_percent: int,
+  shard: tuple[int, int],
 ) -> ImageData:
   """`get_data` for the TFDS datasets."""
   # Prepared data is read as is; CIFAR downloads itself the first time when its source answers.
@@ -263,7 +273,7 @@ def _tfds_data(
   # Files are read in a fixed order (`shuffle_files=False` below); the per-epoch order comes
   # from a seeded shuffle buffer, whose seed can depend on the epoch inside one tf.data graph.
   read_config = tfds.ReadConfig(options=options)
-  process, processes = jax.process_index(), jax.process_count()
+  process, processes = shard  # This process loads share `process` of `processes`.
 
   def encoded(split) -> tf.data.Dataset:
     # SkipDecoding keeps images as encoded bytes, so records skipped on resume and records
@@ -444,12 +454,12 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
 
 
-def _digits(per_batch: int, per_eval_batch: int, seed: int) -> ImageData:
+def _digits(per_batch: int, per_eval_batch: int, seed: int, shard: tuple[int, int]) -> ImageData:
   """`get_data` for scikit-learn's digits, in numpy (the whole dataset is under 1 MB)."""
   train_x, train_y, test_x, test_y = _digits_split()
   mean, std = train_x.mean(), train_x.std()  # One channel; statistics of the train split.
   train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-  process, processes = jax.process_index(), jax.process_count()
+  process, processes = shard  # This process loads share `process` of `processes`.
   # Same shares as tfds.even_splits: equal contiguous train shares, eval shares within one.
   num_train = len(train_y) // processes
   train_x = train_x[process * num_train : (process + 1) * num_train]

@@ -200,12 +200,13 @@ def get_data(
   max_eval_sequences: int | None = None,
   data_dir: str | None = None,
   max_files: int | None = None,
+  shard: tuple[int, int] | None = None,
 ) -> TextData:
   """Builds a packed language-modelling dataset.
 
   Args:
     name: "lm1b" (TFDS) or "stdlib" (the Python standard library's source, offline).
-    batch_size: global training batch size; must divide by the number of processes.
+    batch_size: global training batch size; must divide by the number of shards.
     seq_len: tokens per sequence L.
     seed: fixes the training order; batches are a pure function of (seed, step).
     tokenizer: "bytes" or "sentencepiece".
@@ -216,6 +217,9 @@ def get_data(
     max_eval_sequences: evaluate only the first this many windows of the eval stream.
     data_dir: TFDS data directory for lm1b, local or gs://.
     max_files: stdlib only: keep the first this many files of each split (tests, smoke runs).
+    shard: `(index, count)`: this process loads shard `index` of `count` equal shares of every
+      batch (default: `(jax.process_index(), jax.process_count())`; see
+      `ilbp.executor.input_shard`).
 
   Returns:
     The `TextData`.
@@ -234,10 +238,13 @@ def get_data(
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
   eval_batch_size = eval_batch_size or batch_size
-  procs = (jax.process_index(), jax.process_count())
+  procs = (jax.process_index(), jax.process_count()) if shard is None else tuple(shard)
   for what, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
     if size < 1 or size % procs[1]:
-      raise ValueError(f"{what}={size} must be a positive multiple of {procs[1]} processes.")
+      raise ValueError(
+        f"{what}={size} must be a positive multiple of the number of input shares ({procs[1]}: "
+        "one per process, or per group of processes feeding the same devices)."
+      )
   if max_files is not None and name != "stdlib":
     raise ValueError("max_files applies to the stdlib corpus only.")
   common = dict(

@@ -23,7 +23,14 @@ stage on its own devices. In-flight microbatches keep their stage *input* (in sl
 the in-flight count); a B op that waits for a cotangent from above recomputes the forward
 under `jax.vjp` (its BatchNorm statistics are discarded: running averages move only on the
 forward). `steps_per_call` optimizer steps run in one call, each stage applying its own update
-inside the scan; the pipeline is empty at the start and end of each call.
+inside the scan; the pipeline is empty at the start and end of each call. Evaluation is one
+program too (`spmd_program.make_eval`: stage k's inference forward and head at tick k).
+
+Several processes (a TPU slice, a GPU cluster): stages may sit on different hosts. Each process
+feeds the data columns of the grid its devices hold (`placement.input_shard`; the input
+pipelines load that shard), every array is made by a jitted program onto its sharding, the step
+and dropout key live on every device, and for checkpoints `unpack_state` gathers each stage
+onto every device of the mesh (orbax writes only arrays that span processes).
 """
 
 from __future__ import annotations
@@ -100,13 +107,13 @@ class SpmdExecutor:
     self.model, self.task, self.optimizer, self._lr = model, task, optimizer, schedule
     self.K, self.M, self.D = model.num_stages, microbatches, data_parallel
     self.steps_per_call = steps_per_call
-    devices = jax.devices() if devices is None else list(devices)
-    placement.check_stage_devices(self.K, self.D, len(devices))
-    grid = np.asarray(devices[: self.K * self.D]).reshape(self.K, self.D)
+    grid = placement.stage_grid(self.K, self.D, devices)
+    self.input_shard = placement.input_shard(grid)
     self.mesh = Mesh(grid, (STAGE_AXIS, placement.DATA_AXIS))
     self.meshes = [placement.data_mesh(row) for row in grid]
+    self._everywhere = NamedSharding(self.mesh, P())  # The step and dropout key.
+    self._multihost = jax.process_count() > 1
     self.replicated = [placement.replicated(m) for m in self.meshes]
-    self.split = [placement.batch_sharding(m) for m in self.meshes]
     self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
     self.specs = model.input_specs(input_spec)
     abstract = stage_ops.abstract_stages(model, optimizer, self.specs)
@@ -120,7 +127,7 @@ class SpmdExecutor:
     self._sizes = [int(np.prod(s.shape[1:])) for s in self.specs]
     self._features = max(self._sizes[1:], default=1)
     self._programs: dict = {}
-    self._unpacked: tuple | None = None
+    self._eval_programs: dict = {}
     self.description = (
       f"spmd: one program over a ('stage', 'data') mesh of {self.K} x {self.D} devices, "
       f"{microbatches} microbatch(es), {steps_per_call} step(s) per call, "
@@ -132,12 +139,43 @@ class SpmdExecutor:
   def init_state(self, rng: jax.Array) -> PackedState:
     """A fresh state: stage k is created on stage k's devices, then packed there."""
     return self.pack_state(
-      stage_ops.init_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
+      stage_ops.init_on_stages(
+        self.model, self.optimizer, self.specs, self.replicated, rng, self._everywhere
+      )
     )
 
   def state_target(self, rng: jax.Array) -> TrainState:
-    """The abstract TrainState (stage k on its devices) a checkpoint restores onto."""
-    return stage_ops.target_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
+    """The abstract TrainState a checkpoint restores onto: stage k on its devices (on several
+    processes: on every device, as `unpack_state` gives it for saving)."""
+    shardings = [self._everywhere] * self.K if self._multihost else self.replicated
+    return stage_ops.target_on_stages(
+      self.model, self.optimizer, self.specs, shardings, rng, self._everywhere
+    )
+
+  @functools.cached_property
+  def _global_fns(self):
+    """(gather, pack) over the whole mesh, for several processes: orbax writes only arrays
+    that span processes, and a stage whose devices sit on one host is host-local there."""
+
+    def gather(bufs):
+      return tuple(
+        StageState(
+          **{p: self.layouts[p].unpack(k, {dt: b[k] for dt, b in bufs[p].items()}) for p in _PARTS}
+        )
+        for k in range(self.K)
+      )
+
+    def pack(stages):
+      rows = [
+        {p: self.layouts[p].pack(k, getattr(stages[k], p)) for p in _PARTS} for k in range(self.K)
+      ]
+      return {
+        p: {dt: jnp.stack([row[p][dt] for row in rows]) for dt in self.layouts[p].width}
+        for p in _PARTS
+      }
+
+    row = NamedSharding(self.mesh, P(STAGE_AXIS))
+    return jax.jit(gather, out_shardings=self._everywhere), jax.jit(pack, out_shardings=row)
 
   @functools.cached_property
   def _pack_fns(self):
@@ -155,6 +193,11 @@ class SpmdExecutor:
 
   def pack_state(self, st: TrainState) -> PackedState:
     """TrainState (any placement) -> PackedState; stage k is packed on its own devices."""
+    put = lambda x: jax.device_put(x, self._everywhere)  # A no-op for this executor's states.
+    leaf = jax.tree.leaves(st.stages[0])[0]
+    if self._multihost and leaf.sharding.device_set == set(self.mesh.devices.flat):
+      # Restored on several processes (`state_target`): packed by one program over the mesh.
+      return PackedState(step=put(st.step), rng=put(st.rng), **self._global_fns[1](st.stages))
     rows = [
       self._pack_fns[k](jax.device_put(st.stages[k], self.replicated[k])) for k in range(self.K)
     ]
@@ -164,15 +207,19 @@ class SpmdExecutor:
       stacked[p] = {}
       for dt, width in self.layouts[p].width.items():
         shards = [s.data[None] for row in rows for s in row[p][dt].addressable_shards]
-        stacked[p][dt] = jax.make_array_from_single_device_arrays((self.K, width), sharding, shards)
-    everywhere = NamedSharding(self.mesh, P())
-    return PackedState(
-      step=jax.device_put(st.step, everywhere), rng=jax.device_put(st.rng, everywhere), **stacked
-    )
+        stacked[p][dt] = jax.make_array_from_single_device_arrays(
+          (self.K, width), sharding, shards, dtype=dt
+        )
+    return PackedState(step=put(st.step), rng=put(st.rng), **stacked)
 
   def unpack_state(self, ps: PackedState) -> TrainState:
     """PackedState -> the TrainState every executor and checkpoint uses (stage k on stage k's
-    devices; nothing crosses between stages)."""
+    devices; nothing crosses between stages). On several processes every stage's state is
+    gathered onto every device of the mesh instead (for orbax, which writes only arrays that
+    span processes): a save then holds the whole train state on each device for a moment."""
+    if self._multihost:
+      stages = self._global_fns[0]({p: getattr(ps, p) for p in _PARTS})
+      return TrainState(step=ps.step, rng=ps.rng, stages=stages)
     stages = []
     for k in range(self.K):
       own = set(self.meshes[k].devices.flat)
@@ -181,12 +228,13 @@ class SpmdExecutor:
         bufs[p] = {}
         for dt, arr in getattr(ps, p).items():
           shards = [s.data[0] for s in arr.addressable_shards if s.device in own]
+          # dtype given: on a process that holds none of stage k's devices, shards is empty.
           bufs[p][dt] = jax.make_array_from_single_device_arrays(
-            arr.shape[1:], self.replicated[k], shards
+            arr.shape[1:], self.replicated[k], shards, dtype=arr.dtype
           )
       stages.append(self._unpack_fns[k](bufs))
-    put = lambda x: jax.device_put(x, self.replicated[0])
-    return TrainState(step=put(ps.step), rng=put(ps.rng), stages=tuple(stages))
+    # Step and key stay on every device of the mesh (each process can read them).
+    return TrainState(step=ps.step, rng=ps.rng, stages=tuple(stages))
 
   def padding(self, batch_size: int, steps_per_call: int | None = None) -> dict:
     """What padding costs, in bytes per device: per stage, the state buffers' zeros (params,
@@ -247,11 +295,23 @@ class SpmdExecutor:
     return self._program(inputs, targets)(st, inputs, targets)
 
   def eval_step(self, st: PackedState, batch: dict) -> dict:
-    """Every head's evaluation sums, stage by stage on its own devices (state unpacked once
-    per state)."""
-    if self._unpacked is None or self._unpacked[0] is not st.params:
-      self._unpacked = (st.params, self.unpack_state(st))
-    return stage_ops.evaluate_on_stages(self.model, self.task, self._unpacked[1], batch, self.split)
+    """Every head's evaluation sums of this process's share of an eval batch, from one
+    program over the mesh (`spmd_program.make_eval`: stage k on its own devices)."""
+    sharding = NamedSharding(self.mesh, P(placement.DATA_AXIS))
+    place = lambda tree: jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+    )
+    inputs, targets = place(self.task.inputs(batch)), place(self.task.targets(batch))
+    rows = jax.tree.leaves(inputs)[0].shape[0]
+    if rows not in self._eval_programs:
+      from ilbp.pipeline import spmd_program
+
+      fn, names = spmd_program.make_eval(self, inputs, targets)
+      # Out replicated: every process reads every stage's sums.
+      self._eval_programs[rows] = (jax.jit(fn, out_shardings=self._everywhere), names)
+    fn, names = self._eval_programs[rows]
+    out = fn(st.params, st.model_state, inputs, targets)
+    return steps.named_sums([{n: out[k, i] for i, n in enumerate(names)} for k in range(self.K)])
 
   def lower(self, st: PackedState, batch: tuple):
     """The jitted program for `batch`'s step count, lowered (for HLO and memory analysis)."""

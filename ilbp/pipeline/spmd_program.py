@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ilbp import interlock
+from ilbp import interlock, steps
 from ilbp.pipeline import stage_ops
 from ilbp.pipeline.ticks import TickTable, own_ops
 from ilbp.state import StageState
@@ -89,7 +89,7 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
 
   def store(buf, slot, value):
     value = value.reshape(1, rows, -1).astype(buf.dtype)
-    return lax.dynamic_update_slice(buf, value, (slot, 0, 0))
+    return lax.dynamic_update_slice(buf, value, (slot, slot * 0, slot * 0))  # one int type
 
   def messages():
     return [jnp.zeros(act_shape(b + 1), act_dtype) for b in range(K - 1)]
@@ -162,7 +162,7 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
     carry["msums"] = jnp.zeros_like(carry["msums"])
     row = jnp.stack([jnp.asarray(metrics[n], jnp.float32) for n in stage_names[k]])
     row = jnp.pad(row, (0, width - row.shape[0]))
-    carry["metrics"] = lax.dynamic_update_slice(carry["metrics"], row[None], (s, 0))
+    carry["metrics"] = lax.dynamic_update_slice(carry["metrics"], row[None], (s, s * 0))
     return carry
 
   def idle(carry, mine):
@@ -229,3 +229,88 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
     return new, out
 
   return call
+
+
+def make_eval(ex, inputs, targets) -> Callable:
+  """The program of one evaluation batch: every head's sums, each stage on its own devices.
+
+  K ticks, not pipelined (evaluation is a small part of a run): at tick k stage k runs its
+  inference forward and head (`steps.eval_stage`) while the others idle, then passes its output
+  to stage k+1 with one `ppermute`. Stage k's sums come out in row k of a [K, n] array.
+
+  Args:
+    ex: the SpmdExecutor.
+    inputs, targets: one eval batch's arrays ([rows, ...]) for shapes.
+
+  Returns:
+    `sums(params, model_state, inputs, targets) -> [K, n]`, and the n names of the sums.
+  """
+  K, model, task = ex.K, ex.model, ex.task
+  lp, lm = ex.layouts["params"], ex.layouts["model_state"]
+  rows = jax.tree.leaves(inputs)[0].shape[0]
+  act_shape = lambda k: (rows, *ex.specs[k].shape[1:])  # a_{k-1}: stage k's input
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  names = None
+  for k, stage in enumerate(ex._abstract):
+    x = abstract(inputs) if k == 0 else jax.ShapeDtypeStruct(act_shape(k), ex._act_dtype)
+    sums = jax.eval_shape(
+      lambda p, s, x, t, k=k: steps.eval_stage(model, task, k, p, s, x, t)[1],
+      stage.params,
+      stage.model_state,
+      x,
+      abstract(targets),
+    )
+    if names is not None and sorted(sums) != names:
+      raise ValueError(f"Stage {k}'s evaluation sums {sorted(sums)} differ from {names}.")
+    names = sorted(sums)
+
+  def messages():
+    return [jnp.zeros(act_shape(b + 1), ex._act_dtype) for b in range(K - 1)]
+
+  def make_branch(k):
+    def branch(params, model_state, arrived, inputs, targets):
+      x = inputs if k == 0 else arrived[k - 1].astype(ex.specs[k].dtype)
+      a, sums = steps.eval_stage(
+        model, task, k, lp.unpack(k, params), lm.unpack(k, model_state), x, targets
+      )
+      out = messages()
+      if k < K - 1:
+        out[k] = a.astype(ex._act_dtype)
+      return tuple(out), jnp.stack([jnp.asarray(sums[n], jnp.float32) for n in names])
+
+    return branch
+
+  def idle(params, model_state, arrived, inputs, targets):
+    del params, model_state, arrived, inputs, targets
+    return tuple(messages()), jnp.zeros((len(names),), jnp.float32)
+
+  branches = [idle] + [make_branch(k) for k in range(K)]
+
+  def body(params, model_state, inputs, targets):
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    params, model_state = first(params), first(model_state)
+    stage = lax.axis_index("stage")
+    arrived, total = tuple(messages()), jnp.zeros((len(names),), jnp.float32)
+    for t in range(K):
+      out, sums = lax.switch(
+        jnp.where(stage == t, stage + 1, 0), branches, params, model_state, arrived, inputs,
+        targets,
+      )  # fmt: skip
+      total = total + sums
+      if t < K - 1:
+        arrived = list(arrived)
+        arrived[t] = lax.ppermute(out[t], "stage", [(t, t + 1)])
+        arrived = tuple(arrived)
+    return total[None]
+
+  def call(params, model_state, inputs, targets):
+    return jax.shard_map(
+      body,
+      mesh=ex.mesh,
+      in_specs=(P("stage"), P("stage"), P(), P()),
+      out_specs=P("stage"),
+      axis_names={"stage"},
+      check_vma=False,
+    )(params, model_state, inputs, targets)
+
+  return call, names

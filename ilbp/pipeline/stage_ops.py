@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ilbp import interlock, steps
@@ -105,20 +106,29 @@ def stage_init(model: StagedModel, optimizer, k: int, spec) -> Callable:
   return lambda init_rng: init_stage_state(model, optimizer, k, init_rng, spec)
 
 
-def init_on_stages(model, optimizer, specs, shardings: Sequence, rng: jax.Array) -> TrainState:
+def init_on_stages(
+  model, optimizer, specs, shardings: Sequence, rng: jax.Array, scalars=None
+) -> TrainState:
   """A fresh TrainState whose stage k is created on `shardings[k]` (never anywhere else); the
-  step and dropout key on `shardings[0]`."""
-  init_rng, dropout_rng = init_keys(rng)
-  stages = tuple(
-    jax.jit(stage_init(model, optimizer, k, specs[k]), out_shardings=shardings[k])(init_rng)
-    for k in range(model.num_stages)
-  )
-  step = jax.device_put(jnp.zeros((), jnp.int32), shardings[0])
-  return TrainState(step=step, rng=jax.device_put(dropout_rng, shardings[0]), stages=stages)
+  step and dropout key on `scalars` (default `shardings[0]`). Every array is made by a jitted
+  program onto its sharding, so stages may sit on other processes' devices."""
+  scalars = shardings[0] if scalars is None else scalars
+  key = np.asarray(rng)  # The same host value on every process.
+  stages = []
+  for k in range(model.num_stages):
+    init = lambda r, k=k: stage_init(model, optimizer, k, specs[k])(init_keys(r)[0])
+    stages.append(jax.jit(init, out_shardings=shardings[k])(key))
+  step, dropout_rng = jax.jit(
+    lambda r: (jnp.zeros((), jnp.int32), init_keys(r)[1]), out_shardings=(scalars, scalars)
+  )(key)
+  return TrainState(step=step, rng=dropout_rng, stages=tuple(stages))
 
 
-def target_on_stages(model, optimizer, specs, shardings: Sequence, rng: jax.Array) -> TrainState:
+def target_on_stages(
+  model, optimizer, specs, shardings: Sequence, rng: jax.Array, scalars=None
+) -> TrainState:
   """The abstract TrainState of `init_on_stages` (a checkpoint restore target)."""
+  scalars = shardings[0] if scalars is None else scalars
   init_rng, dropout_rng = jax.eval_shape(init_keys, rng)
   spec = lambda sharding: lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   stages = tuple(
@@ -127,8 +137,8 @@ def target_on_stages(model, optimizer, specs, shardings: Sequence, rng: jax.Arra
     )
     for k in range(model.num_stages)
   )
-  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings[0])
-  return TrainState(step=scalar, rng=spec(shardings[0])(dropout_rng), stages=stages)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=scalars)
+  return TrainState(step=scalar, rng=spec(scalars)(dropout_rng), stages=stages)
 
 
 def abstract_stages(model, optimizer, specs) -> list[StageState]:
