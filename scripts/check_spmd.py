@@ -21,7 +21,7 @@ The ResNet computes in float64 by default (`--float64`; parameters and statistic
 float32). In float32, reduction-order rounding flips the ReLUs of near-zero pre-activations in
 resnet_tiny's conv heads and moves a channel's gradient by up to 1e-1 of its tensor within 3
 steps — fused on 1 vs 2 devices differs that much — so no 1e-5 check decides anything; in
-float64 every case of the grid equals fused (WORKSPACE.md, 2026-11-26: 76 of 76).
+float64 every case of the grid equals fused (WORKSPACE.md, 2026-11-26: 78 of 78).
 """
 
 from __future__ import annotations
