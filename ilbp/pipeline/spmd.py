@@ -87,6 +87,10 @@ class SpmdExecutor:
     data_parallel: D devices per stage.
     steps_per_call: optimizer steps one `train_steps` call runs in one scan.
     devices: the devices to use (default all); stage k gets devices k·D .. k·D + D - 1.
+
+  Attributes:
+    input_shard: `(index, count)`, the share of each batch this process feeds
+      (`placement.input_shard`; the trainer builds the input pipeline with the same).
   """
 
   def __init__(
