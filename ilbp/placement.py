@@ -118,10 +118,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def put_process_local(tree, sharding: NamedSharding):
+  """This process's numpy arrays -> global arrays with `sharding` (each process gives the part
+  its devices hold)."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Turns this process's numpy batch into global arrays sharded over the "data" axis."""
-  sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return put_process_local(batch, batch_sharding(mesh))
 
 
 def replicate(tree, mesh: Mesh):

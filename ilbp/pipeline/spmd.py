@@ -277,10 +277,8 @@ class SpmdExecutor:
     cut = lambda b, f: steps.split_microbatches(f(b), self.M)
     stack = lambda f: jax.tree.map(lambda *xs: np.stack(xs), *[cut(b, f) for b in batches])
     sharding = NamedSharding(self.mesh, P(None, None, placement.DATA_AXIS))
-    place = lambda tree: jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), tree
-    )
-    return place(stack(self.task.inputs)), place(stack(self.task.targets))
+    place = lambda f: placement.put_process_local(stack(f), sharding)
+    return place(self.task.inputs), place(self.task.targets)
 
   # --- Steps ------------------------------------------------------------------------------
 
@@ -301,11 +299,8 @@ class SpmdExecutor:
   def eval_step(self, st: PackedState, batch: dict) -> dict:
     """Every head's evaluation sums of this process's share of an eval batch, from one
     program over the mesh (`spmd_program.make_eval`: stage k on its own devices)."""
-    sharding = NamedSharding(self.mesh, P(placement.DATA_AXIS))
-    place = lambda tree: jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
-    )
-    inputs, targets = place(self.task.inputs(batch)), place(self.task.targets(batch))
+    inputs = placement.shard_batch(self.task.inputs(batch), self.mesh)
+    targets = placement.shard_batch(self.task.targets(batch), self.mesh)
     rows = jax.tree.leaves(inputs)[0].shape[0]
     if rows not in self._eval_programs:
       from ilbp.pipeline import spmd_program
