@@ -89,32 +89,83 @@ def test_flat_layout_packs_adds_and_writes_subtrees():
 
   from ilbp.pipeline.flat import FlatLayout
 
-  # Two stages of different trees and dtypes; "stage" and "head" subtrees read and written alone.
+  # Two stages of different trees and dtypes; "stage" and "head" subtrees read and written
+  # alone. Leaf "c" (same path, shape and dtype in both) is stacked; "a" differs in shape.
   trees = [
-    {"head": {"w": jnp.ones((2, 3))}, "stage": {"a": jnp.arange(4.0), "n": jnp.arange(3)}},
-    {"stage": {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((5,), jnp.bfloat16)}},
-  ]
-  layout = FlatLayout(trees)
-  assert layout.width == {"bfloat16": 5, "float32": 10, "int32": 3}
-  assert layout.padding_bytes(0) == 5 * 2 and layout.padding_bytes(1) == 4 * 4 + 3 * 4
-  for k, tree in enumerate(trees):
-    bufs = layout.pack(k, tree)
-    assert {dt: b.shape for dt, b in bufs.items()} == {"bfloat16": (5,), "float32": (10,),
-                                                         "int32": (3,)}  # fmt: skip
-    jax.tree.map(np.testing.assert_array_equal, layout.unpack(k, bufs), tree)
-    for top in tree:
-      sub = tree[top]
-      added = layout.unpack(k, layout.add(k, bufs, top, sub))
-      written = layout.unpack(k, layout.write(k, bufs, top, jax.tree.map(jnp.zeros_like, sub)))
-      for name in tree:
-        factor = (2, 0) if name == top else (1, 1)
-        twice = jax.tree.map(lambda x, f=factor[0]: x * f, tree[name])
-        zeroed = jax.tree.map(lambda x, f=factor[1]: x * f, tree[name])
-        jax.tree.map(np.testing.assert_array_equal, added[name], twice)
-        jax.tree.map(np.testing.assert_array_equal, written[name], zeroed)
-    # The padding stays zero.
-    for dt, b in layout.add(k, bufs, None, tree).items():
-      np.testing.assert_array_equal(b[layout.sizes[k].get(dt, 0) :], 0)
+    {
+      "head": {"w": jnp.ones((2, 3))},
+      "stage": {"a": jnp.arange(4.0), "c": jnp.full((2, 2), 3.0), "n": jnp.arange(3)},
+    },
+    {
+      "stage": {
+        "a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((5,), jnp.bfloat16),
+        "c": jnp.full((2, 2), 4.0),
+      },
+    },
+  ]  # fmt: skip
+  for stack in (True, False):
+    layout = FlatLayout(trees, stack=stack)
+    c = 0 if stack else 4  # "c" in the float32 flat buffer, or stacked.
+    assert layout.width == {"bfloat16": 5, "float32": 10 + c, "int32": 3}
+    assert layout.padding_bytes(0) == 5 * 2 and layout.padding_bytes(1) == 4 * 4 + 3 * 4
+    assert layout.stacked_bytes() == (16 if stack else 0)
+    assert layout.bytes() == 5 * 2 + (10 + c) * 4 + 3 * 4 + layout.stacked_bytes()
+    for k, tree in enumerate(trees):
+      bufs = layout.pack(k, tree)
+      shapes = jax.tree.map(lambda b: b.shape, bufs)
+      assert shapes == {
+        "flat": {"bfloat16": (5,), "float32": (10 + c,), "int32": (3,)},
+        "stacked": ((2, 2),) if stack else (),
+      }
+      if stack:
+        np.testing.assert_array_equal(bufs["stacked"][0], tree["stage"]["c"])
+      assert jax.tree.structure(layout.zeros()) == jax.tree.structure(bufs)
+      jax.tree.map(np.testing.assert_array_equal, layout.unpack(k, bufs), tree)
+      for top in tree:
+        sub = tree[top]
+        added = layout.unpack(k, layout.add(k, bufs, top, sub))
+        written = layout.unpack(k, layout.write(k, bufs, top, jax.tree.map(jnp.zeros_like, sub)))
+        for name in tree:
+          factor = (2, 0) if name == top else (1, 1)
+          twice = jax.tree.map(lambda x, f=factor[0]: x * f, tree[name])
+          zeroed = jax.tree.map(lambda x, f=factor[1]: x * f, tree[name])
+          jax.tree.map(np.testing.assert_array_equal, added[name], twice)
+          jax.tree.map(np.testing.assert_array_equal, written[name], zeroed)
+      # The padding stays zero.
+      for dt, b in layout.add(k, bufs, None, tree)["flat"].items():
+        np.testing.assert_array_equal(b[layout.sizes[k].get(dt, 0) :], 0)
+
+
+def test_transformer_blocks_are_stacked_and_only_stage_extras_padded():
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from ilbp.models import transformer
+  from ilbp.pipeline import stage_ops
+  from ilbp.pipeline.flat import FlatLayout
+
+  K, d, vocab, length = 4, 16, 32, 8
+  model = transformer.make_model(
+    vocab_size=vocab, num_layers=8, num_stages=K, d_model=d, num_heads=2, d_ff=32,
+    max_len=length, head="linear",
+  )  # fmt: skip
+  specs = model.input_specs(jax.ShapeDtypeStruct((1, length), jnp.int32))
+  stages = stage_ops.abstract_stages(model, optax.adam(1e-3), specs)
+  params = FlatLayout([s.params for s in stages])
+  block = jax.tree.leaves(stages[1].params["stage"]["layer_0"])
+  # Both layers of every stage are stacked whole: no block parameter is padded.
+  assert params.stacked == [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in 2 * block]
+  # What stays flat is each stage's own extras: the embedding (stage 1), the heads (stages
+  # 1-3), the final norm and unembedding (stage 4); the padding is their imbalance only.
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  extras = [count(s.params) - count(block) * 2 for s in stages]
+  assert [params.sizes[k]["float32"] for k in range(K)] == extras
+  assert [params.padding_bytes(k) for k in range(K)] == [4 * (max(extras) - e) for e in extras]
+  assert max(extras) - extras[1] == count(stages[0].params["stage"]["embed"]) + length * d
+  # Adam's moments follow the parameters (stacked alike).
+  opt = FlatLayout([s.opt_state for s in stages])
+  assert opt.stacked_bytes() >= 2 * params.stacked_bytes()
 
 
 def test_call_size_falls_back_to_one_step_around_evals_checkpoints_and_the_end():

@@ -15,9 +15,12 @@ over 'data' — the gradient psum, and also BatchNorm's batch statistics and a t
 loss's denominator, which a per-device manual split would get wrong (they must be those of
 the whole microbatch, as in the fused executor).
 
-State: stage k's parameters, statistics and optimizer state live in per-dtype flat buffers
-padded to the widest stage (`flat.FlatLayout`), stacked on a leading K axis sharded over
-'stage', so row k sits only on stage k's D devices (`PackedState`). The trainer and checkpoints
+State: stage k's parameters, statistics and optimizer state live in arrays with a leading K
+axis sharded over 'stage', so row k sits only on stage k's D devices (`PackedState`). Leaves
+every stage has alike (the Transformer's blocks when stages hold equally many, and their
+optimizer moments) are stacked whole, without padding; the rest (a ResNet's stages, the
+Transformer's embedding, heads and unembedding) in per-dtype flat buffers padded to the widest
+stage (`flat.FlatLayout`). The trainer and checkpoints
 see the same `TrainState` as every executor: `pack_state` / `unpack_state` convert, each
 stage on its own devices. In-flight microbatches keep their stage *input* (in slots sized by
 the in-flight count); a B op that waits for a cotangent from above recomputes the forward
@@ -66,8 +69,9 @@ class PackedState:
   Attributes:
     step: optimizer updates so far (replicated).
     rng: the dropout base key (replicated).
-    params, model_state, opt_state: {dtype: [K, width]} padded flat buffers; row k lives on
-      stage k's devices only.
+    params, model_state, opt_state: `flat.FlatLayout` buffers with a leading K axis:
+      {"flat": {dtype: [K, width]}, "stacked": ([K, ...], ...)}; row k lives on stage k's
+      devices only.
   """
 
   step: jax.Array
@@ -162,10 +166,9 @@ class SpmdExecutor:
     that span processes, and a stage whose devices sit on one host is host-local there."""
 
     def gather(bufs):
+      row = lambda k, p: jax.tree.map(lambda b: b[k], bufs[p])
       return tuple(
-        StageState(
-          **{p: self.layouts[p].unpack(k, {dt: b[k] for dt, b in bufs[p].items()}) for p in _PARTS}
-        )
+        StageState(**{p: self.layouts[p].unpack(k, row(k, p)) for p in _PARTS})
         for k in range(self.K)
       )
 
@@ -173,10 +176,7 @@ class SpmdExecutor:
       rows = [
         {p: self.layouts[p].pack(k, getattr(stages[k], p)) for p in _PARTS} for k in range(self.K)
       ]
-      return {
-        p: {dt: jnp.stack([row[p][dt] for row in rows]) for dt in self.layouts[p].width}
-        for p in _PARTS
-      }
+      return {p: jax.tree.map(lambda *xs: jnp.stack(xs), *[row[p] for row in rows]) for p in _PARTS}
 
     row = NamedSharding(self.mesh, P(STAGE_AXIS))
     return jax.jit(gather, out_shardings=self._everywhere), jax.jit(pack, out_shardings=row)
@@ -206,14 +206,15 @@ class SpmdExecutor:
       self._pack_fns[k](jax.device_put(st.stages[k], self.replicated[k])) for k in range(self.K)
     ]
     sharding = NamedSharding(self.mesh, P(STAGE_AXIS))
-    stacked = {}
-    for p in _PARTS:
-      stacked[p] = {}
-      for dt, width in self.layouts[p].width.items():
-        shards = [s.data[None] for row in rows for s in row[p][dt].addressable_shards]
-        stacked[p][dt] = jax.make_array_from_single_device_arrays(
-          (self.K, width), sharding, shards, dtype=dt
-        )
+
+    def stack(*per_stage):  # One leaf of every stage's buffers -> [K, ...] over 'stage'.
+      shards = [s.data[None] for x in per_stage for s in x.addressable_shards]
+      shape = (self.K, *per_stage[0].shape)
+      return jax.make_array_from_single_device_arrays(
+        shape, sharding, shards, dtype=per_stage[0].dtype
+      )
+
+    stacked = {p: jax.tree.map(stack, *[row[p] for row in rows]) for p in _PARTS}
     return PackedState(step=put(st.step), rng=put(st.rng), **stacked)
 
   def unpack_state(self, ps: PackedState) -> TrainState:
@@ -227,23 +228,23 @@ class SpmdExecutor:
     stages = []
     for k in range(self.K):
       own = set(self.meshes[k].devices.flat)
-      bufs = {}
-      for p in _PARTS:
-        bufs[p] = {}
-        for dt, arr in getattr(ps, p).items():
-          shards = [s.data[0] for s in arr.addressable_shards if s.device in own]
-          # dtype given: on a process that holds none of stage k's devices, shards is empty.
-          bufs[p][dt] = jax.make_array_from_single_device_arrays(
-            arr.shape[1:], self.replicated[k], shards, dtype=arr.dtype
-          )
-      stages.append(self._unpack_fns[k](bufs))
+
+      def row(arr, k=k, own=own):  # Stage k's row of a [K, ...] array, on its devices.
+        shards = [s.data[0] for s in arr.addressable_shards if s.device in own]
+        # dtype given: on a process that holds none of stage k's devices, shards is empty.
+        return jax.make_array_from_single_device_arrays(
+          arr.shape[1:], self.replicated[k], shards, dtype=arr.dtype
+        )
+
+      stages.append(self._unpack_fns[k]({p: jax.tree.map(row, getattr(ps, p)) for p in _PARTS}))
     # Step and key stay on every device of the mesh (each process can read them).
     return TrainState(step=ps.step, rng=ps.rng, stages=tuple(stages))
 
   def padding(self, batch_size: int, steps_per_call: int | None = None) -> dict:
-    """What padding costs, in bytes per device: per stage, the state buffers' zeros (params,
-    statistics, optimizer state, gradient sums) and the stored-input and cotangent slots'
-    zeros; per boundary, the message (padded to nothing: each boundary has its own size)."""
+    """What padding costs, in bytes per device: per stage, the flat state buffers' zeros
+    (params, statistics, optimizer state, gradient sums; the stacked leaves, counted apart,
+    have none) and the stored-input and cotangent slots' zeros; per boundary, the message
+    (padded to nothing: each boundary has its own size)."""
     table = ticks.build(self.schedule, steps_per_call or self.steps_per_call)
     item = np.dtype(self._act_dtype).itemsize
     rows = batch_size // (self.M * self.D)
@@ -251,6 +252,7 @@ class SpmdExecutor:
     slots = table.x_slots + table.cot_slots + 2  # + one spare each
     return {
       "state_bytes_per_stage": sum(lay.bytes() for lay in layouts),
+      "stacked_bytes_per_stage": sum(lay.stacked_bytes() for lay in layouts),
       "state_padding_bytes_per_stage": [
         sum(lay.padding_bytes(k) for lay in layouts) for k in range(self.K)
       ],
@@ -337,7 +339,7 @@ class SpmdExecutor:
     state_sharding = PackedState(
       step=everywhere,
       rng=everywhere,
-      **{p: {dt: row for dt in self.layouts[p].width} for p in _PARTS},
+      **{p: jax.tree.map(lambda _: row, self.layouts[p].abstract()) for p in _PARTS},
     )
     data = NamedSharding(self.mesh, P(None, None, placement.DATA_AXIS))
     return jax.jit(
