@@ -20,14 +20,14 @@ axis sharded over 'stage', so row k sits only on stage k's D devices (`PackedSta
 every stage has alike (the Transformer's blocks when stages hold equally many, and their
 optimizer moments) are stacked whole, without padding; the rest (a ResNet's stages, the
 Transformer's embedding, heads and unembedding) in per-dtype flat buffers padded to the widest
-stage (`flat.FlatLayout`). The trainer and checkpoints
-see the same `TrainState` as every executor: `pack_state` / `unpack_state` convert, each
-stage on its own devices. In-flight microbatches keep their stage *input* (in slots sized by
-the in-flight count); a B op that waits for a cotangent from above recomputes the forward
-under `jax.vjp` (its BatchNorm statistics are discarded: running averages move only on the
-forward). `steps_per_call` optimizer steps run in one call, each stage applying its own update
-inside the scan; the pipeline is empty at the start and end of each call. Evaluation is one
-program too (`spmd_program.make_eval`: stage k's inference forward and head at tick k).
+stage (`flat.FlatLayout`). The trainer and checkpoints see the same `TrainState` as every
+executor: `pack_state` / `unpack_state` convert, each stage on its own devices. In-flight
+microbatches keep their stage *input* (in slots sized by the in-flight count); a B op that
+waits for a cotangent from above recomputes the forward under `jax.vjp` (its BatchNorm
+statistics are discarded: running averages move only on the forward). `steps_per_call`
+optimizer steps run in one call, each stage applying its own update inside the scan; the
+pipeline is empty at the start and end of each call. Evaluation is one program too
+(`spmd_program.make_eval`: stage k's inference forward and head at tick k).
 
 Several processes (a TPU slice, a GPU cluster): stages may sit on different hosts. Each process
 feeds the data columns of the grid its devices hold (`placement.input_shard`; the input
