@@ -1,11 +1,12 @@
 """Shared test fixtures: a small Flax conv + BatchNorm staged model; multi-device runs.
 
-Every test process (each pytest worker, and each subprocess of `run_with_devices`) keeps JAX's
-persistent compilation cache in a fresh directory of its own, for every program: tests build
-new executors for each case, and their jitted programs, recompiled per instance, are often the
-same HLO (one process sweeping the dataflow executor over 15 backward plans: 101 s without,
-66 s with). A directory per process: nothing is shared between processes that run at once,
-nothing outlives the process, and no test reads what another run compiled.
+Each pytest worker, and each subprocess of `run_with_devices` (with what it starts in turn),
+keeps JAX's persistent compilation cache in a fresh directory of its own, for every program
+(other subprocesses run without one): tests build new executors for each case, and their
+jitted programs, recompiled per instance, are often the same HLO (one process sweeping the
+dataflow executor over 15 backward plans: 101 s without, 66 s with). A directory per process:
+no two processes that run at once share one, no test reads what another run compiled, and a
+process that exits normally removes its directory.
 """
 
 import atexit

@@ -90,11 +90,15 @@ def test_flat_layout_packs_adds_and_writes_subtrees():
   from ilbp.pipeline.flat import FlatLayout
 
   # Two stages of different trees and dtypes; "stage" and "head" subtrees read and written
-  # alone. Leaf "c" (same path, shape and dtype in both) is stacked; "a" differs in shape.
+  # alone. Leaf "c" (same path, shape and dtype in both) is stacked, between stage 0's flat
+  # float32 leaves "a" and "d"; "a" differs in shape.
   trees = [
     {
       "head": {"w": jnp.ones((2, 3))},
-      "stage": {"a": jnp.arange(4.0), "c": jnp.full((2, 2), 3.0), "n": jnp.arange(3)},
+      "stage": {
+        "a": jnp.arange(4.0), "c": jnp.full((2, 2), 3.0), "d": jnp.arange(2.0),
+        "n": jnp.arange(3),
+      },
     },
     {
       "stage": {
@@ -106,15 +110,15 @@ def test_flat_layout_packs_adds_and_writes_subtrees():
   for stack in (True, False):
     layout = FlatLayout(trees, stack=stack)
     c = 0 if stack else 4  # "c" in the float32 flat buffer, or stacked.
-    assert layout.width == {"bfloat16": 5, "float32": 10 + c, "int32": 3}
-    assert layout.padding_bytes(0) == 5 * 2 and layout.padding_bytes(1) == 4 * 4 + 3 * 4
+    assert layout.width == {"bfloat16": 5, "float32": 12 + c, "int32": 3}
+    assert layout.padding_bytes(0) == 5 * 2 and layout.padding_bytes(1) == 6 * 4 + 3 * 4
     assert layout.stacked_bytes() == (16 if stack else 0)
-    assert layout.bytes() == 5 * 2 + (10 + c) * 4 + 3 * 4 + layout.stacked_bytes()
+    assert layout.bytes() == 5 * 2 + (12 + c) * 4 + 3 * 4 + layout.stacked_bytes()
     for k, tree in enumerate(trees):
       bufs = layout.pack(k, tree)
       shapes = jax.tree.map(lambda b: b.shape, bufs)
       assert shapes == {
-        "flat": {"bfloat16": (5,), "float32": (10 + c,), "int32": (3,)},
+        "flat": {"bfloat16": (5,), "float32": (12 + c,), "int32": (3,)},
         "stacked": ((2, 2),) if stack else (),
       }
       if stack:

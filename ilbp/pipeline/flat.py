@@ -4,13 +4,14 @@ One SPMD program holds every stage's state in arrays of the same shape on every 
 leading axis K sharded over 'stage'). A layout splits each stage's tree in two:
 
 - **Stacked leaves**: a leaf that every stage has, at the same path with the same shape and
-  dtype (a Transformer's `layer_i` blocks when stages hold equally many, their optimizer moments,
-  the step counts), is kept whole, the K stages' copies stacked on the leading axis. No padding
-  and no reshaping.
+  dtype (a Transformer's blocks `layer_0` .. `layer_{n-1}`, n the fewest any stage holds, their
+  optimizer moments, the step counts), is kept whole, the K stages' copies stacked on the
+  leading axis. No padding and no reshaping.
 - **Flat buffers**: the other leaves (a ResNet's stages of different widths; the Transformer's
-  embedding, heads and unembedding), per dtype raveled and concatenated, padded with zeros to the
-  longest stage's length. The padding is the stages' imbalance in these leaves (for the
-  Transformer: stage 1's embedding), reported by `padding_bytes`.
+  embedding, heads, unembedding and any blocks beyond the fewest), per dtype raveled and
+  concatenated, padded with zeros to the longest stage's length. The padding is the stages'
+  imbalance in these leaves (for the Transformer: stage 1's embedding, plus those extra blocks),
+  reported by `padding_bytes`.
 
 A branch of the program that runs stage k unpacks with static slices. Flat gradients are added,
 and statistics written, as one whole-buffer operation per call (the leaves concatenated, padded,

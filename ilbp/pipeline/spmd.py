@@ -17,12 +17,12 @@ the whole microbatch, as in the fused executor).
 
 State: stage k's parameters, statistics and optimizer state live in arrays with a leading K
 axis sharded over 'stage', so row k sits only on stage k's D devices (`PackedState`). Leaves
-every stage has alike (the Transformer's blocks when stages hold equally many, and their
+every stage has alike (the Transformer's blocks, as many as the smallest stage holds, and their
 optimizer moments) are stacked whole, without padding; the rest (a ResNet's stages, the
-Transformer's embedding, heads and unembedding) in per-dtype flat buffers padded to the widest
-stage (`flat.FlatLayout`). The trainer and checkpoints see the same `TrainState` as every
-executor: `pack_state` / `unpack_state` convert, each stage on its own devices. In-flight
-microbatches keep their stage *input* (in slots sized by the in-flight count); a B op that
+Transformer's embedding, heads, unembedding and extra blocks) in per-dtype flat buffers padded
+to the widest stage (`flat.FlatLayout`). The trainer and checkpoints see the same `TrainState`
+as every executor: `pack_state` / `unpack_state` convert, each stage on its own devices.
+In-flight microbatches keep their stage *input* (in slots sized by the in-flight count); a B op that
 waits for a cotangent from above recomputes the forward under `jax.vjp` (its BatchNorm
 statistics are discarded: running averages move only on the forward). `steps_per_call`
 optimizer steps run in one call, each stage applying its own update inside the scan; the
