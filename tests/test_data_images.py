@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -190,10 +191,10 @@ def test_digits_determinism_and_resume():
 
 
 def test_digits_process_shares(monkeypatch):
-  monkeypatch.setattr(images.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
   shares = []
   for process in (0, 1):
-    monkeypatch.setattr(images.jax, "process_index", lambda process=process: process)
+    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
     data = images.get_data("digits", batch_size=64, eval_batch_size=100, seed=0)
     assert data.num_train_examples == 1442 and data.num_eval_examples == 355
     train = take(data.train_batches(0), 22)  # 22 * 32 = 704 of this process's 721.
@@ -218,7 +219,7 @@ def test_bad_arguments_raise(monkeypatch):
     images.get_data("cifar10", batch_size=4, seed=0, image_size=64)
   with pytest.raises(ValueError, match="start_step"):
     next(images.get_data("digits", batch_size=4, seed=0).train_batches(-1))
-  monkeypatch.setattr(images.jax, "process_count", lambda: 3)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
   with pytest.raises(
     ValueError, match=r"batch_size=4 must be a positive multiple .*input shares \(3"
   ):

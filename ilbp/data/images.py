@@ -50,12 +50,11 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ilbp.data import prepare
+from ilbp.data import input_shard, per_shard, prepare
 
 _INT64_MAX = np.iinfo(np.int64).max
 # Tags that separate the random streams derived from one user seed.
@@ -171,9 +170,9 @@ def get_data(
     raise ValueError(f"Unknown image dataset {name!r}; valid names: {', '.join(_VALID_NAMES)}.")
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}.")
-  shard = (jax.process_index(), jax.process_count()) if shard is None else tuple(shard)
-  per_batch = _per_shard(batch_size, "batch_size", shard[1])
-  per_eval_batch = _per_shard(
+  shard = input_shard(shard)
+  per_batch = per_shard(batch_size, "batch_size", shard[1])
+  per_eval_batch = per_shard(
     batch_size if eval_batch_size is None else eval_batch_size, "eval_batch_size", shard[1]
   )
   validation_percent = round(validation_fraction * 100)
@@ -209,16 +208,6 @@ def get_data(
     validation_percent,
     shard,
   )
-
-
-def _per_shard(global_batch: int, what: str, shards: int) -> int:
-  """The share of a global batch that one process loads (one of `shards` equal shares)."""
-  if global_batch <= 0 or global_batch % shards:
-    raise ValueError(
-      f"{what}={global_batch} must be a positive multiple of the number of input shares "
-      f"({shards}: one per process, or per group of processes feeding the same devices)."
-    )
-  return global_batch // shards
 
 
 def _pad_batch(batch: dict, size: int) -> dict:

@@ -52,9 +52,10 @@ import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
-import jax
 import numpy as np
 import sentencepiece as spm
+
+from ilbp.data import input_shard, per_shard
 
 DATASETS = ("lm1b", "stdlib")
 TOKENIZERS = ("bytes", "sentencepiece")
@@ -238,13 +239,9 @@ def get_data(
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
   eval_batch_size = eval_batch_size or batch_size
-  procs = (jax.process_index(), jax.process_count()) if shard is None else tuple(shard)
+  procs = input_shard(shard)
   for what, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-    if size < 1 or size % procs[1]:
-      raise ValueError(
-        f"{what}={size} must be a positive multiple of the number of input shares ({procs[1]}: "
-        "one per process, or per group of processes feeding the same devices)."
-      )
+    per_shard(size, what, procs[1])
   if max_files is not None and name != "stdlib":
     raise ValueError("max_files applies to the stdlib corpus only.")
   common = dict(
