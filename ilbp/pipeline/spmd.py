@@ -160,39 +160,38 @@ class SpmdExecutor:
       self.model, self.optimizer, self.specs, shardings, rng, self._everywhere
     )
 
+  def _pack_stage(self, k: int, stage: StageState) -> dict:
+    """Stage k's StageState -> its buffers, per part (`flat.FlatLayout.pack`)."""
+    return {p: self.layouts[p].pack(k, getattr(stage, p)) for p in _PARTS}
+
+  def _unpack_stage(self, k: int, bufs: dict) -> StageState:
+    """Stage k's buffers, per part -> its StageState."""
+    return StageState(**{p: self.layouts[p].unpack(k, bufs[p]) for p in _PARTS})
+
   @functools.cached_property
   def _global_fns(self):
     """(gather, pack) over the whole mesh, for several processes: orbax writes only arrays
     that span processes, and a stage whose devices sit on one host is host-local there."""
 
     def gather(bufs):
-      row = lambda k, p: jax.tree.map(lambda b: b[k], bufs[p])
-      return tuple(
-        StageState(**{p: self.layouts[p].unpack(k, row(k, p)) for p in _PARTS})
-        for k in range(self.K)
-      )
+      row = lambda k: jax.tree.map(lambda b: b[k], bufs)
+      return tuple(self._unpack_stage(k, row(k)) for k in range(self.K))
 
     def pack(stages):
-      rows = [
-        {p: self.layouts[p].pack(k, getattr(stages[k], p)) for p in _PARTS} for k in range(self.K)
-      ]
-      return {p: jax.tree.map(lambda *xs: jnp.stack(xs), *[row[p] for row in rows]) for p in _PARTS}
+      rows = [self._pack_stage(k, stage) for k, stage in enumerate(stages)]
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
     row = NamedSharding(self.mesh, P(STAGE_AXIS))
     return jax.jit(gather, out_shardings=self._everywhere), jax.jit(pack, out_shardings=row)
 
   @functools.cached_property
   def _pack_fns(self):
-    def pack(k):
-      return lambda stage: {p: self.layouts[p].pack(k, getattr(stage, p)) for p in _PARTS}
-
+    pack = lambda k: lambda stage: self._pack_stage(k, stage)
     return [jax.jit(pack(k), out_shardings=self.replicated[k]) for k in range(self.K)]
 
   @functools.cached_property
   def _unpack_fns(self):
-    def unpack(k):
-      return lambda bufs: StageState(**{p: self.layouts[p].unpack(k, bufs[p]) for p in _PARTS})
-
+    unpack = lambda k: lambda bufs: self._unpack_stage(k, bufs)
     return [jax.jit(unpack(k), out_shardings=self.replicated[k]) for k in range(self.K)]
 
   def pack_state(self, st: TrainState) -> PackedState:
@@ -214,8 +213,7 @@ class SpmdExecutor:
         shape, sharding, shards, dtype=per_stage[0].dtype
       )
 
-    stacked = {p: jax.tree.map(stack, *[row[p] for row in rows]) for p in _PARTS}
-    return PackedState(step=put(st.step), rng=put(st.rng), **stacked)
+    return PackedState(step=put(st.step), rng=put(st.rng), **jax.tree.map(stack, *rows))
 
   def unpack_state(self, ps: PackedState) -> TrainState:
     """PackedState -> the TrainState every executor and checkpoint uses (stage k on stage k's

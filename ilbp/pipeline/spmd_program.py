@@ -10,6 +10,7 @@ what arrives in the slot the table names. Inside the shard_map, batch dimensions
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,16 @@ PyTree = Any
 
 def _index(tree: PyTree, s, m) -> PyTree:
   return jax.tree.map(lambda x: x[s, m], tree)
+
+
+def _act_shape(ex, rows: int, k: int) -> tuple[int, ...]:
+  """a_{k-1}, stage k's input, for `rows` examples."""
+  return (rows, *ex.specs[k].shape[1:])
+
+
+def _messages(ex, rows: int) -> list[jax.Array]:
+  """Zeros in the shape of every boundary's message (boundary b: a_b, stage b+1's input)."""
+  return [jnp.zeros(_act_shape(ex, rows, b + 1), ex._act_dtype) for b in range(ex.K - 1)]
 
 
 def metric_names(ex, inputs, targets) -> tuple[list[str], list[list[str]]]:
@@ -80,7 +91,7 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
     any(k in b.losses for i, b in enumerate(plan[k]) if i not in own_ops(ex.schedule, k))
     for k in range(K)
   ]
-  act_shape = lambda k: (rows, *ex.specs[k].shape[1:])  # a_{k-1}: stage k's input
+  act_shape = functools.partial(_act_shape, ex, rows)
 
   def read(buf, slot, k_in):
     """Stage k_in's input (a_{k_in - 1}) from a slot."""
@@ -91,8 +102,7 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
     value = value.reshape(1, rows, -1).astype(buf.dtype)
     return lax.dynamic_update_slice(buf, value, (slot, slot * 0, slot * 0))  # one int type
 
-  def messages():
-    return [jnp.zeros(act_shape(b + 1), act_dtype) for b in range(K - 1)]
+  messages = functools.partial(_messages, ex, rows)
 
   def make_branch(kind, step0, rng, inputs, targets):
     k, forward, backward = kind
@@ -248,7 +258,6 @@ def make_eval(ex, inputs, targets) -> Callable:
   K, model, task = ex.K, ex.model, ex.task
   lp, lm = ex.layouts["params"], ex.layouts["model_state"]
   rows = jax.tree.leaves(inputs)[0].shape[0]
-  act_shape = lambda k: (rows, *ex.specs[k].shape[1:])  # a_{k-1}: stage k's input
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   # Every head's sums have the names of stage 1's (one task; a branch stacks them by name).
   first = ex._abstract[0]
@@ -262,8 +271,7 @@ def make_eval(ex, inputs, targets) -> Callable:
     )
   )
 
-  def messages():
-    return [jnp.zeros(act_shape(b + 1), ex._act_dtype) for b in range(K - 1)]
+  messages = functools.partial(_messages, ex, rows)
 
   def make_branch(k):
     def branch(params, model_state, arrived, inputs, targets):
