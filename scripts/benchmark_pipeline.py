@@ -1,6 +1,7 @@
 """Time per optimizer step of pipelined interlocking training, measured and predicted.
 
-Usage (from the repository root; forced CPU devices are set up here when none are given):
+Usage (from the repository root; on CPU, one forced device per stage unless XLA_FLAGS names a
+device count):
 
   .venv/bin/python -m scripts.benchmark_pipeline                 # resnet20, K=2, M=8, batch 64
   .venv/bin/python -m scripts.benchmark_pipeline --stages=4 --strategies=local,pairwise,global \
@@ -35,16 +36,9 @@ on a 2-core box, and compare larger K with the prediction (PIPELINE.md).
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  # Before jax is imported; only the CPU platform reads it.
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
-
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -331,8 +325,23 @@ def print_table(rows: list[dict]) -> None:
       print("  ".join("-" * w for w in widths))
 
 
+def force_cpu_devices(count: int) -> None:
+  """Gives the CPU platform `count` devices unless XLA_FLAGS names a count already.
+
+  As many as the rows use, not more: on the 2-core box idle forced devices were not free
+  (resnet20 K = 2 spmd calls ~25 ms per step slower with 8 devices than with 2, ~100 times the
+  context switches). XLA reads the flag when JAX's backends start (the first array or device
+  query), so this runs first in `main`; only the CPU platform reads it.
+  """
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" in flags_now:
+    return
+  os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
+
+
 def main(argv: list[str]) -> None:
   del argv
+  force_cpu_devices(_STAGES.value)  # One device per stage (D = 1); fused uses one.
   wall = time.perf_counter()
   model, task, batch, spec, desc = build()
   k, m = _STAGES.value, _MICRO.value
