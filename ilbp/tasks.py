@@ -18,12 +18,10 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-@dataclasses.dataclass(frozen=True)
-class Classification:
-  """Image classification: batch {"image", "label"[, "mask"]}, logits [B, C]."""
+class _Batch:
+  """A task's split of a batch: the network input (`input_key`), and the rest."""
 
-  input_key: str = "image"
-  label_smoothing: float = 0.0
+  input_key: str
 
   def inputs(self, batch: dict) -> jax.Array:
     return batch[self.input_key]
@@ -32,6 +30,14 @@ class Classification:
     """Everything the losses read: the batch without the network input, so that pipeline
     stages 2..K never receive images or tokens."""
     return {k: v for k, v in batch.items() if k != self.input_key}
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(_Batch):
+  """Image classification: batch {"image", "label"[, "mask"]}, logits [B, C]."""
+
+  input_key: str = "image"
+  label_smoothing: float = 0.0
 
   def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     """Mean cross-entropy (with optional label smoothing) and accuracy over the batch."""
@@ -62,18 +68,10 @@ class Classification:
 
 
 @dataclasses.dataclass(frozen=True)
-class LanguageModeling:
+class LanguageModeling(_Batch):
   """Next-token prediction: batch {"inputs", "targets", "weights"}, logits [B, L, V]."""
 
   input_key: str = "inputs"
-
-  def inputs(self, batch: dict) -> jax.Array:
-    return batch[self.input_key]
-
-  def targets(self, batch: dict) -> dict:
-    """Everything the losses read: the batch without the network input, so that pipeline
-    stages 2..K never receive images or tokens."""
-    return {k: v for k, v in batch.items() if k != self.input_key}
 
   def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     """Token-weighted mean cross-entropy and token accuracy (padding has weight 0)."""
