@@ -9,6 +9,7 @@ each stage its own ("data",) mesh over D devices (`stage_meshes`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -23,6 +24,17 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A one-axis mesh ("data",) over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def force_cpu_devices(count: int) -> None:
+  """Gives the CPU platform `count` devices unless XLA_FLAGS names a count already.
+
+  XLA reads the flag when JAX's backends start (the first array or device query, not the
+  import), so a script calls this before either; only the CPU platform reads it.
+  """
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags_now:
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
 
 
 def check_stage_devices(num_stages: int, data_parallel: int, num_devices: int) -> None:

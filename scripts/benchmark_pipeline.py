@@ -50,7 +50,7 @@ import numpy as np
 from absl import app, flags
 
 from ilbp import executor as executors
-from ilbp import families, tasks
+from ilbp import families, placement, tasks
 from ilbp import state as train_state
 from ilbp.models import resnet, transformer
 from ilbp.pipeline import dataflow, spmd, ticks
@@ -325,23 +325,12 @@ def print_table(rows: list[dict]) -> None:
       print("  ".join("-" * w for w in widths))
 
 
-def force_cpu_devices(count: int) -> None:
-  """Gives the CPU platform `count` devices unless XLA_FLAGS names a count already.
-
-  As many as the rows use, not more: on the 2-core box idle forced devices were not free
-  (resnet20 K = 2 spmd calls ~25 ms per step slower with 8 devices than with 2, ~100 times the
-  context switches). XLA reads the flag when JAX's backends start (the first array or device
-  query), so this runs first in `main`; only the CPU platform reads it.
-  """
-  flags_now = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" in flags_now:
-    return
-  os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
-
-
 def main(argv: list[str]) -> None:
   del argv
-  force_cpu_devices(_STAGES.value)  # One device per stage (D = 1); fused uses one.
+  # One CPU device per stage (D = 1; fused uses one), not more: on the 2-core box idle forced
+  # devices were not free (resnet20 K = 2 spmd calls ~25 ms per step slower with 8 devices
+  # than with 2, ~100 times the context switches).
+  placement.force_cpu_devices(_STAGES.value)
   wall = time.perf_counter()
   model, task, batch, spec, desc = build()
   k, m = _STAGES.value, _MICRO.value

@@ -26,13 +26,6 @@ float64 every case of the grid equals fused (WORKSPACE.md, 2026-11-26: 78 of 78)
 
 from __future__ import annotations
 
-import os
-
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
-
 import time
 
 import jax
@@ -41,7 +34,7 @@ import numpy as np
 from absl import app, flags
 
 import ilbp
-from ilbp import executor, interlock, state
+from ilbp import executor, interlock, placement, state
 from ilbp.models import resnet, transformer
 from ilbp.pipeline import dataflow, spmd
 from ilbp.tasks import Classification, LanguageModeling
@@ -134,6 +127,7 @@ def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, flo
 
 def main(argv):
   del argv
+  placement.force_cpu_devices(8)  # K = 4 stages x D = 2.
   if _FLOAT64.value:
     jax.config.update("jax_enable_x64", True)
   rows, seen = [], set()
