@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 from ilbp import distributed
 
@@ -63,9 +64,7 @@ def _free_port() -> int:
 
 def _binary(workdir, steps, extra_env=None, flags=(), devices=1):
   env = dict(os.environ, **(extra_env or {}))
-  env.pop("XLA_FLAGS", None)
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   cmd = [
     sys.executable,
     "-m",

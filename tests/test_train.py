@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import conv_bn_model
+from conftest import conv_bn_model, xla_flags
 
 import ilbp
 from ilbp import state, steps
@@ -187,7 +187,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_step_equals_unsharded_on_4_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.getcwd()])
   out = subprocess.run(
     [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
