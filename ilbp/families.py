@@ -49,7 +49,7 @@ def dtype(name: str):
 
 
 def parse_split(split) -> str | tuple[int, ...]:
-  """A named split ("balanced", "groups"), or blocks per stage from "3,3,3" (a string, so
+  """A named split (`resnet.SPLITS`), or blocks per stage from "3,3,3" (a string, so
   --config.model.split= works)."""
   from ilbp.models import resnet
 
@@ -61,7 +61,8 @@ def parse_split(split) -> str | tuple[int, ...]:
     return tuple(int(x) for x in split.split(","))
   except ValueError as e:
     raise ValueError(
-      f"config.model.split={split!r}: use 'balanced', 'groups' or blocks per stage such as '3,3,3'."
+      f"config.model.split={split!r}: use 'balanced', 'balanced_heads', 'groups' or blocks per "
+      "stage such as '3,3,3'."
     ) from e
 
 

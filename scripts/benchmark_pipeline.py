@@ -63,7 +63,10 @@ _MODEL = flags.DEFINE_string(
 _HEAD = flags.DEFINE_string("head", None, "Aux head: resnet pool|conv (pool), transformer linear.")
 _STAGES = flags.DEFINE_integer("stages", 2, "Number of stages K (one device each).")
 _SPLIT = flags.DEFINE_string(
-  "split", "balanced", "ResNet blocks per stage, e.g. 3,6, or 'balanced' (by forward FLOPs)."
+  "split",
+  "balanced",
+  "ResNet blocks per stage, e.g. 3,6, 'balanced' (by forward FLOPs) or 'balanced_heads' (stage "
+  "and aux head FLOPs).",
 )
 _MICRO = flags.DEFINE_integer("microbatches", 8, "Microbatches M per optimizer step.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size (images or sequences) per step.")

@@ -29,9 +29,11 @@ def _compositions(n, k):
     yield tuple(b - a for a, b in itertools.pairwise(bounds))
 
 
-def _max_stage_cost(costs, sizes):
-  bounds = np.cumsum((0, *sizes))
-  return max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+def _max_stage_cost(costs, sizes, end_costs=None):
+  """The costliest stage; a stage but the last also pays end_costs at its last item."""
+  bounds = list(np.cumsum((0, *sizes)))
+  ends = [0.0 if end_costs is None or b == bounds[-1] else end_costs[b - 1] for b in bounds[1:]]
+  return max(sum(costs[a:b]) + e for (a, b), e in zip(itertools.pairwise(bounds), ends))
 
 
 def test_resnet50_parameter_count_matches_torchvision():
@@ -122,6 +124,39 @@ def test_balanced_split_helper_on_known_costs():
   assert resnet.balanced_split([5, 1, 1, 1, 1, 1], 2) == (1, 5)
   assert resnet.balanced_split([3, 3, 3], 3) == (1, 1, 1)
   assert resnet.balanced_split([1, 2, 3], 1) == (3,)
+  # A stage that ends after item 1 pays 10 more (its head): the even cut becomes the worst.
+  assert resnet.balanced_split([1, 1, 1, 1], 2, end_costs=[0, 10, 0, 0]) == (1, 3)
+  assert resnet.balanced_split([1, 1, 1, 1], 2, end_costs=[9, 9, 0, 0]) == (3, 1)
+  # The last stage has no head: its end cost never counts.
+  assert resnet.balanced_split([1, 1], 1, end_costs=[5, 5]) == (2,)
+
+
+@pytest.mark.parametrize("head", ["conv", "pool"])
+def test_balanced_heads_split_is_optimal_with_the_heads_cost(head):
+  n = 9  # resnet20
+  for k in range(2, 5):
+    model = resnet.make_model("resnet20", num_classes=10, num_stages=k, head=head,
+                              split="balanced_heads")  # fmt: skip
+    info = model.info
+    sizes = info["blocks_per_stage"]
+    costs = list(info["block_flops"])
+    costs[0] += info["stem_flops"]
+    costs[-1] += info["classifier_flops"]
+    heads = resnet._head_costs("resnet20", (32, 32, 3), 10, head)
+    assert len(heads) == n and all(h > 0 for h in heads)
+    bounds = np.cumsum((0, *sizes))
+    assert info["head_flops"] == (*(heads[b - 1] for b in bounds[1:-1]), 0.0)
+    best = _max_stage_cost(costs, sizes, heads)
+    assert max(f + h for f, h in zip(info["stage_flops"], info["head_flops"])) == best
+    for other in _compositions(n, k):
+      assert best <= _max_stage_cost(costs, other, heads), (sizes, other)
+    plain = resnet.make_model("resnet20", num_classes=10, num_stages=k, head=head).info
+    assert plain["head_flops"] is None
+    if head == "conv" and k == 4:
+      # The authors' conv head on a 32x32 output costs more than the blocks before it: the
+      # FLOP-balanced cut (2+2+2+3) leaves stage 1 with 2.3x the heads-aware bottleneck.
+      assert _max_stage_cost(costs, plain["blocks_per_stage"], heads) > 2 * best
+  assert "(balanced_heads), stage+head MFLOPs" in resnet.describe_split(model)
 
 
 @pytest.mark.parametrize(

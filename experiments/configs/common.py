@@ -139,8 +139,9 @@ def cifar_config(args, *, dataset: str):
 
   c.model = ml_collections.ConfigDict()
   c.model.name = args.model  # resnet20/32/44/56/110 (He et al.), resnet34_cifar (authors').
-  # "balanced" (by XLA FLOPs), "groups" (one group of blocks per stage; K = groups) or blocks
-  # per stage, e.g. "4,4,4,4".
+  # "balanced" (by XLA FLOPs), "balanced_heads" (FLOPs of each stage and its aux head: the
+  # pipeline's throughput split for conv heads; moves the heads), "groups" (one group of blocks
+  # per stage; K = groups) or blocks per stage, e.g. "4,4,4,4".
   c.model.split = "balanced"
   c.model.head = args.head  # Aux head: "conv" (authors': 2 convs + pool + dense) or "pool".
   c.model.dtype = "float32"  # Computation dtype: "float32" or "bfloat16" (params stay f32).

@@ -31,7 +31,9 @@ def get_config(arg: str | None = None):
 
   c.model = common.ml_collections.ConfigDict()
   c.model.name = args.model  # Any CIFAR-family name works on 8×8 inputs.
-  c.model.split = "balanced"  # "balanced" (by XLA FLOPs) or blocks per stage, e.g. "3,3,3".
+  # "balanced" (by XLA FLOPs), "balanced_heads" (stage + aux head FLOPs) or blocks per stage,
+  # e.g. "3,3,3".
+  c.model.split = "balanced"
   c.model.head = args.head  # "pool" (cheap) or "conv" (authors' head).
   c.model.dtype = "float32"
   c.model.conv = "auto"  # Conv gradients: auto, xla, explicit or canonical (ilbp.models.conv).

@@ -34,7 +34,9 @@ def get_config(arg: str | None = None):
 
   c.model = common.ml_collections.ConfigDict()
   c.model.name = args.model  # resnet50 / resnet101 / resnet152.
-  c.model.split = "balanced"  # "balanced" (by XLA FLOPs) or blocks per stage, e.g. "3,4,6,3".
+  # "balanced" (by XLA FLOPs), "balanced_heads" (stage + aux head FLOPs) or blocks per stage,
+  # e.g. "3,4,6,3".
+  c.model.split = "balanced"
   c.model.head = args.head  # Aux head: "conv" (authors') or "pool".
   c.model.dtype = "bfloat16"  # Computation dtype on TPU/GPU; params and losses stay f32.
   c.model.conv = "auto"  # Conv gradients: auto, xla, explicit or canonical (ilbp.models.conv).

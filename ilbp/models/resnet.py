@@ -48,7 +48,7 @@ _BN_EPSILON = 1e-5
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 HEADS = ("conv", "pool")
-SPLITS = ("balanced", "groups")
+SPLITS = ("balanced", "balanced_heads", "groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +288,27 @@ def _xla_flops(module: nn.Module, shape: tuple[int, ...]) -> tuple[float, tuple[
 
 
 @functools.cache
+def _block_costs(
+  name: str, input_shape: tuple[int, ...]
+) -> tuple[float, tuple[float, ...], tuple[tuple[int, ...], ...]]:
+  """(stem, per-block) FLOPs of a batch-1 inference pass from XLA, and each block's output
+  shape. Blocks of one group after the first share kind, width, stride and input shape:
+  compiled once."""
+  arch = ARCHS[name]
+  stem_flops, shape = _xla_flops(Stem(arch.stem, arch.stem_width), (1, *input_shape))
+  seen: dict[tuple, tuple[float, tuple[int, ...]]] = {}
+  block_flops, shapes = [], []
+  for spec in block_specs(arch):
+    key = (spec.kind, spec.features, spec.strides, shape)
+    if key not in seen:
+      seen[key] = _xla_flops(ResidualBlock(dataclasses.replace(spec, index=0)), shape)
+    flops, shape = seen[key]
+    block_flops.append(flops)
+    shapes.append(shape)
+  return stem_flops, tuple(block_flops), tuple(shapes)
+
+
+@functools.cache
 def _measured_costs(
   name: str, input_shape: tuple[int, ...], num_classes: int
 ) -> tuple[float, tuple[float, ...], float]:
@@ -296,22 +317,26 @@ def _measured_costs(
   Measured in float32: FLOPs are a property of the architecture, and float32 keeps the count free
   of the converts a bf16 program adds on backends without native bf16.
   """
-  arch = ARCHS[name]
-  stem_flops, shape = _xla_flops(Stem(arch.stem, arch.stem_width), (1, *input_shape))
-  # Blocks of one group after the first share kind, width, stride and input shape: compile once.
-  seen: dict[tuple, tuple[float, tuple[int, ...]]] = {}
-  block_flops = []
-  for spec in block_specs(arch):
-    key = (spec.kind, spec.features, spec.strides, shape)
-    if key not in seen:
-      seen[key] = _xla_flops(ResidualBlock(dataclasses.replace(spec, index=0)), shape)
-    flops, shape = seen[key]
-    block_flops.append(flops)
-  classifier_flops, _ = _xla_flops(Classifier(num_classes), shape)
-  return stem_flops, tuple(block_flops), classifier_flops
+  stem_flops, block_flops, shapes = _block_costs(name, input_shape)
+  classifier_flops, _ = _xla_flops(Classifier(num_classes), shapes[-1])
+  return stem_flops, block_flops, classifier_flops
 
 
-def balanced_split(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
+@functools.cache
+def _head_costs(
+  name: str, input_shape: tuple[int, ...], num_classes: int, head: str
+) -> tuple[float, ...]:
+  """FLOPs of one batch-1 inference call of the auxiliary head on each block's output: entry i
+  is what a stage ending after block i pays for its head (the last entry is never used, since
+  the last stage has none). One compile per distinct output shape."""
+  shapes = _block_costs(name, input_shape)[2]
+  per_shape = {s: _xla_flops(_HEAD_MODULES[head](num_classes), s)[0] for s in set(shapes)}
+  return tuple(per_shape[s] for s in shapes)
+
+
+def balanced_split(
+  costs: Sequence[float], num_stages: int, end_costs: Sequence[float] | None = None
+) -> tuple[int, ...]:
   """Cuts costs into contiguous stages so that the costliest stage is as cheap as possible.
 
   Dynamic programming over (stages used, items covered): exact, O(num_stages · n²).
@@ -319,6 +344,8 @@ def balanced_split(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
   Args:
     costs: cost of each item (block), in order.
     num_stages: number of non-empty stages, 1 <= num_stages <= len(costs).
+    end_costs: optional; end_costs[i] is added to a stage that ends after item i, except the
+      last stage (an auxiliary head at the stage's output).
 
   Returns:
     Items per stage, summing to len(costs).
@@ -339,8 +366,9 @@ def balanced_split(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
   best[0][0] = 0.0
   for k in range(1, num_stages + 1):
     for i in range(k, n - (num_stages - k) + 1):
+      end = end_costs[i - 1] if end_costs is not None and k < num_stages else 0.0
       for j in range(k - 1, i):
-        cost = max(best[k - 1][j], prefix[i] - prefix[j])
+        cost = max(best[k - 1][j], prefix[i] - prefix[j] + end)
         if cost < best[k][i]:
           best[k][i], start[k][i] = cost, j
   sizes, i = [], n
@@ -377,7 +405,7 @@ def _check_args(name, num_classes, num_stages, split, head, input_shape) -> tupl
         f"Unknown split {split!r}; pass {' or '.join(map(repr, SPLITS))} or a sequence of "
         f"blocks per stage."
       )
-    if split == "balanced":
+    if split in ("balanced", "balanced_heads"):
       return None
     groups = ARCHS[name].group_sizes  # "groups": one group of blocks per stage (the authors').
     if num_stages != len(groups):
@@ -415,7 +443,10 @@ def make_model(
     num_classes: number of output classes (task head and auxiliary heads).
     num_stages: number of stages K, from 1 to the number of residual blocks.
     split: "balanced" (contiguous stages minimising the costliest stage's FLOPs, counted by
-      XLA on a batch-1 input of `input_shape`; compiles each distinct block once), "groups"
+      XLA on a batch-1 input of `input_shape`; compiles each distinct block once),
+      "balanced_heads" (the same, each stage but the last also counting its auxiliary head on
+      its output: conv heads on high-resolution outputs cost more than the blocks, so this
+      cuts for a pipeline's throughput; it moves the heads, which changes the experiment), "groups"
       (one group of blocks per stage, as the authors cut their nets; K must equal the number
       of groups) or the number of blocks in each stage, e.g. (3, 3, 3) for resnet20 in 3 stages.
     head: auxiliary head: "conv" (the authors' two-conv head) or "pool" (pool + dense).
@@ -427,9 +458,10 @@ def make_model(
 
   Returns:
     A `StagedModel` whose `info` holds "name", "num_blocks", "blocks_per_stage", "split"
-    ("balanced", "groups" or "explicit"), "head", "block_flops" (per block, balanced only, else
-    None), "stem_flops" and "classifier_flops" (balanced only) and "stage_flops" (per stage, stem
-    and classifier included, balanced only).
+    ("balanced", "balanced_heads", "groups" or "explicit"), "head", "block_flops" (per block,
+    balanced splits only, else None), "stem_flops" and "classifier_flops" (balanced only),
+    "stage_flops" (per stage, stem and classifier included, heads not; balanced only) and
+    "head_flops" (per stage, its head's FLOPs, 0 for the last; balanced_heads only).
 
   Raises:
     ValueError: for an unknown name, head or split, or a split that does not fit the network;
@@ -448,6 +480,7 @@ def make_model(
     "stem_flops": None,
     "classifier_flops": None,
     "stage_flops": None,
+    "head_flops": None,
   }
   if explicit is not None:
     sizes = explicit
@@ -458,8 +491,12 @@ def make_model(
     costs = list(block_flops)
     costs[0] += stem_flops
     costs[-1] += classifier_flops
-    sizes = balanced_split(costs, num_stages)
+    shape = tuple(int(d) for d in input_shape)
+    ends = _head_costs(name, shape, int(num_classes), head) if split == "balanced_heads" else None
+    sizes = balanced_split(costs, num_stages, ends)
     bounds = [sum(sizes[:k]) for k in range(num_stages + 1)]
+    if ends is not None:
+      info["head_flops"] = (*(ends[b - 1] for b in bounds[1:-1]), 0.0)
     info.update(
       block_flops=list(block_flops),
       stem_flops=stem_flops,
@@ -504,7 +541,11 @@ def describe_split(model: StagedModel) -> str:
   )
   flops = info.get("stage_flops")
   if flops:
+    what = "stage"
+    if info.get("head_flops"):
+      flops = [f + h for f, h in zip(flops, info["head_flops"], strict=True)]
+      what = "stage+head"
     mean = sum(flops) / len(flops)
-    text += f", stage MFLOPs {'/'.join(f'{f / 1e6:.3g}' for f in flops)}"
+    text += f", {what} MFLOPs {'/'.join(f'{f / 1e6:.3g}' for f in flops)}"
     text += f" (max/mean {max(flops) / mean:.2f})"
   return text + f", {info['head']} heads"
