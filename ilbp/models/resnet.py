@@ -485,13 +485,11 @@ def make_model(
   if explicit is not None:
     sizes = explicit
   else:
-    stem_flops, block_flops, classifier_flops = _measured_costs(
-      name, tuple(int(d) for d in input_shape), int(num_classes)
-    )
+    shape = tuple(int(d) for d in input_shape)
+    stem_flops, block_flops, classifier_flops = _measured_costs(name, shape, int(num_classes))
     costs = list(block_flops)
     costs[0] += stem_flops
     costs[-1] += classifier_flops
-    shape = tuple(int(d) for d in input_shape)
     ends = _head_costs(name, shape, int(num_classes), head) if split == "balanced_heads" else None
     sizes = balanced_split(costs, num_stages, ends)
     bounds = [sum(sizes[:k]) for k in range(num_stages + 1)]
