@@ -190,12 +190,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     split), plus "step".
 
   Raises:
-    ValueError: bad config, or a workdir written by an incompatible config.
+    ValueError: bad config, a URL workdir, or a workdir written by an incompatible config.
     NonFiniteLossError: a NaN/inf training loss (the message names the step).
     workdir_lock.WorkdirInUseError: another live run is writing `workdir` (the message names
       its pid and host); nothing there was touched.
   """
   validate(config)
+  workdir_lock.require_local(workdir, "--workdir")
   os.makedirs(workdir, exist_ok=True)
   # One live run per workdir: a second one stops here, before it reads or writes anything else.
   # Process 0 holds the lock for every process of a multi-host run.

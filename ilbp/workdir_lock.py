@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -33,6 +34,25 @@ LOCK_FILE = "run.lock"
 
 class WorkdirInUseError(RuntimeError):
   """Another live run holds the workdir; the message names it and what to do."""
+
+
+def require_local(path: str, flag: str) -> None:
+  """Refuses a URL (gs://, s3://, ...) where a run directory is expected.
+
+  Run directories are written with Python's file functions (config.json, metrics.jsonl, this
+  lock, reproduce.py's claims), which would turn "gs://b/x" into a local folder named "gs:".
+
+  Raises:
+    ValueError: naming the flag, the path and the two ways to keep runs in a bucket.
+  """
+  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+    raise ValueError(
+      f"{flag}={path!r} is a URL, but run directories must be local or mounted paths (they are "
+      "written with local file functions and guarded by a file lock). Pass a local path such as "
+      "~/runs/NAME and copy it to the bucket (docs/cloud_tpu_gpu.md, section 11), or mount the "
+      "bucket (e.g. gcsfuse) and pass the mount's path. Nothing was written. (Datasets may be "
+      "read from gs://: --config.dataset.data_dir.)"
+    )
 
 
 @contextlib.contextmanager

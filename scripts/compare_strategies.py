@@ -26,7 +26,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ilbp import results, trainer
+from ilbp import results, trainer, workdir_lock
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -93,6 +93,7 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(
     "runs", f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
   )
+  workdir_lock.require_local(workdir, "--workdir")
   rows = run(config, FLAGS.strategies, workdir)
   text = (
     f"{name}: K={config.num_stages}, {config.total_steps} steps, batch {config.batch_size}, "

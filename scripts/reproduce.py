@@ -461,6 +461,8 @@ def main(argv):
     raise app.UsageError(f"--suite must be one of {', '.join(SUITES)}, got {FLAGS.suite!r}.")
   if not FLAGS.out and not FLAGS.dry_run:
     raise app.UsageError("--out DIR is required.")
+  if FLAGS.out:
+    workdir_lock.require_local(FLAGS.out, "--out")
   suite = SUITES[FLAGS.suite]
   out = FLAGS.out or "DIR"
   seeds = [int(s) for s in FLAGS.seeds]

@@ -154,6 +154,26 @@ def test_incompatible_resume_is_refused_unless_overridden(tmp_path):
   assert trainer.train_and_evaluate(other, str(tmp_path))["step"] == 3
 
 
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Where os.makedirs("gs://...") would have made a folder "gs:".
+  config = _tiny(resnet_digits, "strategy=local,stages=2", total_steps=1)
+  with pytest.raises(ValueError, match=r"--workdir='gs://bucket/run' is a URL.*section 11"):
+    trainer.train_and_evaluate(config, "gs://bucket/run")
+  assert not os.listdir(tmp_path)
+  for local in ("runs/x", "/tmp/a:b/c", "~/runs/gs:x"):
+    workdir_lock.require_local(local, "--workdir")
+  # reproduce.py refuses a URL --out the same way, before it writes anything.
+  out = subprocess.run(
+    [sys.executable, "-m", "scripts.reproduce", "--suite=quick", "--out=s3://bucket/quick"],
+    cwd=tmp_path,
+    env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode != 0 and "--out='s3://bucket/quick' is a URL" in out.stderr, out.stderr
+  assert not os.listdir(tmp_path)
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
   config = _tiny(resnet_digits, "strategy=pairwise,stages=2", total_steps=6)
   config.log_every_steps = 1
