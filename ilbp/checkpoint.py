@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ilbp import files
+
 # Config fields that fix what a checkpoint means: resuming with another value would train a
 # different experiment (or fail to restore), so it needs an explicit override.
 COMPATIBILITY_FIELDS = ("family", "model", "num_stages", "strategy", "combine", "dataset.name")
@@ -32,7 +34,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
     )
-    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    where = directory if files.is_url(directory) else os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(where, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -81,10 +84,9 @@ def check_compatible(workdir: str, config: dict, *, allow_change: bool) -> None:
     ValueError: naming every differing field, the old and new values, and the two fixes.
   """
   path = os.path.join(workdir, "config.json")
-  if allow_change or not os.path.exists(path):
+  if allow_change or not files.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = json.loads(files.read_text(path))
   diffs = [
     f"{field}: {_get(old, field)!r} -> {_get(config, field)!r}"
     for field in COMPATIBILITY_FIELDS

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ilbp import tasks
+from ilbp import files, tasks
 from ilbp.models import conv
 from ilbp.staged import StagedModel
 
@@ -148,6 +148,22 @@ def _transformer(config: ml_collections.ConfigDict, workdir: str, shard) -> Buil
 # text pipeline and vice versa.
 _BUILDERS = {"resnet": _resnet, "transformer": _transformer}
 FAMILIES = tuple(_BUILDERS)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a bucket workdir (gs://...) where the family would keep a local cache in it: the
+  text pipeline writes its tokenizer and token arrays with local file functions."""
+  if config.family != "transformer" or not files.is_url(workdir):
+    return
+  cache = config.dataset.get("cache_dir")
+  if not cache or files.is_url(cache):
+    raise ValueError(
+      f"--workdir={workdir!r} is in a bucket, and the text pipeline's cache (the tokenizer and "
+      f"token arrays, by default <workdir>/data_cache) must be a local or mounted path, got "
+      f"config.dataset.cache_dir={cache!r}. Pass --config.dataset.cache_dir=DIR on a disk that "
+      "outlives the VM (a persistent disk or a mounted bucket): a resumed run must find the "
+      "same tokenizer there. Nothing was written."
+    )
 
 
 def build(

@@ -12,6 +12,8 @@ import json
 import os
 import statistics
 
+from ilbp import files
+
 METRICS_FILE = "metrics.jsonl"
 # Evaluation prefixes the trainer writes: the test split ("eval") and, when the config holds a
 # validation split out of train, "val".
@@ -26,16 +28,15 @@ def read_metrics(workdir: str) -> list[dict]:
     short by an interruption is ignored.
   """
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
   merged: dict[int, dict] = {}
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A line half-written when the run was killed.
-      merged.setdefault(int(row["step"]), {}).update(row)
+  for line in files.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A line half-written when the run was killed.
+    merged.setdefault(int(row["step"]), {}).update(row)
   return [merged[s] for s in sorted(merged)]
 
 

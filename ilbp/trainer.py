@@ -37,7 +37,7 @@ from clu import metric_writers, periodic_actions
 
 from ilbp import checkpoint as ckpt
 from ilbp import executor as executors
-from ilbp import families, state, workdir_lock
+from ilbp import families, files, state, workdir_lock
 from ilbp.strategy import strategy as parse_strategy
 
 
@@ -88,8 +88,7 @@ class _JsonlWriter(metric_writers.LoggingWriter):
 
   def flush(self) -> None:
     if self._row:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(self._row) + "\n")
+      files.append_text(self.path, json.dumps(self._row) + "\n")
       self._row = {}
 
   def close(self) -> None:
@@ -183,21 +182,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Args:
     config: an experiment config (see experiments/configs/).
-    workdir: where config.json, metrics.jsonl, TensorBoard events and checkpoints go.
+    workdir: where config.json, metrics.jsonl, TensorBoard events and checkpoints go: a local
+      path or a bucket URL such as gs://bucket/run (`ilbp.files`).
 
   Returns:
     The last evaluation's metrics (eval/head{k}/..., and val/head{k}/... with a validation
     split), plus "step".
 
   Raises:
-    ValueError: bad config, a URL workdir, or a workdir written by an incompatible config.
+    ValueError: bad config, a bucket workdir the family cannot use as it is, or a workdir
+      written by an incompatible config.
     NonFiniteLossError: a NaN/inf training loss (the message names the step).
     workdir_lock.WorkdirInUseError: another live run is writing `workdir` (the message names
       its pid and host); nothing there was touched.
   """
   validate(config)
-  workdir_lock.require_local(workdir, "--workdir")
-  os.makedirs(workdir, exist_ok=True)
+  families.check_workdir(config, workdir)
+  files.makedirs(workdir)
   # One live run per workdir: a second one stops here, before it reads or writes anything else.
   # Process 0 holds the lock for every process of a multi-host run.
   primary = jax.process_index() == 0
@@ -266,8 +267,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   executor = executors.make(config, model, task, strategy, tx, schedule, built.input_spec)
   # Written only once the config has proved buildable, so a typo never replaces the record.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+    text = json.dumps(config_dict, indent=2, sort_keys=True, default=str)
+    files.write_text(os.path.join(workdir, "config.json"), text)
   _console(
     f"model: {config.family} {config.model.get('name', '')} K={model.num_stages} "
     f"strategy={strategy.name} combine={strategy.combine} info={model.info}\n"

@@ -11,8 +11,9 @@ next run takes it over and resumes. The file is emptied on release but never del
 it would let a run that opened the old file lock it while a newcomer locks a new one.
 
 flock covers the processes of one machine, and of several on Linux NFS mounts. Where the
-filesystem refuses flock, the recorded holder is checked instead: a live process on this host
-refuses; a holder on another host cannot be checked, and is taken over with a warning.
+filesystem refuses flock, and in a bucket (a gs:// workdir, `ilbp.files`), the recorded holder
+is checked instead: a live process on this host refuses; a holder on another host cannot be
+checked, and is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import errno
 import fcntl
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
 
 from absl import logging
+
+from ilbp import files
 
 LOCK_FILE = "run.lock"
 
@@ -37,21 +39,17 @@ class WorkdirInUseError(RuntimeError):
 
 
 def require_local(path: str, flag: str) -> None:
-  """Refuses a URL (gs://, s3://, ...) where a run directory is expected.
-
-  Run directories are written with Python's file functions (config.json, metrics.jsonl, this
-  lock, reproduce.py's claims), which would turn "gs://b/x" into a local folder named "gs:".
+  """Refuses a URL (gs://, s3://, ...) for a directory that needs a local or mounted path.
 
   Raises:
-    ValueError: naming the flag, the path and the two ways to keep runs in a bucket.
+    ValueError: naming the flag, the path and the two ways to keep it in a bucket.
   """
-  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path):
+  if files.is_url(path):
     raise ValueError(
-      f"{flag}={path!r} is a URL, but run directories must be local or mounted paths (they are "
-      "written with local file functions and guarded by a file lock). Pass a local path such as "
-      "~/runs/NAME and copy it to the bucket (docs/cloud_tpu_gpu.md, section 11), or mount the "
-      "bucket (e.g. gcsfuse) and pass the mount's path. Nothing was written. (Datasets may be "
-      "read from gs://: --config.dataset.data_dir.)"
+      f"{flag}={path!r} is a URL, but this directory must be a local or mounted path (it is "
+      "written with local file functions and guarded by file locks). Pass a local path such "
+      "as ~/runs/NAME and copy it to the bucket (docs/cloud_tpu_gpu.md, section 11), or mount "
+      "the bucket (e.g. gcsfuse) and pass the mount's path. Nothing was written."
     )
 
 
@@ -66,17 +64,29 @@ def hold(workdir: str) -> Iterator[None]:
     WorkdirInUseError: another live process holds the lock; nothing in `workdir` was changed.
   """
   path = os.path.join(workdir, LOCK_FILE)
+  if files.is_url(workdir):  # A bucket has no flock: the recorded holder alone decides.
+    _judge(_parse(files.read_text(path)) if files.exists(path) else None, path, workdir)
+    files.write_text(path, _me())
+    try:
+      yield
+    finally:
+      files.write_text(path, "")
+    return
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Never truncated before the lock is ours.
   try:
     _acquire(fd, path, workdir)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%c %Z")}
-    _write(fd, json.dumps(me) + "\n")
+    _write(fd, _me())
     try:
       yield
     finally:
       _write(fd, "")  # Released: the file names nobody.
   finally:
     os.close(fd)  # Drops the flock.
+
+
+def _me() -> str:
+  me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%c %Z")}
+  return json.dumps(me) + "\n"
 
 
 def _acquire(fd: int, path: str, workdir: str) -> None:
@@ -89,7 +99,11 @@ def _acquire(fd: int, path: str, workdir: str) -> None:
     if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
       raise
   # This filesystem has no flock: judge by the recorded holder.
-  holder = _holder(fd)
+  _judge(_holder(fd), path, workdir)
+
+
+def _judge(holder: dict | None, path: str, workdir: str) -> None:
+  """Without a flock: refuses a live holder on this host, takes over anything else."""
   if not holder or holder.get("pid") == os.getpid():
     return
   if holder.get("host") == socket.gethostname():
@@ -97,7 +111,7 @@ def _acquire(fd: int, path: str, workdir: str) -> None:
       raise WorkdirInUseError(_in_use_message(workdir, path, holder))
     return
   logging.warning(
-    "%s has no flock support and names a run on host %s (pid %s) that cannot be checked from "
+    "%s has no flock and names a run on host %s (pid %s) that cannot be checked from "
     "here; taking the workdir over. Make sure that run is gone.",
     path,
     holder.get("host"),
@@ -107,7 +121,11 @@ def _acquire(fd: int, path: str, workdir: str) -> None:
 
 def _holder(fd: int) -> dict | None:
   """The holder recorded in the lock file, or None when it is empty or unreadable."""
-  text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+  return _parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+
+
+def _parse(text: str) -> dict | None:
+  text = text.strip()
   try:
     holder = json.loads(text) if text else None
   except json.JSONDecodeError:

@@ -26,7 +26,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ilbp import results, trainer, workdir_lock
+from ilbp import files, results, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -93,17 +93,14 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(
     "runs", f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
   )
-  workdir_lock.require_local(workdir, "--workdir")
   rows = run(config, FLAGS.strategies, workdir)
   text = (
     f"{name}: K={config.num_stages}, {config.total_steps} steps, batch {config.batch_size}, "
     f"seed {config.seed}\n" + table(rows, config.num_stages)
   )
   print("\n" + text, flush=True)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(rows, f, indent=2)
+  files.write_text(os.path.join(workdir, "table.md"), text + "\n")
+  files.write_text(os.path.join(workdir, "results.json"), json.dumps(rows, indent=2))
   print(f"\nWritten: {workdir}/table.md, {workdir}/results.json")
 
 

@@ -5,7 +5,7 @@ must name a module of this repository, pass only flags that module defines, give
 whose file, `:arg` keys and `--config.FIELD=` overrides build, and ask for a strategy and a
 `config.execution` that are valid on an 8-device host (a v5e-8, or 8 GPUs); a
 `scripts.reproduce` command must name a suite whose every selected run passes the same checks.
-Workdirs and suite directories must not be `gs://` paths (the trainer writes them locally).
+Suite directories (`--out`) must not be `gs://` paths (reproduce.py writes them locally).
 Versions quoted as `name==version` must be the requirements files' pins, and the accelerator
 files must pin what jax's own metadata asks for.
 """
@@ -130,9 +130,8 @@ def _check(module: str, args: list[str]) -> None:
   """Raises unless `python -m module args` would start on an 8-device host (see the docstring)."""
   assert _module_path(module).exists(), f"python -m {module}: no such module in this repository"
   fv = _parse(module, args)
-  for name in ("workdir", "out"):
-    if name in fv and fv[name].value:
-      assert not fv[name].value.startswith("gs://"), f"--{name} must be a local path"
+  if "out" in fv and fv["out"].value:
+    assert not fv["out"].value.startswith("gs://"), "--out must be a local path"
   if module.startswith("experiments."):
     assert fv["workdir"].present, f"python -m {module} needs --workdir"
     assert fv.config.family == module.split(".")[1], "the config's family runs in another binary"

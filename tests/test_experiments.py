@@ -17,7 +17,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from clu import metric_writers
 from conftest import Preempted, build_with_batches, checkpoint_params, preempt_at
 
 from experiments.configs import (
@@ -29,7 +31,8 @@ from experiments.configs import (
   transformer_lm1b,
   transformer_stdlib,
 )
-from ilbp import families, state, trainer, workdir_lock
+from ilbp import checkpoint as ckpt
+from ilbp import families, results, state, trainer, workdir_lock
 from ilbp.models import resnet
 
 STRATEGIES = ("local", "pairwise", "3wise", "global")
@@ -154,24 +157,81 @@ def test_incompatible_resume_is_refused_unless_overridden(tmp_path):
   assert trainer.train_and_evaluate(other, str(tmp_path))["step"] == 3
 
 
-def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # Where os.makedirs("gs://...") would have made a folder "gs:".
+def test_bucket_workdir_trains_resumes_and_equals_a_local_run(tmp_path, monkeypatch):
+  # TensorFlow's in-memory filesystem (ram://) stands in for gs://: ilbp writes a URL workdir
+  # through tf.io.gfile either way. Two libraries that take gs:// themselves do not know ram://:
+  # orbax (tensorstore) gets a local checkpoint folder here, and clu's TensorBoard writer
+  # (etils.epath) a logging-only writer.
+  bucket = f"ram://bucket-{tmp_path.name}/run"
+  real, real_writer = ckpt.Checkpointer, metric_writers.create_default_writer
+  checkpoints, logdirs = [], []
+
+  def local_checkpointer(directory, **kw):
+    checkpoints.append(directory)
+    return real(str(tmp_path / "checkpoints"), **kw)
+
+  def logging_writer(logdir, **kw):
+    logdirs.append(logdir)
+    return metric_writers.LoggingWriter()
+
+  monkeypatch.setattr(ckpt, "Checkpointer", local_checkpointer)
+  monkeypatch.setattr(metric_writers, "create_default_writer", logging_writer)
+  every = {"checkpoint_every_steps": 2, "eval_every_steps": 2, "log_every_steps": 1}
+  config = lambda steps: _tiny(
+    resnet_digits, "strategy=pairwise,stages=2", total_steps=steps, **every
+  )
+  trainer.train_and_evaluate(config(2), bucket)
+  resumed = trainer.train_and_evaluate(config(4), bucket)  # Resumes from step 2.
+  assert checkpoints == [f"{bucket}/checkpoints"] * 2 and logdirs == [bucket] * 2
+  gfile = tf.io.gfile
+  assert json.loads(gfile.GFile(f"{bucket}/config.json").read())["strategy"] == "pairwise"
+  assert gfile.GFile(f"{bucket}/run.lock").read() == ""  # Released.
+  rows = results.read_metrics(bucket)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all("eval/head2/accuracy" in rows[i] for i in (1, 3))
+  # The same two runs in a local workdir end with the same metrics.
+  monkeypatch.setattr(ckpt, "Checkpointer", real)
+  monkeypatch.setattr(metric_writers, "create_default_writer", real_writer)
+  trainer.train_and_evaluate(config(2), str(tmp_path / "local"))
+  local = trainer.train_and_evaluate(config(4), str(tmp_path / "local"))
+  for key, value in local.items():
+    np.testing.assert_allclose(resumed[key], value, rtol=1e-6, err_msg=key)
+  learned = lambda rows: [
+    {k: v for k, v in r.items() if k.split("/")[0] in ("train", "eval")} for r in rows
+  ]
+  assert learned(results.read_metrics(str(tmp_path / "local"))) == learned(rows)
+
+
+def test_bucket_workdir_refusals(tmp_path, monkeypatch):
+  gfile = tf.io.gfile
+  # A live run on this host holds the bucket workdir's lock record: a second run stops.
+  busy = f"ram://bucket-{tmp_path.name}/busy"
+  gfile.makedirs(busy)
+  holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "earlier"}
+  gfile.GFile(f"{busy}/run.lock", "w").write(json.dumps(holder))
   config = _tiny(resnet_digits, "strategy=local,stages=2", total_steps=1)
-  with pytest.raises(ValueError, match=r"--workdir='gs://bucket/run' is a URL.*section 11"):
-    trainer.train_and_evaluate(config, "gs://bucket/run")
-  assert not os.listdir(tmp_path)
-  for local in ("runs/x", "/tmp/a:b/c", "~/runs/gs:x"):
-    workdir_lock.require_local(local, "--workdir")
-  # reproduce.py refuses a URL --out the same way, before it writes anything.
+  with pytest.raises(workdir_lock.WorkdirInUseError, match=f"pid {os.getppid()}"):
+    trainer.train_and_evaluate(config, busy)
+  assert gfile.listdir(busy) == ["run.lock"]
+  # The text pipeline caches its tokenizer with local file functions: a bucket workdir needs a
+  # local or mounted cache_dir, said before anything is written.
+  lm = f"ram://bucket-{tmp_path.name}/lm"
+  text_config = _tiny(transformer_stdlib, "strategy=local,stages=2", total_steps=1)
+  with pytest.raises(ValueError, match=re.escape("config.dataset.cache_dir=None")):
+    trainer.train_and_evaluate(text_config, lm)
+  assert not gfile.exists(lm)
+  # reproduce.py keeps its runs, claims and logs on a local or mounted path: a URL --out is
+  # refused before anything is written.
+  monkeypatch.chdir(tmp_path)
   out = subprocess.run(
     [sys.executable, "-m", "scripts.reproduce", "--suite=quick", "--out=s3://bucket/quick"],
-    cwd=tmp_path,
     env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     capture_output=True,
     text=True,
   )
   assert out.returncode != 0 and "--out='s3://bucket/quick' is a URL" in out.stderr, out.stderr
   assert not os.listdir(tmp_path)
+  workdir_lock.require_local("/tmp/a:b/c", "--out")  # A colon is not a URL.
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
