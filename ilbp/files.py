@@ -2,8 +2,8 @@
 
 Local paths use Python's own file functions. A URL goes through `tf.io.gfile` (TensorFlow is
 imported only then), which reads and writes Google Cloud Storage from a Cloud TPU VM with the
-VM's credentials. Object stores have no append: `append_text` on a URL rewrites the object
-with the new text at its end (`write_text`: a new object renamed over the old one), so an
+VM's credentials. Object stores have no append: a file that grows (metrics.jsonl) is
+rewritten whole by its writer, with `write_text` (a new object renamed over the old one), so an
 interrupted write leaves the previous complete object.
 """
 
@@ -55,13 +55,4 @@ def write_text(path: str, text: str) -> None:
     gfile.rename(tmp, path, overwrite=True)
   else:
     with open(path, "w") as f:
-      f.write(text)
-
-
-def append_text(path: str, text: str) -> None:
-  """Adds `text` at the end of the file (created if missing)."""
-  if is_url(path):
-    write_text(path, (read_text(path) if exists(path) else "") + text)
-  else:
-    with open(path, "a") as f:
       f.write(text)

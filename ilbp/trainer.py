@@ -68,6 +68,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   executors.validate(config)
 
 
+_SYNC_EVERY_S = 60.0  # Bucket metrics.jsonl: one upload a minute at most between checkpoints.
+
+
 class _JsonlWriter(metric_writers.LoggingWriter):
   """Scalars to `metrics.jsonl` for scripts, one JSON object per step: writes for the same
   step (train metrics, clu's steps_per_sec, eval) are merged until `flush`. The rest of the
@@ -78,6 +81,11 @@ class _JsonlWriter(metric_writers.LoggingWriter):
     self.path = path
     self.last: dict[str, float] = {}
     self._row: dict = {}
+    # In a bucket (no append) the file's text is kept here and uploaded whole by `sync`: at
+    # checkpoints, at the end, and at most once a minute in between.
+    self._remote = files.is_url(path)
+    self._text = files.read_text(path) if self._remote and files.exists(path) else ""
+    self._synced_text, self._synced_at = self._text, time.monotonic()
 
   def write_scalars(self, step: int, scalars) -> None:
     if self._row and self._row["step"] != int(step):
@@ -88,11 +96,25 @@ class _JsonlWriter(metric_writers.LoggingWriter):
 
   def flush(self) -> None:
     if self._row:
-      files.append_text(self.path, json.dumps(self._row) + "\n")
+      line = json.dumps(self._row) + "\n"
       self._row = {}
+      if not self._remote:
+        with open(self.path, "a") as f:
+          f.write(line)
+        return
+      self._text += line
+      if time.monotonic() - self._synced_at >= _SYNC_EVERY_S:
+        self.sync()
+
+  def sync(self) -> None:
+    """Uploads the text to a bucket path if it changed (a local file is always up to date)."""
+    if self._remote and self._text != self._synced_text:
+      files.write_text(self.path, self._text)
+      self._synced_text, self._synced_at = self._text, time.monotonic()
 
   def close(self) -> None:
     self.flush()
+    self.sync()
 
 
 def _writer(workdir: str) -> tuple[metric_writers.MetricWriter, _JsonlWriter | None]:
@@ -340,9 +362,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           )
         writer.write_scalars(step, last_eval)
         _console(_eval_lines(step, last_eval, model.num_stages))
-      if do_log or do_eval:
+      if do_log or do_eval or do_ckpt:
         writer.flush()
       if do_ckpt:
+        if jsonl:  # A resume recomputes only the steps after this checkpoint: upload the rest.
+          jsonl.sync()
         checkpointer.save(step, executor.unpack_state(st))
   finally:
     checkpointer.close()

@@ -64,13 +64,9 @@ def hold(workdir: str) -> Iterator[None]:
     WorkdirInUseError: another live process holds the lock; nothing in `workdir` was changed.
   """
   path = os.path.join(workdir, LOCK_FILE)
-  if files.is_url(workdir):  # A bucket has no flock: the recorded holder alone decides.
-    _judge(_parse(files.read_text(path)) if files.exists(path) else None, path, workdir)
-    files.write_text(path, _me())
-    try:
+  if files.is_url(workdir):
+    with _hold_record(path, workdir):
       yield
-    finally:
-      files.write_text(path, "")
     return
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # Never truncated before the lock is ours.
   try:
@@ -82,6 +78,30 @@ def hold(workdir: str) -> Iterator[None]:
       _write(fd, "")  # Released: the file names nobody.
   finally:
     os.close(fd)  # Drops the flock.
+
+
+@contextlib.contextmanager
+def _hold_record(path: str, workdir: str) -> Iterator[None]:
+  """A bucket has no flock: the recorded holder decides. After writing our record, wait
+  `_SETTLE_S` and read it back: of two runs that started together, the one whose record was
+  overwritten stops. (Two writes more than `_SETTLE_S` apart that both read an empty record
+  first are not caught.) On release the record is blanked only if it is still ours."""
+  read = lambda: files.read_text(path) if files.exists(path) else ""
+  _judge(_parse(read()), path, workdir)
+  me = _me()
+  files.write_text(path, me)
+  time.sleep(_SETTLE_S)
+  now = read()
+  if now != me:
+    raise WorkdirInUseError(_in_use_message(workdir, path, _parse(now)))
+  try:
+    yield
+  finally:
+    if read() == me:
+      files.write_text(path, "")
+
+
+_SETTLE_S = 1.0
 
 
 def _me() -> str:
@@ -104,7 +124,7 @@ def _acquire(fd: int, path: str, workdir: str) -> None:
 
 def _judge(holder: dict | None, path: str, workdir: str) -> None:
   """Without a flock: refuses a live holder on this host, takes over anything else."""
-  if not holder or holder.get("pid") == os.getpid():
+  if not holder or (holder.get("pid"), holder.get("host")) == (os.getpid(), socket.gethostname()):
     return
   if holder.get("host") == socket.gethostname():
     if pid_alive(int(holder["pid"])):
@@ -159,5 +179,7 @@ def _in_use_message(workdir: str, path: str, holder: dict | None) -> str:
     f"Workdir {workdir} is in use by a live run: {who}, which holds {path}. This run stopped "
     f"before reading or writing anything there, so two runs never write the same checkpoints. "
     f"Wait for that run to finish, stop it, or pass another --workdir. (A lock left by a run "
-    f"that was killed does not block: it is taken over automatically.)"
+    f"that was killed does not block: it is taken over automatically. Where the lock is only a "
+    f"record, in a bucket or on a filesystem without flock, and the named process is not an "
+    f"ilbp run, delete {path} and start again.)"
   )

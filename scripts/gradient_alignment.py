@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
 from ilbp import executor as executors
-from ilbp import families, trainer
+from ilbp import families, files, trainer
 from ilbp.checkpoint import Checkpointer
 from ilbp.steps import microbatch_rng
 from ilbp.strategy import Strategy
@@ -56,9 +56,11 @@ def alignment(workdir: str, step: int | None, batches: int, data_step: int) -> d
     {"step": checkpoint step, "strategy": the run's, "stages": [{"losses": [j...],
     "norms": {j: ...}, "cosines": {"j,j'": ...}} for k = 1..K]} (1-based names).
   """
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(
+    json.loads(files.read_text(os.path.join(workdir, "config.json")))
+  )
   config.execution.kind, config.execution.microbatches = "fused", 1
+  families.check_workdir(config, workdir)
   built = families.build(config, workdir)
   model, task, K = built.model, built.task, built.model.num_stages
   tx, _ = trainer.make_optimizer(config)

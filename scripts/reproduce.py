@@ -462,7 +462,10 @@ def main(argv):
   if not FLAGS.out and not FLAGS.dry_run:
     raise app.UsageError("--out DIR is required.")
   if FLAGS.out:
-    workdir_lock.require_local(FLAGS.out, "--out")
+    try:
+      workdir_lock.require_local(FLAGS.out, "--out")
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   suite = SUITES[FLAGS.suite]
   out = FLAGS.out or "DIR"
   seeds = [int(s) for s in FLAGS.seeds]

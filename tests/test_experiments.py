@@ -176,24 +176,37 @@ def test_bucket_workdir_trains_resumes_and_equals_a_local_run(tmp_path, monkeypa
 
   monkeypatch.setattr(ckpt, "Checkpointer", local_checkpointer)
   monkeypatch.setattr(metric_writers, "create_default_writer", logging_writer)
+  monkeypatch.chdir(tmp_path)  # A path taken for a local one would show up here as "ram:".
   every = {"checkpoint_every_steps": 2, "eval_every_steps": 2, "log_every_steps": 1}
-  config = lambda steps: _tiny(
-    resnet_digits, "strategy=pairwise,stages=2", total_steps=steps, **every
+  config = lambda arg="strategy=pairwise,stages=2": _tiny(
+    resnet_digits, arg, total_steps=4, **every
   )
-  trainer.train_and_evaluate(config(2), bucket)
-  resumed = trainer.train_and_evaluate(config(4), bucket)  # Resumes from step 2.
+  # Killed while asking for step 4's batch, with no chance to close its writer (as under
+  # SIGKILL): metrics.jsonl in the bucket holds the rows up to the step-2 checkpoint.
+  real_build, real_close = families.build, trainer._JsonlWriter.close
+  monkeypatch.setattr(families, "build", build_with_batches(preempt_at(3)))
+  monkeypatch.setattr(trainer._JsonlWriter, "close", lambda self: None)
+  with pytest.raises(Preempted):
+    trainer.train_and_evaluate(config(), bucket)
+  assert [r["step"] for r in results.read_metrics(bucket)] == [1, 2]
+  monkeypatch.setattr(families, "build", real_build)
+  monkeypatch.setattr(trainer._JsonlWriter, "close", real_close)
+  # The bucket's config.json is read back: another strategy is refused.
+  with pytest.raises(ValueError, match="different configuration"):
+    trainer.train_and_evaluate(config("strategy=local,stages=2"), bucket)
+  resumed = trainer.train_and_evaluate(config(), bucket)  # Resumes from step 2.
   assert checkpoints == [f"{bucket}/checkpoints"] * 2 and logdirs == [bucket] * 2
+  assert os.listdir(tmp_path) == ["checkpoints"]
   gfile = tf.io.gfile
   assert json.loads(gfile.GFile(f"{bucket}/config.json").read())["strategy"] == "pairwise"
   assert gfile.GFile(f"{bucket}/run.lock").read() == ""  # Released.
   rows = results.read_metrics(bucket)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert all("eval/head2/accuracy" in rows[i] for i in (1, 3))
-  # The same two runs in a local workdir end with the same metrics.
+  # The same run, uninterrupted in a local workdir, ends with the same metrics.
   monkeypatch.setattr(ckpt, "Checkpointer", real)
   monkeypatch.setattr(metric_writers, "create_default_writer", real_writer)
-  trainer.train_and_evaluate(config(2), str(tmp_path / "local"))
-  local = trainer.train_and_evaluate(config(4), str(tmp_path / "local"))
+  local = trainer.train_and_evaluate(config(), str(tmp_path / "local"))
   for key, value in local.items():
     np.testing.assert_allclose(resumed[key], value, rtol=1e-6, err_msg=key)
   learned = lambda rows: [

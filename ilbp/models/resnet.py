@@ -355,6 +355,8 @@ def balanced_split(
     raise ValueError(
       f"num_stages must be between 1 and {n} (the number of items), got {num_stages}."
     )
+  if end_costs is not None and len(end_costs) != n:
+    raise ValueError(f"end_costs needs one entry per item ({n}), got {len(end_costs)}.")
   prefix = [0.0]
   for c in costs:
     prefix.append(prefix[-1] + c)
