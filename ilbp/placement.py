@@ -26,6 +26,14 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_devices_flag(count: int) -> str:
+  """The XLA flag that gives the CPU platform `count` devices."""
+  return f"{_DEVICE_COUNT_FLAG}={count}"
+
+
 def force_cpu_devices(count: int) -> None:
   """Gives the CPU platform `count` devices unless XLA_FLAGS names a count already.
 
@@ -33,8 +41,8 @@ def force_cpu_devices(count: int) -> None:
   import), so a script calls this before either; only the CPU platform reads it.
   """
   flags_now = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags_now:
-    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
+  if _DEVICE_COUNT_FLAG not in flags_now:
+    os.environ["XLA_FLAGS"] = f"{flags_now} {cpu_devices_flag(count)}".strip()
 
 
 def check_stage_devices(num_stages: int, data_parallel: int, num_devices: int) -> None:
@@ -45,7 +53,7 @@ def check_stage_devices(num_stages: int, data_parallel: int, num_devices: int) -
       f"{num_stages} stages x {data_parallel} data-parallel device(s) per stage need {need} "
       f"devices, but only {num_devices} are visible. Use fewer stages or "
       "config.execution.data_parallel, run on more devices (on CPU: "
-      f"XLA_FLAGS=--xla_force_host_platform_device_count={need}), or "
+      f"XLA_FLAGS={cpu_devices_flag(need)}), or "
       "config.execution.kind='fused'."
     )
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ilbp import placement
 from ilbp.staged import StagedModel
 
 # XLA flags of every test process (this one, and what tests start). Tests check semantics, not
@@ -34,7 +35,7 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 def xla_flags(num_devices: int = 1) -> str:
   """XLA_FLAGS for a test subprocess with `num_devices` forced CPU devices."""
-  return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={num_devices}"
+  return f"{TEST_XLA_FLAGS} {placement.cpu_devices_flag(num_devices)}"
 
 
 # XLA reads XLA_FLAGS when a backend starts (the first device query), not at import.
