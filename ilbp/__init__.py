@@ -7,9 +7,8 @@ The library has no flags (absl only for logging): import it from a notebook. Whe
   ilbp.staged     StagedModel: Flax stage and head modules -> explicit per-stage functions
   ilbp.tasks      losses, targets and evaluation sums for classification and language modelling
   ilbp.state      TrainState (one StageState per stage), optimizers and schedules
-  ilbp.steps      the fused train / eval step (microbatches, one program)
-  ilbp.executor   what the trainer talks to: fused executor, config.execution checks
-  ilbp.pipeline   schedule (ops, order, cost model, Gantt), dataflow (stages on their devices)
+  ilbp.execution  how a step runs: the Executor protocol and config (base), the per-stage layer
+                  (stage), the fused, dataflow and spmd executors, the schedule and its Gantt
   ilbp.families   config -> model, data, task
   ilbp.trainer    train_and_evaluate(config, workdir): the loop behind the experiment binaries
   ilbp.checkpoint orbax checkpoints and the resume compatibility check

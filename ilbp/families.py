@@ -175,7 +175,7 @@ def build(
     config: an experiment config (experiments/configs/).
     workdir: the run directory (caches that belong to the run, e.g. a tokenizer, go there).
     shard: `(index, count)` of the input share this process loads (default: by process;
-      `ilbp.executor.input_shard(config)` gives the executor's).
+      `ilbp.execution.factory.input_shard` gives the executor's).
   """
   validate(config)
   return _BUILDERS[config.family](config, workdir, shard)

@@ -124,6 +124,27 @@ def backward_plan(strategy: Strategy, num_stages: int) -> list[list[BackwardOp]]
   return plan
 
 
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """Everything the routing rule decides for one stage, once.
+
+  Attributes:
+    ops: the stage's VJP calls per microbatch, in arrival order (`backward_plan`).
+    needs_input: whether the stage's own loss trains any stage (`loss_users`), so that loss's
+      cotangent with respect to the stage output must be computed.
+  """
+
+  ops: tuple[BackwardOp, ...]
+  needs_input: bool
+
+
+def stage_plans(strategy: Strategy, num_stages: int) -> list[StagePlan]:
+  """`backward_plan` and `loss_users` combined: one StagePlan per stage (0-based)."""
+  users = loss_users(strategy, num_stages)
+  plan = backward_plan(strategy, num_stages)
+  return [StagePlan(tuple(plan[k]), bool(users[k])) for k in range(num_stages)]
+
+
 def stage_forward(stage_fn: Callable, params: PyTree, x: PyTree, *, has_aux: bool = False):
   """One stage's forward under `jax.vjp`.
 
@@ -243,7 +264,7 @@ def interlocking_grads(
   strategy = _check(stage_fns, head_fns, stage_params, head_params, strategy)
   aux_loss_fn = loss_fn if aux_loss_fn is None else aux_loss_fn
   K = len(stage_fns)
-  users = loss_users(strategy, K)
+  plans = stage_plans(strategy, K)
   metrics = {}
 
   # Forward: each stage runs exactly once; its VJP keeps the residuals.
@@ -265,7 +286,7 @@ def interlocking_grads(
       head_params[j] if is_head else None,
       acts[j + 1],
       labels,
-      needs_input=bool(users[j]),
+      needs_input=plans[j].needs_input,
       has_aux=has_aux and is_head,
       loss_has_aux=loss_has_aux,
     )
@@ -279,8 +300,8 @@ def interlocking_grads(
 
   # Backward: stages top-down, each loss's cotangent routed only as far as it is used.
   stage_grads: list[PyTree] = [None] * K
-  for k, ops in reversed(list(enumerate(backward_plan(strategy, K)))):
-    for op in ops:
+  for k in reversed(range(K)):
+    for op in plans[k].ops:
       d_params, passed = stage_backward(vjps[k], op, incoming[k])
       if op.params:
         stage_grads[k] = d_params

@@ -204,7 +204,7 @@ def init_stage_state(
 ) -> StageState:
   """Stage k's parameters, model state and optimizer state, from its input's abstract shape.
 
-  Jitted with stage k's shardings (`ilbp.pipeline.dataflow`), it creates them on stage k's
+  Jitted with stage k's shardings (`ilbp.execution.dataflow`), it creates them on stage k's
   devices only; `create_train_state` calls it for every stage.
 
   Args:

@@ -18,7 +18,7 @@ microbatch count. Batches are a pure function of (seed, step) and dropout keys a
 the step, so a resumed run reproduces the uninterrupted one exactly.
 
 The trainer does not know the model family (`ilbp.families` builds model, data and task) nor
-how a step runs or where arrays live (`ilbp.executor`).
+how a step runs or where arrays live (`ilbp.execution`: it talks to the `Executor` protocol).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from ilbp import checkpoint as ckpt
-from ilbp import executor as executors
 from ilbp import families, files, state, workdir_lock
+from ilbp.execution import factory
+from ilbp.execution.base import ExecutionConfig
 from ilbp.strategy import strategy as parse_strategy
 
 
@@ -45,8 +46,11 @@ class NonFiniteLossError(FloatingPointError):
   """A training loss became NaN or infinite; the message names the step and the head."""
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> ExecutionConfig:
   """Checks the config before any data is read or anything is compiled.
+
+  Returns:
+    The checked `config.execution`.
 
   Raises:
     ValueError: naming the bad field, its value and what is valid.
@@ -65,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}.")
-  executors.validate(config)
+  return ExecutionConfig.from_config(config)
 
 
 _SYNC_EVERY_S = 60.0  # Bucket metrics.jsonl: one upload a minute at most between checkpoints.
@@ -218,14 +222,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lock.WorkdirInUseError: another live run is writing `workdir` (the message names
       its pid and host); nothing there was touched.
   """
-  validate(config)
+  execution = validate(config)
   families.check_workdir(config, workdir)
   files.makedirs(workdir)
   # One live run per workdir: a second one stops here, before it reads or writes anything else.
   # Process 0 holds the lock for every process of a multi-host run.
   primary = jax.process_index() == 0
   with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, execution, workdir)
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
@@ -278,15 +282,17 @@ def _run_steps(executor, st, batches, start: int, config: ml_collections.ConfigD
       yield step, metrics, st
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, execution: ExecutionConfig, workdir: str
+) -> dict:
   """`train_and_evaluate` once the config is valid and the workdir lock is held."""
   strategy = parse_strategy(config.strategy, config.combine)
   config_dict = config.to_dict()
   ckpt.check_compatible(workdir, config_dict, allow_change=config.get("allow_config_change", False))
   tx, schedule = make_optimizer(config)
-  built = families.build(config, workdir, executors.input_shard(config))
+  built = families.build(config, workdir, factory.input_shard(execution))
   model, data, task = built.model, built.data, built.task
-  executor = executors.make(config, model, task, strategy, tx, schedule, built.input_spec)
+  executor = factory.make(execution, model, task, strategy, tx, schedule, built.input_spec)
   # Written only once the config has proved buildable, so a typo never replaces the record.
   if jax.process_index() == 0:
     text = json.dumps(config_dict, indent=2, sort_keys=True, default=str)

@@ -152,7 +152,7 @@ def test_dataflow_refuses_several_processes(monkeypatch):
   import jax
 
   from experiments.configs import resnet_digits
-  from ilbp import executor
+  from ilbp.execution import base as executor
 
   config = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
   config.execution.kind = "dataflow"

@@ -22,7 +22,8 @@ from absl import flags
 from ml_collections import config_flags
 from packaging.requirements import Requirement
 
-from ilbp import executor, families
+from ilbp import families
+from ilbp.execution import base as executor
 from ilbp.strategy import strategy as parse_strategy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 from conftest import run_with_devices
 
 from experiments.configs import resnet_digits, transformer_stdlib
-from ilbp import executor, trainer
+from ilbp import trainer
+from ilbp.execution.base import ExecutionConfig
 
 COMMON = textwrap.dedent(
   """
@@ -19,9 +20,10 @@ COMMON = textwrap.dedent(
   from conftest import (assert_evaluated_alike, assert_trained_alike, conv_bn_model,
                       image_problem)
   import ilbp
-  from ilbp import executor, interlock, state
+  from ilbp import interlock, state
   from ilbp.models import resnet, transformer
-  from ilbp.pipeline import dataflow
+  from ilbp.execution import dataflow
+  from ilbp.execution.fused import FusedExecutor
   from ilbp.tasks import Classification, LanguageModeling
 
   # SGD: a conv bias before BatchNorm, or an attention key bias, has an exactly-zero gradient,
@@ -33,7 +35,7 @@ COMMON = textwrap.dedent(
   def check(model, task, batch, spec, name, combine="furthest", M=4, continuous=True, D=1):
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
-    fused = executor.FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1])
+    fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1])
     flow = dataflow.DataflowExecutor(*args, microbatches=M, continuous=continuous,
                                      data_parallel=D)
     rng = jax.random.PRNGKey(1)
@@ -173,7 +175,7 @@ def test_bad_execution_configs_name_the_field(overrides, message, monkeypatch, t
   for key, value in overrides.items():
     group, field = key.split(".")
     config[group][field] = value
-  monkeypatch.setattr(trainer.executors, "make", lambda *a: pytest.fail("compiled"))
+  monkeypatch.setattr(trainer.factory, "make", lambda *a: pytest.fail("compiled"))
   with pytest.raises(ValueError, match=message):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
@@ -184,7 +186,7 @@ def test_fused_with_microbatches_trains_stdlib_transformer(tmp_path):
   config.execution.microbatches = 2
   final = trainer.train_and_evaluate(config, str(tmp_path))
   assert final["step"] == config.total_steps
-  assert executor.data_parallel(config.execution, 1) == 1
+  assert ExecutionConfig.from_config(config, 1).data_parallel == 1
 
 
 BINARIES = textwrap.dedent(

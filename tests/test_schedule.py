@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from ilbp.pipeline.schedule import Op, StageCost, build, closed_form, gantt, unit_costs
+from ilbp.execution.gantt import gantt
+from ilbp.execution.schedule import Backward, Forward, Loss, StageCost, Update, build, closed_form, unit_costs
 from ilbp.strategy import strategy
 
 STRATEGIES = [
@@ -61,16 +62,16 @@ def test_dependencies_follow_the_backward_plan():
   sched = build("pairwise", 4, 2, continuous=False)
   w1 = sched.plan[1][1]  # stage 1's weight op: loss 2, sent down by stage 2's input-only op
   assert (w1.losses, w1.params, w1.passes) == ((2,), (2,), ())
-  assert set(sched.dependencies(Op("B", 1, 1, 0, w1))) == {
-    Op("F", 1, 1, 0),
-    Op("B", 2, 1, 0, sched.plan[2][0]),
+  assert set(sched.dependencies(Backward(1, 1, 0, w1))) == {
+    Forward(1, 1, 0),
+    Backward(2, 1, 0, sched.plan[2][0]),
   }
-  assert set(sched.dependencies(Op("F", 2, 0, 1))) == {Op("F", 1, 0, 1)} | {
-    Op("U", j, None, 0) for j in range(4)
+  assert set(sched.dependencies(Forward(2, 0, 1))) == {Forward(1, 0, 1)} | {
+    Update(j, None, 0) for j in range(4)
   }
-  assert set(build("pairwise", 4, 2).dependencies(Op("F", 2, 0, 1))) == {
-    Op("F", 1, 0, 1),
-    Op("U", 2, None, 0),
+  assert set(build("pairwise", 4, 2).dependencies(Forward(2, 0, 1))) == {
+    Forward(1, 0, 1),
+    Update(2, None, 0),
   }
 
 
@@ -189,7 +190,7 @@ def test_gantt_writes_a_png(tmp_path):
   path = gantt(tl, tmp_path / "pairwise.png", unit="ms")
   data = path.read_bytes()
   assert data.startswith(b"\x89PNG") and len(data) > 5000
-  assert Op("F", 0, 3).label == "F3" and Op("U", 2).label == "U"
+  assert Forward(0, 3).label == "F3" and Update(2).label == "U"
 
 
 @pytest.mark.parametrize(

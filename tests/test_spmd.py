@@ -17,7 +17,8 @@ from conftest import run_with_devices
 
 import ilbp
 from ilbp import trainer
-from ilbp.pipeline import schedule, ticks
+from ilbp.execution import schedule
+from ilbp.execution.spmd import ticks
 
 CASES = [
   (name, combine, K, continuous)
@@ -42,10 +43,10 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
   tick_of = {}
   for (t, k), g in table.groups.items():
     assert g.stage == k
-    ops = [schedule.Op("F", k, g.microbatch, g.step), schedule.Op("H", k, g.microbatch, g.step)]
+    ops = [schedule.Forward(k, g.microbatch, g.step), schedule.Loss(k, g.microbatch, g.step)]
     ops = ops if g.forward else []
-    ops += [schedule.Op("B", k, g.microbatch, g.step, sched.plan[k][i]) for i in g.backward]
-    ops += [schedule.Op("U", k, None, g.step)] if g.update else []
+    ops += [schedule.Backward(k, g.microbatch, g.step, sched.plan[k][i]) for i in g.backward]
+    ops += [schedule.Update(k, None, g.step)] if g.update else []
     for op in ops:
       assert op not in tick_of, op
       tick_of[op] = (t, len(tick_of))
@@ -60,7 +61,7 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
         assert (t_dep, order_dep) < (t, order), (dep, op)
   # Flushed: no stage starts step 1 before every stage's update of step 0.
   if not continuous:
-    last_update = max(tick_of[schedule.Op("U", k, None, 0)][0] for k in range(K))
+    last_update = max(tick_of[schedule.Update(k, None, 0)][0] for k in range(K))
     first = min(t for op, (t, _) in tick_of.items() if op.step == 1)
     assert first > last_update
   # Stored inputs: each arrives (end of the sender's tick) into the slot its readers use, and
@@ -87,7 +88,7 @@ def test_flat_layout_packs_adds_and_writes_subtrees():
   import jax.numpy as jnp
   import numpy as np
 
-  from ilbp.pipeline.flat import FlatLayout
+  from ilbp.execution.spmd.flat import FlatLayout
 
   # Two stages of different trees and dtypes; "stage" and "head" subtrees read and written
   # alone. Leaf "c" (same path, shape and dtype in both) is stacked, between stage 0's flat
@@ -146,8 +147,9 @@ def test_transformer_blocks_are_stacked_and_only_stage_extras_padded():
   import optax
 
   from ilbp.models import transformer
-  from ilbp.pipeline import stage_ops
-  from ilbp.pipeline.flat import FlatLayout
+  import ilbp
+  from ilbp.execution.spmd.flat import FlatLayout
+  from ilbp.execution.stage import abstract_stages, make_stages
 
   K, d, vocab, length = 4, 16, 32, 8
   model = transformer.make_model(
@@ -155,7 +157,8 @@ def test_transformer_blocks_are_stacked_and_only_stage_extras_padded():
     max_len=length, head="linear",
   )  # fmt: skip
   specs = model.input_specs(jax.ShapeDtypeStruct((1, length), jnp.int32))
-  stages = stage_ops.abstract_stages(model, optax.adam(1e-3), specs)
+  local = ilbp.strategy("local")
+  stages = abstract_stages(make_stages(model, None, local, optax.adam(1e-3)), specs)
   params = FlatLayout([s.params for s in stages])
   block = jax.tree.leaves(stages[1].params["stage"]["layer_0"])
   # Both layers of every stage are stacked whole: no block parameter is padded.
@@ -192,9 +195,10 @@ COMMON = textwrap.dedent(
   from conftest import (assert_evaluated_alike, assert_trained_alike, conv_bn_model,
                       image_problem)
   import ilbp
-  from ilbp import executor, state
+  from ilbp import state
+  from ilbp.execution.fused import FusedExecutor
   from ilbp.models import resnet, transformer
-  from ilbp.pipeline import spmd
+  from ilbp.execution.spmd.executor import SpmdExecutor
   from ilbp.tasks import Classification, LanguageModeling
 
   tx, sched = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10,
@@ -204,8 +208,8 @@ COMMON = textwrap.dedent(
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
     # The reference splits each microbatch over the same D devices (the same reductions).
-    fused = executor.FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
-    ex = spmd.SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
+    fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
+    ex = SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
     rng = jax.random.PRNGKey(1)
     a, b = fused.init_state(rng), ex.init_state(rng)
     # Stage k's packed row lives on stage k's D devices only; so does its unpacked state.

@@ -13,7 +13,8 @@ import pytest
 from conftest import conv_bn_model, xla_flags
 
 import ilbp
-from ilbp import state, steps
+from ilbp import state
+from ilbp.execution import fused as steps
 from ilbp.tasks import Classification, LanguageModeling
 
 TASK = Classification()
@@ -131,7 +132,7 @@ def test_schedules_and_bad_optimizer_names():
 
 def test_batch_size_must_split_over_data_devices_and_microbatches():
   from experiments.configs import resnet_digits
-  from ilbp import executor
+  from ilbp.execution import base as executor
 
   config = resnet_digits.get_config("runlocal=1")
   config.batch_size, config.execution.microbatches = 24, 2
@@ -146,7 +147,8 @@ SHARDED = textwrap.dedent(
   import jax, jax.numpy as jnp, numpy as np
   from conftest import conv_bn_model
   import ilbp
-  from ilbp import placement, state, steps
+  from ilbp import placement, state
+  from ilbp.execution import fused as steps
   from ilbp.tasks import Classification
   assert jax.device_count() == 4, jax.devices()
   model = conv_bn_model(3)
@@ -167,7 +169,7 @@ SHARDED = textwrap.dedent(
   for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   # Microbatches split over the data axis too: each device computes a quarter, not everything.
-  from ilbp import executor
+  from ilbp.execution import fused as executor
   spec = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
   args = (model, Classification(), ilbp.strategy("pairwise"), tx, sched, spec)
   flops, states = {}, {}

@@ -154,7 +154,7 @@ def get_data(
     shard: `(index, count)`: this process loads shard `index` of `count` equal shares of the
       data and of every batch (default: `(jax.process_index(), jax.process_count())`; an
       executor whose stages sit on different processes feeds several processes the same
-      shard, `ilbp.executor.input_shard`).
+      shard, `ilbp.execution.factory.input_shard`).
 
   Returns:
     The `ImageData` of this process.

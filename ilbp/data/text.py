@@ -220,7 +220,7 @@ def get_data(
     max_files: stdlib only: keep the first this many files of each split (tests, smoke runs).
     shard: `(index, count)`: this process loads shard `index` of `count` equal shares of every
       batch (default: `(jax.process_index(), jax.process_count())`; see
-      `ilbp.executor.input_shard`).
+      `ilbp.execution.factory.input_shard`).
 
   Returns:
     The `TextData`.

@@ -1,97 +1,149 @@
 """The SPMD executor's program: one branch per kind of op group, the tick, the scan over ticks.
 
 `make` returns `call(state, inputs, targets) -> (state, metrics)` for `jax.jit`: a `shard_map`
-manual over 'stage' (the 'data' axis is left to XLA's partitioner, see `spmd.py`) whose body
+manual over 'stage' (the 'data' axis is left to XLA's partitioner, see `executor.py`) whose body
 scans over the ticks of a `ticks.TickTable`. Per tick, each device looks up its stage's entry,
 `lax.switch`es to that branch (0 idles), puts an `optimization_barrier` after the compute, and
 then moves every boundary's activation up and cotangent down with one `ppermute` each, storing
 what arrives in the slot the table names. Inside the shard_map, batch dimensions are global.
+The branches run the per-stage layer (`Stage.forward`, `loss`, `backward`, `update`,
+`evaluate`), as the other executors do. Everything a program needs comes in one frozen
+`ProgramSpec`, built once by the executor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ilbp import interlock, steps
-from ilbp.pipeline import stage_ops
-from ilbp.pipeline.ticks import TickTable, own_ops
+from ilbp.execution.schedule import Schedule
+from ilbp.execution.spmd.flat import FlatLayout
+from ilbp.execution.spmd.ticks import TickTable, own_ops
+from ilbp.execution.stage import Stage, Where, named_sums
 from ilbp.state import StageState
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProgramSpec:
+  """What the SPMD programs are built from (the executor builds it once).
+
+  Attributes:
+    stages: the K `Stage`s.
+    schedule: the pipeline schedule the tick tables are laid out from.
+    layouts: the packed state's `FlatLayout` per part ("params", "model_state", "opt_state").
+    abstract: every stage's StageState as shapes and dtypes.
+    specs: stage k's input (a_{k-1}) shape and dtype, batch 1.
+    mesh: the ('stage', 'data') mesh.
+  """
+
+  stages: tuple[Stage, ...]
+  schedule: Schedule
+  layouts: dict[str, FlatLayout]
+  abstract: tuple[StageState, ...]
+  specs: tuple[jax.ShapeDtypeStruct, ...]
+  mesh: Mesh
+
+  def __post_init__(self):
+    inner = self.specs[1:]  # a_1 .. a_{K-1}: what crosses a boundary (and is stored).
+    if len({s.dtype for s in inner}) > 1:
+      raise ValueError(f"Stage outputs of different dtypes ({inner}); spmd needs one dtype.")
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stages)
+
+  @property
+  def microbatches(self) -> int:
+    return self.schedule.microbatches
+
+  @property
+  def act_dtype(self):
+    """The dtype of every boundary's message and stored slot."""
+    return self.specs[1].dtype if len(self.specs) > 1 else jnp.float32
+
+  @functools.cached_property
+  def sizes(self) -> list[int]:
+    """Features per example of stage k's input."""
+    return [int(np.prod(s.shape[1:])) for s in self.specs]
+
+  @property
+  def features(self) -> int:
+    """The widest boundary: every slot holds that many features per example."""
+    return max(self.sizes[1:], default=1)
+
+  def act_shape(self, rows: int, k: int) -> tuple[int, ...]:
+    """a_{k-1}, stage k's input, for `rows` examples."""
+    return (rows, *self.specs[k].shape[1:])
+
+  def messages(self, rows: int) -> list[jax.Array]:
+    """Zeros in the shape of every boundary's message (boundary b: a_b, stage b+1's input)."""
+    K = self.num_stages
+    return [jnp.zeros(self.act_shape(rows, b + 1), self.act_dtype) for b in range(K - 1)]
 
 
 def _index(tree: PyTree, s, m) -> PyTree:
   return jax.tree.map(lambda x: x[s, m], tree)
 
 
-def _act_shape(ex, rows: int, k: int) -> tuple[int, ...]:
-  """a_{k-1}, stage k's input, for `rows` examples."""
-  return (rows, *ex.specs[k].shape[1:])
-
-
-def _messages(ex, rows: int) -> list[jax.Array]:
-  """Zeros in the shape of every boundary's message (boundary b: a_b, stage b+1's input)."""
-  return [jnp.zeros(_act_shape(ex, rows, b + 1), ex._act_dtype) for b in range(ex.K - 1)]
-
-
-def metric_names(ex, inputs, targets) -> tuple[list[str], list[list[str]]]:
+def metric_names(spec: ProgramSpec, inputs, targets) -> tuple[list[str], list[list[str]]]:
   """(the loss metrics every H op reports, each stage's metric names in its U op's order)."""
-  model, K = ex.model, ex.K
+  K, last = spec.num_stages, spec.stages[-1]
   rows = jax.tree.leaves(inputs)[0].shape[2]
   one = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), tree)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  last = ex._abstract[K - 1]
-  x = jax.ShapeDtypeStruct((rows, *ex.specs[K - 1].shape[1:]), ex.specs[K - 1].dtype)
+  x = jax.ShapeDtypeStruct((rows, *spec.specs[K - 1].shape[1:]), spec.specs[K - 1].dtype)
   logits = jax.eval_shape(
-    lambda p, s, key, x: stage_ops.forward(p, s, key, 0, 0, x, model=model, k=K - 1)[0],
-    last.params["stage"],
-    last.model_state["stage"],
+    lambda p, s, key, x: last.forward(p, s, Where(key, 0, 0), x)[0],
+    spec.abstract[K - 1].params["stage"],
+    spec.abstract[K - 1].model_state["stage"],
     key,
     x,
   )
-  loss_metrics = jax.eval_shape(ex.task.loss, logits, one(targets))[1]
+  loss_metrics = jax.eval_shape(last.task.loss, logits, one(targets))[1]
   head = ["loss", *sorted(loss_metrics)]
   per_stage = []
-  for k, stage in enumerate(ex._abstract):
+  for stage, abstract in zip(spec.stages, spec.abstract):
     metrics = jax.eval_shape(
-      lambda st, k=k: stage_ops.update(
-        ex.optimizer, ex._lr, k, K, ex.M, st, st.params, dict.fromkeys(head, 0.0), 0
-      )[1],
-      stage,
+      lambda st, stage=stage: stage.update(st, st.params, dict.fromkeys(head, 0.0), 0)[1],
+      abstract,
     )
     per_stage.append(list(metrics))
   return head, per_stage
 
 
-def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
+def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -> Callable:
   """The program of one call of `num_steps` optimizer steps (see module doc).
 
   Args:
-    ex: the SpmdExecutor (model, task, optimizer, layouts, mesh, schedule).
+    spec: what the program is built from.
     table: the call's tick table.
     num_steps: optimizer steps per call.
     inputs, targets: example batch arrays ([S, M, rows, ...]) for shapes.
   """
-  K, M, model, task = ex.K, ex.M, ex.model, ex.task
-  plan, layouts, users = ex.schedule.plan, ex.layouts, ex._users
-  lp, lm, lo = layouts["params"], layouts["model_state"], layouts["opt_state"]
+  K, stages = spec.num_stages, spec.stages
+  plan = [s.plan.ops for s in stages]
+  lp, lm, lo = (spec.layouts[p] for p in ("params", "model_state", "opt_state"))
   rows = jax.tree.leaves(inputs)[0].shape[2]
-  feat, act_dtype, sizes = ex._features, ex._act_dtype, ex._sizes
-  head_names, stage_names = metric_names(ex, inputs, targets)
+  feat, act_dtype, sizes = spec.features, spec.act_dtype, spec.sizes
+  head_names, stage_names = metric_names(spec, inputs, targets)
   width = max(len(n) for n in stage_names)
   # Stages whose own loss's cotangent waits for a later B op (it is stored in a slot).
   keeps_own = [
-    any(k in b.losses for i, b in enumerate(plan[k]) if i not in own_ops(ex.schedule, k))
+    any(k in b.losses for i, b in enumerate(plan[k]) if i not in own_ops(spec.schedule, k))
     for k in range(K)
   ]
-  act_shape = functools.partial(_act_shape, ex, rows)
+  act_shape = functools.partial(spec.act_shape, rows)
 
   def read(buf, slot, k_in):
     """Stage k_in's input (a_{k_in - 1}) from a slot."""
@@ -102,10 +154,11 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
     value = value.reshape(1, rows, -1).astype(buf.dtype)
     return lax.dynamic_update_slice(buf, value, (slot, slot * 0, slot * 0))  # one int type
 
-  messages = functools.partial(_messages, ex, rows)
+  messages = functools.partial(spec.messages, rows)
 
   def make_branch(kind, step0, rng, inputs, targets):
     k, forward, backward = kind
+    stage = stages[k]
 
     def branch(carry, mine):
       carry = dict(carry)
@@ -114,20 +167,18 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
       params = lp.unpack(k, carry["params"])
       state = lm.unpack(k, carry["model_state"])
       x = _index(inputs, s, m) if k == 0 else read(carry["xs"], mine["x_slot"], k)
-      a, vjp, new_stage = stage_ops.forward(
-        params["stage"], state["stage"], rng, step, m, x, model=model, k=k
-      )
+      where = Where(rng, step, m)
+      a, vjp, new_stage = stage.forward(params["stage"], state["stage"], where, x)
       up, down = messages(), messages()
       if forward:
-        cot, head_grads, new_head, metrics = stage_ops.loss(
-          params["head"], state["head"], rng, step, m, a, _index(targets, s, m),
-          jax.tree.map(jnp.zeros_like, params["head"]), model=model, task=task, k=k,
-          needs_input=bool(users[k]),
-        )  # fmt: skip
+        sums = lp.unpack(k, carry["grads"], "head")
+        cot, sums, new_head, metrics = stage.loss(
+          params["head"], state["head"], where, a, _index(targets, s, m), sums
+        )
         # Running statistics move here only: a recompute in a B op discards its own.
         ms = lm.write(k, carry["model_state"], "stage", new_stage)
         carry["model_state"] = lm.write(k, ms, "head", new_head)
-        carry["grads"] = lp.add(k, carry["grads"], "head", head_grads)
+        carry["grads"] = lp.write(k, carry["grads"], "head", sums)
         carry["msums"] = carry["msums"] + jnp.stack(
           [jnp.asarray(metrics[n], jnp.float32) for n in head_names]
         )
@@ -143,10 +194,10 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
           for n, j in enumerate(plan[k][i].losses)
         }
       for i in backward:
-        d_params, passed = interlock.stage_backward(vjp, plan[k][i], arrived)
-        if d_params is not None:
-          # The barrier keeps XLA:CPU from fusing weight-gradient dots into the buffer update.
-          carry["grads"] = lp.add(k, carry["grads"], "stage", lax.optimization_barrier(d_params))
+        sums = lp.unpack(k, carry["grads"], "stage")
+        sums, passed = stage.backward(vjp, arrived, sums, plan[k][i])
+        if plan[k][i].params:
+          carry["grads"] = lp.write(k, carry["grads"], "stage", sums)
         for cot in passed.values():
           down[k - 1] = cot.astype(act_dtype)
       return carry, tuple(up), tuple(down)
@@ -162,10 +213,8 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
       model_state=lm.unpack(k, carry["model_state"]),
       opt_state=lo.unpack(k, carry["opt_state"]),
     )
-    means = {n: carry["msums"][i] / M for i, n in enumerate(head_names)}
-    new, metrics = stage_ops.update(
-      ex.optimizer, ex._lr, k, K, M, stage, lp.unpack(k, carry["grads"]), means, step
-    )
+    means = {n: carry["msums"][i] / spec.microbatches for i, n in enumerate(head_names)}
+    new, metrics = stages[k].update(stage, lp.unpack(k, carry["grads"]), means, step)
     carry["params"] = lp.pack(k, new.params)
     carry["opt_state"] = lo.pack(k, new.opt_state)
     carry["grads"] = lp.zeros()
@@ -220,7 +269,7 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
   def call(st, inputs, targets):
     mapped = jax.shard_map(
       body,
-      mesh=ex.mesh,
+      mesh=spec.mesh,
       in_specs=(P(), P(), P("stage"), P("stage"), P("stage"), P(), P()),
       out_specs=P("stage"),
       axis_names={"stage"},
@@ -241,29 +290,29 @@ def make(ex, table: TickTable, num_steps: int, inputs, targets) -> Callable:
   return call
 
 
-def make_eval(ex, inputs, targets) -> Callable:
+def make_eval(spec: ProgramSpec, inputs, targets) -> Callable:
   """The program of one evaluation batch: every head's sums, each stage on its own devices.
 
   K ticks, not pipelined (evaluation is a small part of a run): at tick k stage k runs its
-  inference forward and head (`steps.eval_stage`) while the others idle, then passes its output
+  inference forward and head (`Stage.evaluate`) while the others idle, then passes its output
   to stage k+1 with one `ppermute`. Stage k's sums come out in row k of a [K, n] array.
 
   Args:
-    ex: the SpmdExecutor.
+    spec: what the program is built from.
     inputs, targets: one eval batch's arrays ([rows, ...]) for shapes.
 
   Returns:
     `sums(params, model_state, inputs, targets) -> [K, n]`, and the n names of the sums.
   """
-  K, model, task = ex.K, ex.model, ex.task
-  lp, lm = ex.layouts["params"], ex.layouts["model_state"]
+  K, stages = spec.num_stages, spec.stages
+  lp, lm = spec.layouts["params"], spec.layouts["model_state"]
   rows = jax.tree.leaves(inputs)[0].shape[0]
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   # Every head's sums have the names of stage 1's (one task; a branch stacks them by name).
-  first = ex._abstract[0]
+  first = spec.abstract[0]
   names = sorted(
     jax.eval_shape(
-      lambda p, s, x, t: steps.eval_stage(model, task, 0, p, s, x, t)[1],
+      lambda p, s, x, t: stages[0].evaluate(p, s, x, t)[1],
       first.params,
       first.model_state,
       abstract(inputs),
@@ -271,17 +320,15 @@ def make_eval(ex, inputs, targets) -> Callable:
     )
   )
 
-  messages = functools.partial(_messages, ex, rows)
+  messages = functools.partial(spec.messages, rows)
 
   def make_branch(k):
     def branch(params, model_state, arrived, inputs, targets):
-      x = inputs if k == 0 else arrived[k - 1].astype(ex.specs[k].dtype)
-      a, sums = steps.eval_stage(
-        model, task, k, lp.unpack(k, params), lm.unpack(k, model_state), x, targets
-      )
+      x = inputs if k == 0 else arrived[k - 1].astype(spec.specs[k].dtype)
+      a, sums = stages[k].evaluate(lp.unpack(k, params), lm.unpack(k, model_state), x, targets)
       out = messages()
       if k < K - 1:
-        out[k] = a.astype(ex._act_dtype)
+        out[k] = a.astype(spec.act_dtype)
       return tuple(out), jnp.stack([jnp.asarray(sums[n], jnp.float32) for n in names])
 
     return branch
@@ -312,7 +359,7 @@ def make_eval(ex, inputs, targets) -> Callable:
   def call(params, model_state, inputs, targets):
     return jax.shard_map(
       body,
-      mesh=ex.mesh,
+      mesh=spec.mesh,
       in_specs=(P("stage"), P("stage"), P(), P()),
       out_specs=P("stage"),
       axis_names={"stage"},
@@ -320,3 +367,8 @@ def make_eval(ex, inputs, targets) -> Callable:
     )(params, model_state, inputs, targets)
 
   return call, names
+
+
+def sums_by_head(out, names: list[str], num_stages: int) -> dict:
+  """The eval program's [K, n] sums -> `head{k}/{name}` and `count`."""
+  return named_sums([{n: out[k, i] for i, n in enumerate(names)} for k in range(num_stages)])

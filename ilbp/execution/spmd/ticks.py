@@ -1,6 +1,6 @@
 """The schedule on a lock-step clock: what every stage does at every tick of the SPMD program.
 
-The SPMD executor (`ilbp.pipeline.spmd`) runs one `lax.scan` over ticks; at each tick every
+The SPMD executor (`executor.py`) runs one `lax.scan` over ticks; at each tick every
 stage runs at most one *group* of ops and then messages move one hop. The ops, their
 dependencies and the stage-local policy (priorities, in-flight caps) are `schedule.py`'s; this
 module only lays them out on ticks:
@@ -28,7 +28,7 @@ import dataclasses
 
 import numpy as np
 
-from ilbp.pipeline.schedule import Op, Schedule
+from ilbp.execution.schedule import Backward, Forward, Loss, Op, Schedule, Update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +98,9 @@ def _tick_duration(schedule: Schedule):
   own = [set(own_ops(schedule, k)) for k in range(schedule.num_stages)]
 
   def duration(op: Op) -> float:
-    if op.kind == "F":
+    if isinstance(op, Forward):
       return 1.0
-    if op.kind == "B":
+    if isinstance(op, Backward):
       return 0.0 if schedule.plan[op.stage].index(op.backward) in own[op.stage] else 1.0
     return 0.0
 
@@ -126,11 +126,11 @@ def build(schedule: Schedule, steps: int) -> TickTable:
   anchors, group_of, members = [], {}, {}
   for slot in order:
     op = slot.op
-    if op.kind == "F":
+    if isinstance(op, Forward):
       key = ("F", op.stage, op.step, op.microbatch)
-      ops = [op, Op("H", op.stage, op.microbatch, op.step)]
-      ops += [Op("B", op.stage, op.microbatch, op.step, plan[op.stage][i]) for i in own[op.stage]]
-    elif op.kind == "B" and plan[op.stage].index(op.backward) not in own[op.stage]:
+      ops = [op, Loss(op.stage, op.microbatch, op.step)]
+      ops += [Backward(op.stage, op.microbatch, op.step, plan[op.stage][i]) for i in own[op.stage]]
+    elif isinstance(op, Backward) and plan[op.stage].index(op.backward) not in own[op.stage]:
       key = ("B", op.stage, op.step, op.microbatch, op.backward)
       ops = [op]
     else:
@@ -145,7 +145,7 @@ def build(schedule: Schedule, steps: int) -> TickTable:
   u_tick: dict[Op, int] = {}
 
   def dep_tick(dep: Op) -> int:
-    if dep.kind == "U":
+    if isinstance(dep, Update):
       if dep not in u_tick:
         u_tick[dep] = max(dep_tick(d) for d in schedule.dependencies(dep))
       return u_tick[dep]
@@ -160,15 +160,15 @@ def build(schedule: Schedule, steps: int) -> TickTable:
     tick[key] = last[key[1]] = t
   for s in range(steps):
     for k in range(K):
-      dep_tick(Op("U", k, None, s))
+      dep_tick(Update(k, None, s))
 
   groups = {}
   for key in anchors:
     ops = members[key]
     first = ops[0]
-    backward = tuple(plan[first.stage].index(o.backward) for o in ops if o.kind == "B")
+    backward = tuple(plan[first.stage].index(o.backward) for o in ops if isinstance(o, Backward))
     groups[tick[key], first.stage] = Group(
-      first.stage, first.step, first.microbatch, first.kind == "F", backward
+      first.stage, first.step, first.microbatch, isinstance(first, Forward), backward
     )
   for u, t in u_tick.items():
     g = groups[t, u.stage]
@@ -292,10 +292,10 @@ def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) ->
       if g is None:
         continue
       ops = (
-        [Op("F", k, g.microbatch, g.step), Op("H", k, g.microbatch, g.step)] if g.forward else []
+        [Forward(k, g.microbatch, g.step), Loss(k, g.microbatch, g.step)] if g.forward else []
       )
-      ops += [Op("B", k, g.microbatch, g.step, schedule.plan[k][i]) for i in g.backward]
-      ops += [Op("U", k, None, g.step)] if g.update else []
+      ops += [Backward(k, g.microbatch, g.step, schedule.plan[k][i]) for i in g.backward]
+      ops += [Update(k, None, g.step)] if g.update else []
       recompute = 0.0 if g.forward else schedule.costs[k].forward
       busy.append(recompute + sum(schedule.duration(op) for op in ops))
     if busy:

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from ilbp.interlock import BackwardOp, backward_plan
 from ilbp.strategy import Strategy
@@ -88,26 +88,57 @@ def unit_costs(num_stages: int, head: float = 0.25) -> list[StageCost]:
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-  """One schedulable unit of work.
+  """One schedulable unit of work; its type says which (`Forward`, `Loss`, `Backward`,
+  `Update`), and executors dispatch on the type.
 
   Attributes:
-    kind: "F", "H", "B" or "U".
     stage: k (0-based).
-    microbatch: m (0-based); None for U.
+    microbatch: m (0-based); None for an update.
     step: the optimizer step (0-based).
-    backward: the VJP call a B op makes; None otherwise.
   """
 
-  kind: str
+  kind: ClassVar[str] = ""  # One letter, for drawings and priorities: F, H, B or U.
   stage: int
   microbatch: int | None = None
   step: int = 0
-  backward: BackwardOp | None = None
 
   @property
   def label(self) -> str:
     """Short name for a Gantt bar: "F3", "H3", "B3" (microbatch 3) or "U"."""
-    return "U" if self.kind == "U" else f"{self.kind}{self.microbatch}"
+    return "U" if self.microbatch is None else f"{self.kind}{self.microbatch}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(Op):
+  """F(k, m): stage k's forward of microbatch m, its residuals stored (`Stage.forward`)."""
+
+  kind: ClassVar[str] = "F"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(Op):
+  """H(k, m): loss k of microbatch m: the aux head, or the task loss (`Stage.loss`)."""
+
+  kind: ClassVar[str] = "H"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backward(Op):
+  """B(k, m, op): one VJP call of stage k's backward plan (`Stage.backward`).
+
+  Attributes:
+    backward: the plan's op (which losses it consumes, trains with and passes on).
+  """
+
+  kind: ClassVar[str] = "B"
+  backward: BackwardOp | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Update(Op):
+  """U(k): stage k's optimizer update, once per step (`Stage.update`)."""
+
+  kind: ClassVar[str] = "U"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,44 +209,44 @@ class Schedule:
     out = []
     for k in range(self.num_stages):
       for m in range(self.microbatches):
-        out += [Op("F", k, m, step), Op("H", k, m, step)]
-        out += [Op("B", k, m, step, b) for b in self.plan[k]]
-      out.append(Op("U", k, None, step))
+        out += [Forward(k, m, step), Loss(k, m, step)]
+        out += [Backward(k, m, step, b) for b in self.plan[k]]
+      out.append(Update(k, None, step))
     return out
 
   def dependencies(self, op: Op) -> list[Op]:
     """The ops that must finish before `op` may start (see the module docstring)."""
     k, m, s = op.stage, op.microbatch, op.step
-    if op.kind == "F":
-      deps = [Op("F", k - 1, m, s)] if k > 0 else []
+    if isinstance(op, Forward):
+      deps = [Forward(k - 1, m, s)] if k > 0 else []
       if m > 0:
-        deps.append(Op("F", k, m - 1, s))
+        deps.append(Forward(k, m - 1, s))
       elif s > 0:
         updated = [k] if self.continuous else range(self.num_stages)
-        deps += [Op("U", j, None, s - 1) for j in updated]
+        deps += [Update(j, None, s - 1) for j in updated]
       return deps
-    if op.kind == "H":
+    if isinstance(op, Loss):
       # H(k, m-1) too: the head's running statistics are threaded microbatch by microbatch.
-      return [Op("F", k, m, s)] + ([Op("H", k, m - 1, s)] if m > 0 else [])
-    if op.kind == "B":
-      deps = [Op("F", k, m, s)]
+      return [Forward(k, m, s)] + ([Loss(k, m - 1, s)] if m > 0 else [])
+    if isinstance(op, Backward):
+      deps = [Forward(k, m, s)]
       for j in op.backward.losses:
         if j == k:
-          deps.append(Op("H", k, m, s))
+          deps.append(Loss(k, m, s))
         else:
           # Exactly one op of stage k+1 passes loss j on: an input-only op or the merged one.
           (src,) = [b for b in self.plan[k + 1] if j in b.passes]
-          deps.append(Op("B", k + 1, m, s, src))
+          deps.append(Backward(k + 1, m, s, src))
       return deps
     return [
-      Op(kind, k, i, s, b)
+      op
       for i in range(self.microbatches)
-      for kind, b in [("H", None), *(("B", b) for b in self.plan[k])]
+      for op in [Loss(k, i, s), *(Backward(k, i, s, b) for b in self.plan[k])]
     ]
 
   def _priority(self, op: Op) -> tuple:
     """Sort key of ready ops on one stage: kind rank, then step, microbatch, plan position."""
-    pos = self.plan[op.stage].index(op.backward) if op.kind == "B" else 0
+    pos = self.plan[op.stage].index(op.backward) if isinstance(op, Backward) else 0
     m = -1 if op.microbatch is None else op.microbatch
     return (_RANK[op.kind], op.step, m, pos)
 
@@ -223,7 +254,7 @@ class Schedule:
     """The op's cost; a B op pays b for an input gradient and w for a weight gradient (or
     `backward_both` for both from one call, when given)."""
     c = self.costs[op.stage]
-    if op.kind == "B":
+    if isinstance(op, Backward):
       b = op.backward
       if b.passes and b.params and c.backward_both is not None:
         return c.backward_both
@@ -269,10 +300,10 @@ class Schedule:
 
     def finish(op: Op, end: float):
       k = op.stage
-      if op.kind == "F":
+      if isinstance(op, Forward):
         inflight[k] += 1
         inflight_max[k] = max(inflight_max[k], inflight[k])
-      elif op.kind == "B":
+      elif isinstance(op, Backward):
         key = (k, op.step, op.microbatch)
         backward_left[key] -= 1
         if not backward_left[key]:
@@ -288,7 +319,7 @@ class Schedule:
       cands = [
         op
         for op in ready[k]
-        if ready_at[op] <= t and (op.kind != "F" or inflight[k] < self.caps[k])
+        if ready_at[op] <= t and (not isinstance(op, Forward) or inflight[k] < self.caps[k])
       ]
       return min(cands, key=self._priority, default=None)
 
@@ -471,107 +502,6 @@ def closed_form(
     return (M + K - 1) * (c.forward + r + c.backward_input + c.backward_weight)
   c_n = c.forward + c.head + (n - 1) * (c.backward_input + r) + c.backward_weight
   return M * c_n if continuous else (M + K - 1) * c_n
-
-
-# Bar colours by kind: forward blue, head orange, input gradient light green, weight dark green.
-_COLOURS = {
-  "F": "#4C72B0",
-  "H": "#DD8452",
-  "Bi": "#9BD39B",
-  "Bw": "#2E7D32",
-  "U": "#8172B3",
-}
-_LEGEND = {
-  "F": "F forward",
-  "H": "H head/loss",
-  "Bi": "B input grad",
-  "Bw": "B weight grad (hatched: + input)",
-  "U": "U update",
-}
-
-
-def gantt(
-  timeline: Timeline,
-  path: str | pathlib.Path,
-  title: str | None = None,
-  unit: str = "units of one stage forward",
-) -> pathlib.Path:
-  """Draws a timeline as a PNG: one row per stage, bars coloured by op kind.
-
-  Bars carry their microbatch number where it fits; every other step has a grey background and
-  a dotted line marks the end of each step.
-
-  Args:
-    timeline: from `Schedule.simulate`.
-    path: where to write the PNG.
-    title: defaults to the timeline's description.
-    unit: the time axis unit (that of the costs).
-
-  Returns:
-    The path written.
-  """
-  # The object-oriented API renders with Agg and never touches pyplot's global backend.
-  from matplotlib.figure import Figure
-  from matplotlib.patches import Patch
-
-  K, span = timeline.num_stages, max(timeline.makespan, 1e-9)
-  height = 1.6 + 0.55 * K
-  fig = Figure(figsize=(14, height), dpi=120)
-  ax = fig.add_subplot()
-  # A 6.5 pt digit is ~3.6 pt wide and the axes ~0.85 of 14 inches: about 240 digits per span.
-  char_width = span / 240
-  for slot in timeline.slots:
-    op, width = slot.op, slot.end - slot.start
-    if width <= 0:
-      continue
-    key = op.kind if op.kind != "B" else ("Bw" if op.backward.params else "Bi")
-    merged = op.kind == "B" and bool(op.backward.params and op.backward.passes)
-    # Colour means op kind in every step; steps are told apart by the background bands below.
-    y, alpha = K - 1 - op.stage, 1.0
-    ax.barh(
-      y,
-      width,
-      left=slot.start,
-      height=0.8,
-      color=_COLOURS[key],
-      alpha=alpha,
-      edgecolor="white",
-      linewidth=0.5,
-      hatch="///" if merged else None,
-    )
-    text = "U" if op.kind == "U" else str(op.microbatch)
-    if width > char_width * (len(text) + 0.5):
-      dark = key in ("F", "Bw", "U")
-      ax.text(
-        slot.start + width / 2,
-        y,
-        text,
-        ha="center",
-        va="center",
-        fontsize=6.5,
-        color="white" if dark else "black",
-        # A patch behind the number keeps it legible on a hatched bar.
-        bbox={"facecolor": _COLOURS[key], "edgecolor": "none", "pad": 0.3, "alpha": alpha}
-        if merged
-        else None,
-      )
-  for s in range(timeline.steps):
-    end = timeline.step_end(s)
-    if s % 2:
-      ax.axvspan(timeline.step_end(s - 1), end, color="0.92", zorder=0)
-    ax.axvline(end, color="black", linestyle=":", linewidth=1)
-    ax.text(end, K - 0.45, f" end of step {s}", fontsize=7, ha="right", va="bottom")
-  ax.set_yticks(range(K), [f"stage {K - 1 - y}" for y in range(K)])
-  ax.set_ylim(-0.6, K - 0.1)
-  ax.set_xlim(0, span * 1.01)
-  ax.set_xlabel(f"time ({unit}); dotted line: end of a step, odd steps on grey")
-  ax.set_title(timeline.description if title is None else title)
-  handles = [Patch(facecolor=_COLOURS[k], label=_LEGEND[k]) for k in _COLOURS]
-  fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # keep ~0.35 inch free for the legend
-  path = pathlib.Path(path)
-  fig.savefig(path, format="png", bbox_inches="tight")
-  return path
 
 
 def _check_int(name: str, value, minimum: int = 1):

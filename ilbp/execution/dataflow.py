@@ -3,18 +3,19 @@
 Stage k's whole state (parameters, head, BatchNorm statistics, optimizer state) is committed
 to stage k's devices: a ("data",) mesh of D devices per stage, K·D devices in all
 (`placement.stage_meshes`). Per stage there is one jitted program per operation kind of the
-schedule (`ilbp.pipeline.schedule`):
+schedule (`ilbp.execution.schedule`), each a method of the stage's `Stage`
+(`ilbp.execution.stage`, the per-stage layer every executor runs):
 
-  F  stage forward of one microbatch under `jax.vjp`; returns the activation and the VJP
-     (the stored residuals, a pytree that stays on the stage's devices until its last B op)
-  H  the stage's loss (aux head, or the task loss on the last stage): head gradient
-     accumulated, the loss's cotangent with respect to the stage output where a stage uses it
-  B  one `interlock.backward_plan` op: one VJP call, weight gradient accumulated, input
-     cotangents handed to the stage below
-  U  the stage's optimizer update with the microbatch mean (and zeroed accumulators)
+  F  `Forward`   the stage forward of one microbatch under `jax.vjp`; returns the activation
+                 and the VJP (the stored residuals, a pytree that stays on the stage's devices
+                 until its last B op)
+  H  `Loss`      the stage's loss (aux head, or the task loss on the last stage): head gradient
+                 accumulated, the cotangent w.r.t. the stage output where a stage uses it
+  B  `Backward`  one op of the stage's backward plan: one VJP call, weight gradient
+                 accumulated, input cotangents handed to the stage below
+  U  `Update`    the stage's optimizer update with the microbatch mean (and zeroed sums)
 
-These call the same per-stage primitives as the fused engine (`interlock.stage_forward`,
-`loss_step`, `stage_backward`), so the routing rule lives in one place. Activations and
+Activations and
 cotangents move between stages with `jax.device_put`; one Python thread dispatches every op
 asynchronously in the schedule's order and never waits for a device, so stages overlap across
 microbatches and — with `continuous` — across optimizer steps: a stage applies its update when
@@ -30,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,13 +38,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ilbp import interlock, placement, steps
-from ilbp.executor import TrainStateIsLive
-from ilbp.pipeline import schedule as schedule_lib
-from ilbp.pipeline import stage_ops
+from ilbp import placement
+from ilbp.execution import schedule as schedule_lib
+from ilbp.execution.base import TrainStateIsLive
+from ilbp.execution.schedule import Backward, Forward, Loss, Update
+from ilbp.execution.stage import (
+  Stage,
+  Where,
+  init_on_stages,
+  make_stages,
+  mean_metrics,
+  named_sums,
+  split_microbatches,
+  target_on_stages,
+)
+from ilbp.interlock import BackwardOp
 from ilbp.staged import StagedModel
 from ilbp.state import StageState, TrainState
 from ilbp.strategy import Strategy
+from ilbp.timing import median_ms
 
 PyTree = Any
 
@@ -68,48 +79,28 @@ class PlacedBatch:
 
 
 # --- The per-stage programs -------------------------------------------------------------------
-# Module-level and jitted with the model, task, stage and op as static arguments, so executors
-# of the same model share their compiled programs (a strategy sweep compiles F, U and eval once).
-# Inputs are committed to stage k's devices, so every program runs there.
+# `Stage` methods jitted with the Stage (hashable by value) static, so executors of the same
+# model, strategy and optimizer share their compiled programs. Inputs are committed to stage
+# k's devices, so every program runs there.
+
+_forward = jax.jit(Stage.forward, static_argnums=0)
+_loss = jax.jit(Stage.loss, static_argnums=0)
+_backward = jax.jit(Stage.backward, static_argnums=(0, 4))
+_evaluate = jax.jit(Stage.evaluate, static_argnums=0)
 
 
-_forward = jax.jit(stage_ops.forward, static_argnames=("model", "k"))
-"""F: stage k's forward of microbatch m under `jax.vjp` -> (a_k, vjp, new stage state)."""
-
-_loss = jax.jit(stage_ops.loss, static_argnames=("model", "task", "k", "needs_input"))
-"""H: loss k of microbatch m -> (cotangent or None, head grad sums, head state, metrics)."""
-
-_backward = jax.jit(stage_ops.backward, static_argnames=("op",))
-"""B: one backward-plan op -> (stage grad sums, {loss j: cotangent for the stage below})."""
-
-
-@functools.partial(
-  jax.jit, static_argnames=("optimizer", "lr", "k", "num_stages", "m"), donate_argnums=0
-)
-def _update(stage, model_state, sums, per_microbatch, step, *, optimizer, lr, k, num_stages, m):
-  """U: stage k's optimizer update with the mean over its m microbatches -> (new stage state,
-  zero gradient sums for the next step, the stage's metrics)."""
-  mean = steps.mean_metrics(jax.tree.map(lambda *xs: jnp.stack(xs), *per_microbatch))
-  stage, metrics = stage_ops.update(
-    optimizer, lr, k, num_stages, m, stage.replace(model_state=model_state), sums, mean, step
-  )
-  return stage, jax.tree.map(jnp.zeros_like, sums), metrics
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _update(stage: Stage, state: StageState, model_state, sums, per_microbatch, step):
+  """U, with the mean over the step's microbatches -> (new stage state, zero gradient sums for
+  the next step, the stage's metrics)."""
+  mean = mean_metrics(jax.tree.map(lambda *xs: jnp.stack(xs), *per_microbatch))
+  new, metrics = stage.update(state.replace(model_state=model_state), sums, mean, step)
+  return new, jax.tree.map(jnp.zeros_like, sums), metrics
 
 
 @jax.jit
 def _zeros_like(tree):
   return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _timed(fn: Callable, repeats: int) -> float:
-  """Median milliseconds of `fn()` run to completion, after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 class DataflowExecutor(TrainStateIsLive):
@@ -142,16 +133,15 @@ class DataflowExecutor(TrainStateIsLive):
     data_parallel: int = 1,
     devices=None,
   ):
-    self.model, self.task, self.optimizer = model, task, optimizer
+    self.task = task
     self.K, self.M, self.continuous = model.num_stages, microbatches, continuous
+    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
     self.meshes = placement.stage_meshes(self.K, data_parallel, devices)
     self.replicated = [placement.replicated(m) for m in self.meshes]
     self.split = [placement.batch_sharding(m) for m in self.meshes]
     self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
     self.order = self.schedule.dispatch_order()
     self.specs = model.input_specs(input_spec)
-    self._users = interlock.loss_users(strategy, self.K)
-    self._lr = schedule
     self._host_step: int | None = None
     self._known: tuple | None = None  # (step array, rng array) of the state we returned last.
     self._rngs: list = []
@@ -166,11 +156,11 @@ class DataflowExecutor(TrainStateIsLive):
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A fresh TrainState: stage k is created on stage k's devices (never anywhere else)."""
-    return stage_ops.init_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
+    return init_on_stages(self.stages, self.specs, self.replicated, rng)
 
   def state_target(self, rng: jax.Array) -> TrainState:
     """The abstract TrainState with this executor's shardings (checkpoint restore target)."""
-    return stage_ops.target_on_stages(self.model, self.optimizer, self.specs, self.replicated, rng)
+    return target_on_stages(self.stages, self.specs, self.replicated, rng)
 
   def _sync(self, st: TrainState) -> None:
     """Reads the step and spreads the dropout key when `st` is not the state we returned last
@@ -180,14 +170,18 @@ class DataflowExecutor(TrainStateIsLive):
     self._host_step = int(jax.device_get(st.step))
     self._rngs = [jax.device_put(st.rng, self.replicated[k]) for k in range(self.K)]
 
+  def _where(self, k: int, m: int) -> Where:
+    """Microbatch m of the current step, with stage k's copy of the dropout key."""
+    return Where(self._rngs[k], np.int32(self._host_step), np.int32(m))
+
   # --- Batches ----------------------------------------------------------------------------
 
   def put_batch(self, batch: dict) -> PlacedBatch:
     """Cuts the batch into M microbatches (rows m·B/M ..) and places them: the network input
     on stage 0, the targets on every stage (stages 2..K never receive images or tokens)."""
     # The same cut as the fused step's (and the same error for a batch M does not divide).
-    inputs = steps.split_microbatches(self.task.inputs(batch), self.M)
-    targets = steps.split_microbatches(self.task.targets(batch), self.M)
+    inputs = split_microbatches(self.task.inputs(batch), self.M)
+    targets = split_microbatches(self.task.targets(batch), self.M)
     cut = lambda tree, m: jax.tree.map(lambda x: x[m], tree)
     return PlacedBatch(
       inputs=[jax.device_put(cut(inputs, m), self.split[0]) for m in range(self.M)],
@@ -203,72 +197,51 @@ class DataflowExecutor(TrainStateIsLive):
     """Dispatches one optimizer step in schedule order and returns without waiting (unless
     flushed): the new state and the metrics are futures on their stages' devices."""
     self._sync(st)
-    step = np.int32(self._host_step)
-    stages = list(st.stages)
-    carry = [self._carry(k, stages[k]) for k in range(self.K)]
+    states = list(st.stages)
+    carry = [self._carry(k, states[k]) for k in range(self.K)]
     acts, inbox, vjps, cots, metrics = {}, {}, {}, {}, {}
-    remaining = {(k, m): len(self.schedule.plan[k]) for k in range(self.K) for m in range(self.M)}
+    remaining = {(k, m): len(s.plan.ops) for k, s in enumerate(self.stages) for m in range(self.M)}
     for op in self.order:
       k, m = op.stage, op.microbatch
-      c = carry[k]
-      if op.kind == "F":
-        x = batch.inputs[m] if k == 0 else inbox.pop((k, m))
-        params, state = stages[k].params["stage"], c.model_state["stage"]
-        a, vjps[k, m], new = _forward(
-          params, state, self._rngs[k], step, np.int32(m), x, model=self.model, k=k
-        )
-        c.model_state = {**c.model_state, "stage": new}
-        acts[k, m] = a
-        if k < self.K - 1:  # Sent at once, so the next stage can start while H runs here.
-          inbox[k + 1, m] = jax.device_put(a, self.split[k + 1])
-      elif op.kind == "H":
-        a = acts.pop((k, m))
-        cot, c.grads["head"], head_state, loss_metrics = _loss(
-          stages[k].params["head"],
-          c.model_state["head"],
-          self._rngs[k],
-          step,
-          np.int32(m),
-          a,
-          batch.targets[k][m],
-          c.grads["head"],
-          model=self.model,
-          task=self.task,
-          k=k,
-          needs_input=bool(self._users[k]),
-        )
-        c.model_state = {**c.model_state, "head": head_state}
-        c.metrics.append(loss_metrics)
-        if cot is not None:
-          cots[k, m, k] = cot
-      elif op.kind == "B":
-        b = op.backward
-        # Not popped: under combine="sum" a loss can feed an input-only op and the weight op.
-        arrived = {j: cots[k, m, j] for j in b.losses}
-        c.grads["stage"], passed = _backward(vjps[k, m], arrived, c.grads["stage"], op=b)
-        for j, cot in passed.items():
-          cots[k - 1, m, j] = jax.device_put(cot, self.split[k - 1])
-        remaining[k, m] -= 1
-        if not remaining[k, m]:  # The residuals and cotangents of a finished microbatch go.
-          del vjps[k, m]
-          for j in range(k, self.K):
-            cots.pop((k, m, j), None)
-      else:  # "U"
-        stages[k], self._zeros[k], stage_metrics = _update(
-          stages[k],
-          c.model_state,
-          c.grads,
-          c.metrics,
-          step,
-          optimizer=self.optimizer,
-          lr=self._lr,
-          k=k,
-          num_stages=self.K,
-          m=self.M,
-        )
-        metrics.update(stage_metrics)
+      stage, c = self.stages[k], carry[k]
+      match op:
+        case Forward():
+          x = batch.inputs[m] if k == 0 else inbox.pop((k, m))
+          params, state = states[k].params["stage"], c.model_state["stage"]
+          a, vjps[k, m], new = _forward(stage, params, state, self._where(k, m), x)
+          c.model_state = {**c.model_state, "stage": new}
+          acts[k, m] = a
+          if k < self.K - 1:  # Sent at once, so the next stage can start while H runs here.
+            inbox[k + 1, m] = jax.device_put(a, self.split[k + 1])
+        case Loss():
+          params, state = states[k].params["head"], c.model_state["head"]
+          cot, c.grads["head"], head_state, loss_metrics = _loss(
+            stage, params, state, self._where(k, m), acts.pop((k, m)), batch.targets[k][m],
+            c.grads["head"],
+          )  # fmt: skip
+          c.model_state = {**c.model_state, "head": head_state}
+          c.metrics.append(loss_metrics)
+          if cot is not None:
+            cots[k, m, k] = cot
+        case Backward(backward=b):
+          # Not popped: under combine="sum" a loss can feed an input-only op and the weight op.
+          arrived = {j: cots[k, m, j] for j in b.losses}
+          c.grads["stage"], passed = _backward(stage, vjps[k, m], arrived, c.grads["stage"], b)
+          for j, cot in passed.items():
+            cots[k - 1, m, j] = jax.device_put(cot, self.split[k - 1])
+          remaining[k, m] -= 1
+          if not remaining[k, m]:  # The residuals and cotangents of a finished microbatch go.
+            del vjps[k, m]
+            for j in range(k, self.K):
+              cots.pop((k, m, j), None)
+        case Update():
+          step = np.int32(self._host_step)
+          states[k], self._zeros[k], stage_metrics = _update(
+            stage, states[k], c.model_state, c.grads, c.metrics, step
+          )
+          metrics.update(stage_metrics)
     new_step = jax.device_put(np.int32(self._host_step + 1), self.replicated[0])
-    new_state = st.replace(step=new_step, stages=tuple(stages))
+    new_state = st.replace(step=new_step, stages=tuple(states))
     self._host_step += 1
     self._known = (new_step, new_state.rng)
     if not self.continuous:
@@ -299,12 +272,13 @@ class DataflowExecutor(TrainStateIsLive):
     """
     self._sync(st)
     costs, transfers, x = [], [], batch.inputs[0]
-    for k, stage in enumerate(st.stages):
-      cost, a = self._measure_stage(k, stage, x, batch.targets[k][0], repeats)
+    for k, state in enumerate(st.stages):
+      cost, a = self._measure_stage(k, state, x, batch.targets[k][0], repeats)
       costs.append(cost)
       if k < self.K - 1:
-        transfers.append(_timed(lambda a=a, k=k: jax.device_put(a, self.split[k + 1]), repeats))
-        x = jax.device_put(a, self.split[k + 1])
+        put = lambda a=a, k=k: jax.device_put(a, self.split[k + 1])
+        transfers.append(median_ms(put, repeats))
+        x = put()
     return costs, statistics.median(transfers) if transfers else 0.0
 
   def measure_slowdown(self, st: TrainState, batch: PlacedBatch, repeats: int = 10) -> float:
@@ -315,61 +289,49 @@ class DataflowExecutor(TrainStateIsLive):
     dispatched on every stage at once over the slowest stage's time for its `repeats` alone.
     """
     self._sync(st)
-    step, m0 = np.int32(self._host_step), np.int32(0)
     inputs, x = [], batch.inputs[0]
-    for k, stage in enumerate(st.stages):
+    forward = lambda k, x: _forward(
+      self.stages[k], st.stages[k].params["stage"], st.stages[k].model_state["stage"],
+      self._where(k, 0), x,
+    )[0]  # fmt: skip
+    for k in range(self.K):
       inputs.append(x)
-      a = _forward(
-        stage.params["stage"], stage.model_state["stage"], self._rngs[k], step, m0, x,
-        model=self.model, k=k,
-      )[0]  # fmt: skip
-      x = jax.device_put(a, self.split[min(k + 1, self.K - 1)])
+      x = jax.device_put(forward(k, x), self.split[min(k + 1, self.K - 1)])
+    run = lambda stages: [forward(k, inputs[k]) for _ in range(repeats) for k in stages]
+    alone = max(median_ms(lambda k=k: run([k]), 3) for k in range(self.K))
+    return median_ms(lambda: run(range(self.K)), 3) / alone
 
-    def run(stages):
-      outs = []
-      for _ in range(repeats):
-        for k in stages:
-          s = st.stages[k]
-          outs.append(
-            _forward(
-              s.params["stage"], s.model_state["stage"], self._rngs[k], step, m0, inputs[k],
-              model=self.model, k=k,
-            )[0]
-          )  # fmt: skip
-      return outs
-
-    alone = max(_timed(lambda k=k: run([k]), 3) for k in range(self.K))
-    return _timed(lambda: run(range(self.K)), 3) / alone
-
-  def _measure_stage(self, k, stage, x, targets, repeats):
+  def _measure_stage(self, k, state, x, targets, repeats):
     """Stage k's StageCost (ms) on microbatch input `x`, and its output."""
-    step, m0, key = np.int32(self._host_step), np.int32(0), self._rngs[k]
-    p, s = stage.params, stage.model_state
-    fwd = lambda: _forward(p["stage"], s["stage"], key, step, m0, x, model=self.model, k=k)
-    f = _timed(fwd, repeats)
+    stage, where = self.stages[k], self._where(k, 0)
+    p, s = state.params, state.model_state
+    fwd = lambda: _forward(stage, p["stage"], s["stage"], where, x)
+    f = median_ms(fwd, repeats)
     a, vjp, _ = fwd()
     zeros = _zeros_like(p)
-    loss = lambda: _loss(
-      p["head"], s["head"], key, step, m0, a, targets, zeros["head"], model=self.model,
-      task=self.task, k=k, needs_input=bool(self._users[k]),
-    )  # fmt: skip
-    h = _timed(loss, repeats)
+    loss = lambda: _loss(stage, p["head"], s["head"], where, a, targets, zeros["head"])
+    h = median_ms(loss, repeats)
     metrics = loss()[3]
     cot = {k: jnp.ones_like(a)}
     vjp_call = lambda params, passes: _backward(
-      vjp, cot, zeros["stage"], op=interlock.BackwardOp(k, (k,), params, passes)
+      stage, vjp, cot, zeros["stage"], BackwardOp(k, (k,), params, passes)
     )
-    w = _timed(lambda: vjp_call((k,), ()), repeats)
-    b = _timed(lambda: vjp_call((), (k,)), repeats) if k else 0.0
-    both = _timed(lambda: vjp_call((k,), (k,)), repeats) if k else None
+    w = median_ms(lambda: vjp_call((k,), ()), repeats)
+    b = median_ms(lambda: vjp_call((), (k,)), repeats) if k else 0.0
+    both = median_ms(lambda: vjp_call((k,), (k,)), repeats) if k else None
     # The update donates its stage state: time it on fresh copies.
-    copies = [jax.tree.map(jnp.copy, stage) for _ in range(repeats + 1)]
-    upd = lambda: _update(
-      copies.pop(), s, zeros, [metrics] * self.M, step, optimizer=self.optimizer, lr=self._lr,
-      k=k, num_stages=self.K, m=self.M,
-    )  # fmt: skip
-    return schedule_lib.StageCost(f, h, b, w, _timed(upd, repeats), both), a
+    copies = [jax.tree.map(jnp.copy, state) for _ in range(repeats + 1)]
+    step = np.int32(self._host_step)
+    upd = lambda: _update(stage, copies.pop(), s, zeros, [metrics] * self.M, step)
+    return schedule_lib.StageCost(f, h, b, w, median_ms(upd, repeats), both), a
 
   def eval_step(self, st: TrainState, batch: dict) -> dict:
     """Every head's evaluation sums, each stage on its own devices (no microbatching)."""
-    return stage_ops.evaluate_on_stages(self.model, self.task, st, batch, self.split)
+    a = jax.device_put(self.task.inputs(batch), self.split[0])
+    targets, per_head = self.task.targets(batch), []
+    for k, state in enumerate(st.stages):
+      a = jax.device_put(a, self.split[k])
+      t = jax.device_put(targets, self.split[k])
+      a, sums = _evaluate(self.stages[k], state.params, state.model_state, a, t)
+      per_head.append(sums)
+    return named_sums(per_head)

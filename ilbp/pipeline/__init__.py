@@ -1,2 +1,0 @@
-"""Pipelined execution: schedule.py (ops, order, cost model, Gantt); dataflow.py (one program per
-stage, coming)."""
