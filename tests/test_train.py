@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import conv_bn_model, xla_flags
+from conftest import conv_bn_model, devices_env
 
 import ilbp
 from ilbp import state, steps
@@ -207,7 +207,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_step_equals_unsharded_on_4_devices():
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
+  env = devices_env(4)
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.getcwd()])
   out = subprocess.run(
     [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
