@@ -2,7 +2,8 @@
 
 The trainer and the executors never branch on the family: `build` returns a `Built` with the
 staged model, the data (train_batches(start_step), eval_batches()), the task and the abstract
-network input every executor initialises from. A new family is one entry in `_BUILDERS`.
+network input every executor initialises from. `build_synthetic` builds the same model with
+random batches of the data's shapes (the benchmarks). A new family is one entry in `_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ilbp import files, tasks
+from ilbp.data import synthetic as synthetic_data
 from ilbp.models import conv
 from ilbp.staged import StagedModel
 
@@ -29,7 +31,8 @@ class Built:
   Attributes:
     model: the staged model.
     data: has `train_batches(start_step)` and `eval_batches()` (numpy batches of this process),
-      and may have `validation_batches()` (a split held out of train; None when there is none).
+      and may have `validation_batches()` (a split held out of train; None when there is none);
+      from `build_synthetic`, random batches of the same shapes (`ilbp.data.synthetic`).
     task: from `ilbp.tasks` (inputs, targets, loss, eval sums).
     input_spec: shape (batch 1) and dtype of the network input: parameter shapes do not depend
       on the batch, so every executor initialises from it without starting an input pipeline.
@@ -76,22 +79,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
     conv.check_impl(config.model.get("conv", "auto"), what="config.model.conv")
 
 
-def _resnet(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
+def _resnet(
+  config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
+) -> Built:
   from ilbp.data import images
   from ilbp.models import resnet
 
   m, d = config.model, config.dataset
-  data = images.get_data(
-    d.name,
-    batch_size=config.batch_size,
-    eval_batch_size=config.eval_batch_size,
-    seed=config.seed,
-    image_size=d.get("image_size"),
-    data_dir=d.get("data_dir"),
-    augment=d.augment,
-    validation_fraction=d.get("validation_fraction", 0.0),
-    shard=shard,
-  )
+  if synthetic:
+    num_classes, shape = images.dataset_shape(d.name, d.get("image_size"))
+    data = synthetic_data.images(
+      num_classes,
+      shape,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+    )
+  else:
+    data = images.get_data(
+      d.name,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+      image_size=d.get("image_size"),
+      data_dir=d.get("data_dir"),
+      augment=d.augment,
+      validation_fraction=d.get("validation_fraction", 0.0),
+      shard=shard,
+    )
   model = resnet.make_model(
     m.name,
     num_classes=data.num_classes,
@@ -106,25 +121,39 @@ def _resnet(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
   return Built(model, data, task, jax.ShapeDtypeStruct((1, *data.image_shape), jnp.float32))
 
 
-def _transformer(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
+def _transformer(
+  config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
+) -> Built:
   from ilbp.data import text
   from ilbp.models import transformer
 
   m, d = config.model, config.dataset
-  data = text.get_data(
-    d.name,
-    batch_size=config.batch_size,
-    eval_batch_size=config.eval_batch_size,
-    seq_len=d.seq_len,
-    seed=config.seed,
-    tokenizer=d.tokenizer,
-    vocab_size=d.vocab_size,
-    cache_dir=d.get("cache_dir") or os.path.join(workdir, "data_cache"),
-    max_eval_sequences=d.get("max_eval_sequences"),
-    data_dir=d.get("data_dir"),
-    **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
-    shard=shard,
-  )
+  if synthetic:
+    # A SentencePiece model may come out smaller than asked for; the benchmarks time the size
+    # the config asks for.
+    vocab = text.ByteTokenizer.vocab_size if d.tokenizer == "bytes" else d.vocab_size
+    data = synthetic_data.tokens(
+      vocab,
+      d.seq_len,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+    )
+  else:
+    data = text.get_data(
+      d.name,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seq_len=d.seq_len,
+      seed=config.seed,
+      tokenizer=d.tokenizer,
+      vocab_size=d.vocab_size,
+      cache_dir=d.get("cache_dir") or os.path.join(workdir, "data_cache"),
+      max_eval_sequences=d.get("max_eval_sequences"),
+      data_dir=d.get("data_dir"),
+      **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
+      shard=shard,
+    )
   layers = m.get("layers_per_stage")
   model = transformer.make_model(
     vocab_size=data.vocab_size,
@@ -178,4 +207,14 @@ def build(
       `ilbp.executor.input_shard(config)` gives the executor's).
   """
   validate(config)
-  return _BUILDERS[config.family](config, workdir, shard)
+  return _BUILDERS[config.family](config, workdir, shard, synthetic=False)
+
+
+def build_synthetic(config: ml_collections.ConfigDict) -> Built:
+  """`build` with random batches of the config's shapes in place of its dataset.
+
+  The model, task and input spec are exactly `build`'s; `data` (`ilbp.data.synthetic`) reads
+  and downloads nothing: for benchmarks, which time steps rather than learn.
+  """
+  validate(config)
+  return _BUILDERS[config.family](config, None, None, synthetic=True)
