@@ -179,6 +179,23 @@ _BUILDERS = {"resnet": _resnet, "transformer": _transformer}
 FAMILIES = tuple(_BUILDERS)
 
 
+def describe(config: ml_collections.ConfigDict, built: Built) -> str:
+  """A one-line description of a built model and its input, for benchmark and log headers."""
+  model, shape = built.model, built.input_spec.shape[1:]
+  if config.family == "resnet":
+    from ilbp.models import resnet
+
+    return f"{resnet.describe_split(model)}, {'x'.join(map(str, shape))} inputs"
+  m, info = config.model, model.info
+  params = sum(info["stage_params"]) + (model.num_stages - 1) * info["head_params"]
+  return (
+    f"transformer LM: {m.num_layers} layers ({'+'.join(map(str, info['layers_per_stage']))}), "
+    f"d={m.d_model}, heads={m.num_heads}, d_ff={m.d_ff}, vocab={built.data.vocab_size}, "
+    f"seq {shape[0]}, dropout {m.dropout_rate}, {m.head} aux heads, "
+    f"{params / 1e6:.2f}M params incl. heads"
+  )
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses a bucket workdir (gs://...) where the family would keep a local cache in it: the
   text pipeline writes its tokenizer and token arrays with local file functions."""
