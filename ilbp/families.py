@@ -21,7 +21,8 @@ from ilbp.data import synthetic as synthetic_data
 from ilbp.models import conv
 from ilbp.staged import StagedModel
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 only with jax_enable_x64 (scripts/check_spmd.py computes its ResNet in it).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ def dtype(name: str):
   """The compute dtype named in a config."""
   if name not in DTYPES:
     raise ValueError(f"Unknown dtype {name!r}; valid: {', '.join(DTYPES)}.")
+  if name == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError("dtype 'float64' needs jax.config.update('jax_enable_x64', True) first.")
   return DTYPES[name]
 
 
