@@ -483,3 +483,19 @@ def test_synthetic_build_has_the_real_builds_model_and_batch_shapes(tmp_path):
   # Batches are a function of (seed, step).
   a, b = next(fake.data.train_batches(3)), list(itertools.islice(fake.data.train_batches(0), 4))[3]
   np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_benchmark_config_defaults_and_transformer_variant():
+  from experiments.configs import benchmark
+
+  # scripts.benchmark_pipeline with no flags: resnet20 at 32x32, batch 64, K = 2, M = 8.
+  c = benchmark.get_config()
+  built = families.build_synthetic(c)
+  assert (c.model.name, c.model.head, c.batch_size, c.num_stages) == ("resnet20", "pool", 64, 2)
+  assert (built.input_spec.shape, c.execution.microbatches) == ((1, 32, 32, 3), 8)
+  t = benchmark.get_config("family=transformer,stages=4")
+  built = families.build_synthetic(t)
+  assert built.model.num_stages == 4 and built.input_spec.shape == (1, 64)
+  assert next(built.data.train_batches(0))["inputs"].max() < 1024
+  with pytest.raises(ValueError, match="resnet, transformer"):
+    benchmark.get_config("family=vit")
