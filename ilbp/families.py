@@ -2,7 +2,8 @@
 
 The trainer and the executors never branch on the family: `build` returns a `Built` with the
 staged model, the data (train_batches(start_step), eval_batches()), the task and the abstract
-network input every executor initialises from. A new family is one entry in `_BUILDERS`.
+network input every executor initialises from. `build_synthetic` builds the same model with
+random batches of the data's shapes (the benchmarks). A new family is one entry in `_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from ilbp import files, tasks
+from ilbp.data import synthetic as synthetic_data
 from ilbp.models import conv
 from ilbp.staged import StagedModel
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 only with jax_enable_x64 (scripts/check_spmd.py computes its ResNet in it).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +32,8 @@ class Built:
   Attributes:
     model: the staged model.
     data: has `train_batches(start_step)` and `eval_batches()` (numpy batches of this process),
-      and may have `validation_batches()` (a split held out of train; None when there is none).
+      and may have `validation_batches()` (a split held out of train; None when there is none);
+      from `build_synthetic`, random batches of the same shapes (`ilbp.data.synthetic`).
     task: from `ilbp.tasks` (inputs, targets, loss, eval sums).
     input_spec: shape (batch 1) and dtype of the network input: parameter shapes do not depend
       on the batch, so every executor initialises from it without starting an input pipeline.
@@ -45,6 +49,8 @@ def dtype(name: str):
   """The compute dtype named in a config."""
   if name not in DTYPES:
     raise ValueError(f"Unknown dtype {name!r}; valid: {', '.join(DTYPES)}.")
+  if name == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError("dtype 'float64' needs jax.config.update('jax_enable_x64', True) first.")
   return DTYPES[name]
 
 
@@ -76,22 +82,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
     conv.check_impl(config.model.get("conv", "auto"), what="config.model.conv")
 
 
-def _resnet(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
+def _resnet(
+  config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
+) -> Built:
   from ilbp.data import images
   from ilbp.models import resnet
 
   m, d = config.model, config.dataset
-  data = images.get_data(
-    d.name,
-    batch_size=config.batch_size,
-    eval_batch_size=config.eval_batch_size,
-    seed=config.seed,
-    image_size=d.get("image_size"),
-    data_dir=d.get("data_dir"),
-    augment=d.augment,
-    validation_fraction=d.get("validation_fraction", 0.0),
-    shard=shard,
-  )
+  if synthetic:
+    num_classes, shape = images.dataset_shape(d.name, d.get("image_size"))
+    data = synthetic_data.images(
+      num_classes,
+      shape,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+    )
+  else:
+    data = images.get_data(
+      d.name,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+      image_size=d.get("image_size"),
+      data_dir=d.get("data_dir"),
+      augment=d.augment,
+      validation_fraction=d.get("validation_fraction", 0.0),
+      shard=shard,
+    )
   model = resnet.make_model(
     m.name,
     num_classes=data.num_classes,
@@ -106,25 +124,39 @@ def _resnet(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
   return Built(model, data, task, jax.ShapeDtypeStruct((1, *data.image_shape), jnp.float32))
 
 
-def _transformer(config: ml_collections.ConfigDict, workdir: str, shard) -> Built:
+def _transformer(
+  config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
+) -> Built:
   from ilbp.data import text
   from ilbp.models import transformer
 
   m, d = config.model, config.dataset
-  data = text.get_data(
-    d.name,
-    batch_size=config.batch_size,
-    eval_batch_size=config.eval_batch_size,
-    seq_len=d.seq_len,
-    seed=config.seed,
-    tokenizer=d.tokenizer,
-    vocab_size=d.vocab_size,
-    cache_dir=d.get("cache_dir") or os.path.join(workdir, "data_cache"),
-    max_eval_sequences=d.get("max_eval_sequences"),
-    data_dir=d.get("data_dir"),
-    **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
-    shard=shard,
-  )
+  if synthetic:
+    # A SentencePiece model may come out smaller than asked for; the benchmarks time the size
+    # the config asks for.
+    vocab = text.ByteTokenizer.vocab_size if d.tokenizer == "bytes" else d.vocab_size
+    data = synthetic_data.tokens(
+      vocab,
+      d.seq_len,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+    )
+  else:
+    data = text.get_data(
+      d.name,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seq_len=d.seq_len,
+      seed=config.seed,
+      tokenizer=d.tokenizer,
+      vocab_size=d.vocab_size,
+      cache_dir=d.get("cache_dir") or os.path.join(workdir, "data_cache"),
+      max_eval_sequences=d.get("max_eval_sequences"),
+      data_dir=d.get("data_dir"),
+      **({"max_files": d.get("max_files")} if d.name == "stdlib" else {}),
+      shard=shard,
+    )
   layers = m.get("layers_per_stage")
   model = transformer.make_model(
     vocab_size=data.vocab_size,
@@ -148,6 +180,23 @@ def _transformer(config: ml_collections.ConfigDict, workdir: str, shard) -> Buil
 # text pipeline and vice versa.
 _BUILDERS = {"resnet": _resnet, "transformer": _transformer}
 FAMILIES = tuple(_BUILDERS)
+
+
+def describe(config: ml_collections.ConfigDict, built: Built) -> str:
+  """A one-line description of a built model and its input, for benchmark and log headers."""
+  model, shape = built.model, built.input_spec.shape[1:]
+  if config.family == "resnet":
+    from ilbp.models import resnet
+
+    return f"{resnet.describe_split(model)}, {'x'.join(map(str, shape))} inputs"
+  m, info = config.model, model.info
+  params = sum(info["stage_params"]) + (model.num_stages - 1) * info["head_params"]
+  return (
+    f"transformer LM: {m.num_layers} layers ({'+'.join(map(str, info['layers_per_stage']))}), "
+    f"d={m.d_model}, heads={m.num_heads}, d_ff={m.d_ff}, vocab={built.data.vocab_size}, "
+    f"seq {shape[0]}, dropout {m.dropout_rate}, {m.head} aux heads, "
+    f"{params / 1e6:.2f}M params incl. heads"
+  )
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -178,4 +227,14 @@ def build(
       `ilbp.execution.factory.input_shard` gives the executor's).
   """
   validate(config)
-  return _BUILDERS[config.family](config, workdir, shard)
+  return _BUILDERS[config.family](config, workdir, shard, synthetic=False)
+
+
+def build_synthetic(config: ml_collections.ConfigDict) -> Built:
+  """`build` with random batches of the config's shapes in place of its dataset.
+
+  The model, task and input spec are exactly `build`'s; `data` (`ilbp.data.synthetic`) reads
+  and downloads nothing: for benchmarks, which time steps rather than learn.
+  """
+  validate(config)
+  return _BUILDERS[config.family](config, None, None, synthetic=True)

@@ -26,23 +26,24 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-def cpu_devices_flag(count: int) -> str:
-  """The XLA flag that gives the CPU platform `count` devices."""
-  return f"{_DEVICE_COUNT_FLAG}={count}"
+# The older way to force CPU devices, still honoured by XLA: a user's count there is kept.
+_XLA_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# The environment variable behind `jax.config.jax_num_cpu_devices` (read when jax is imported).
+CPU_DEVICES_ENV = "JAX_NUM_CPU_DEVICES"
 
 
 def force_cpu_devices(count: int) -> None:
-  """Gives the CPU platform `count` devices unless XLA_FLAGS names a count already.
+  """Gives the CPU platform `count` devices unless the user named a count already.
 
-  XLA reads the flag when JAX's backends start (the first array or device query, not the
-  import), so a script calls this before either; only the CPU platform reads it.
+  A count named in the environment (JAX_NUM_CPU_DEVICES, or XLA_FLAGS'
+  --xla_force_host_platform_device_count) wins. JAX fixes the count when its backends start
+  (the first array or device query, not the import), so a script calls this before either;
+  afterwards `jax.config.update` raises. Only the CPU platform reads it.
   """
-  flags_now = os.environ.get("XLA_FLAGS", "")
-  if _DEVICE_COUNT_FLAG not in flags_now:
-    os.environ["XLA_FLAGS"] = f"{flags_now} {cpu_devices_flag(count)}".strip()
+  if _XLA_DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return
+  if jax.config.jax_num_cpu_devices == -1:  # -1: JAX's default, no count named.
+    jax.config.update("jax_num_cpu_devices", count)
 
 
 def check_stage_devices(num_stages: int, data_parallel: int, num_devices: int) -> None:
@@ -53,7 +54,7 @@ def check_stage_devices(num_stages: int, data_parallel: int, num_devices: int) -
       f"{num_stages} stages x {data_parallel} data-parallel device(s) per stage need {need} "
       f"devices, but only {num_devices} are visible. Use fewer stages or "
       "config.execution.data_parallel, run on more devices (on CPU: "
-      f"XLA_FLAGS={cpu_devices_flag(need)}), or "
+      f"{CPU_DEVICES_ENV}={need}), or "
       "config.execution.kind='fused'."
     )
 

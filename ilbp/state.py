@@ -186,13 +186,13 @@ def make_optimizer(
 def _clip_per_module(max_norm: float) -> optax.GradientTransformation:
   """clip_by_global_norm applied to each top-level subtree ("stage", "head") on its own."""
   clip = optax.clip_by_global_norm(max_norm)
-
-  def update(updates, state, params=None):
-    del params
-    clipped = {key: clip.update(u, optax.EmptyState())[0] for key, u in updates.items()}
-    return clipped, state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  # Every leaf is labelled with its top-level key, so each subtree gets its own global norm.
+  per_module = optax.partition({"stage": clip, "head": clip}, lambda tree: {k: k for k in tree})
+  # Clipping keeps no state: wrapped as stateless, its optimizer state stays the EmptyState that
+  # checkpoints written before optax.partition hold (a partition state would not restore).
+  return optax.stateless(
+    lambda updates, params=None: per_module.update(updates, per_module.init(updates))[0]
+  )
 
 
 def init_stage_state(

@@ -1,22 +1,48 @@
-"""One way to time a piece of JAX work: the median wall time of complete runs."""
+"""Wall-clock timing of jitted work: the one timer the benchmarks and executors share.
+
+JAX dispatches asynchronously, so a call returns before its work is done: every timer here
+blocks on the call's outputs (`jax.block_until_ready`) before it stops the clock.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
 
-def median_ms(fn: Callable, repeats: int, warmup: int = 1) -> float:
-  """Median milliseconds of `fn()` run to completion (`jax.block_until_ready`), after `warmup`
-  calls that are not timed (compilation, first-touch allocation)."""
+def timed_ms(fn: Callable[[], Any]) -> tuple[Any, float]:
+  """Runs `fn()` to completion.
+
+  Returns:
+    (its outputs, milliseconds from the call until every output is ready).
+  """
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, 1e3 * (time.perf_counter() - start)
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+  """Median milliseconds of `fn()` run to completion.
+
+  Args:
+    fn: the work, called with no arguments (a jitted call, usually).
+    repeats: timed calls (at least 1).
+    warmup: untimed calls first (compilation, caches).
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats must be at least 1, got {repeats}.")
   for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+    timed_ms(fn)
+  return statistics.median(timed_ms(fn)[1] for _ in range(repeats))
+
+
+def iqr(values: list[float]) -> float:
+  """Interquartile range (0 for fewer than two values): the spread a median is quoted with."""
+  if len(values) < 2:
+    return 0.0
+  q1, _, q3 = statistics.quantiles(values, n=4)
+  return q3 - q1

@@ -3,8 +3,12 @@
 Usage (from the repository root):
 
   .venv/bin/python -m scripts.benchmark_conv                          # resnet34_cifar, batch 32
-  .venv/bin/python -m scripts.benchmark_conv --resnet=resnet50 --image_size=224 --batch=8
+  .venv/bin/python -m scripts.benchmark_conv --config=experiments/configs/resnet_imagenet.py \
+      --config.model.name=resnet50 --config.batch_size=8
 
+The ResNet, its stages and heads, the input size and the batch come from --config (an
+experiment config and `--config.FIELD=VALUE` overrides, as the experiment binaries take them;
+default `experiments/configs/benchmark.py:model=resnet34_cifar,head=conv,stages=4,batch=32`).
 Every distinct convolution of the model (read from the jaxpr of its training-mode forward, all
 stages and heads) is timed on random inputs of its own shape, jitted, median over --repeats:
 
@@ -25,8 +29,7 @@ rule `ilbp.models.conv.use_explicit` encodes; where "explicit" wins for more sha
 from __future__ import annotations
 
 import collections
-import statistics
-import time
+import copy
 from collections.abc import Callable
 
 import jax
@@ -34,22 +37,25 @@ import jax.extend
 import jax.numpy as jnp
 from absl import app, flags
 from jax import lax
+from ml_collections import config_flags
 
+from ilbp import families, timing
 from ilbp.models import conv as conv_lib
 from ilbp.models import resnet
 
-_RESNET = flags.DEFINE_string("resnet", "resnet34_cifar", "ResNet name (resnet.NAMES).")
-_HEAD = flags.DEFINE_enum("head", "conv", list(resnet.HEADS), "Auxiliary head.")
-_STAGES = flags.DEFINE_integer("stages", 4, "Number of stages K (decides where heads sit).")
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Input height and width.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  "experiments/configs/benchmark.py:model=resnet34_cifar,head=conv,stages=4,batch=32",
+  "A ResNet experiment config: model, stages, heads, input size, batch.",
+  lock_config=True,
+)
 _REPEATS = flags.DEFINE_integer("repeats", 9, "Timed calls per op (median).")
 
 
-def conv_layers(model, size: int, batch: int) -> collections.Counter:
+def conv_layers(model, input_shape: tuple[int, ...], batch: int) -> collections.Counter:
   """(input shape, kernel shape, strides, padding) -> number of such convolutions."""
-  params, state = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  params, state = model.init(jax.random.key(0), jnp.zeros((1, *input_shape)))
+  x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda x: model.apply(params, state, x, train=True))(x)
   found = collections.Counter()
 
@@ -67,32 +73,26 @@ def conv_layers(model, size: int, batch: int) -> collections.Counter:
 
 
 def median_ms(fn: Callable, *args) -> float:
+  """Median ms of jitted `fn(*args)` over --repeats calls (`ilbp.timing`)."""
   fn = jax.jit(fn)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return timing.median_ms(lambda: fn(*args), _REPEATS.value)
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  size, batch = _IMAGE_SIZE.value, _BATCH.value
-  model = resnet.make_model(
-    _RESNET.value,
-    num_classes=10,
-    num_stages=_STAGES.value,
-    head=_HEAD.value,
-    input_shape=(size, size, 3),
-    conv="xla",
-  )
-  layers = conv_layers(model, size, batch)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --config.FIELD=VALUE.")
+  config = copy.deepcopy(_CONFIG.value)
+  if config.family != "resnet":
+    raise app.UsageError(f"--config is a {config.family!r} config; this times ResNet convs.")
+  config.model.conv = "xla"  # XLA's own convolutions, which the jaxpr below shows as such.
+  built = families.build_synthetic(config)
+  model, shape, batch = built.model, built.input_spec.shape[1:], config.batch_size
+  size = "x".join(map(str, shape))
+  layers = conv_layers(model, shape, batch)
   dn = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
   print(
     f"jax {jax.__version__} | backend {jax.default_backend()} | {resnet.describe_split(model)} | "
-    f"batch {batch}, {size}x{size} inputs | {len(layers)} distinct convolutions, median of "
+    f"batch {batch}, {size} inputs | {len(layers)} distinct convolutions, median of "
     f"{_REPEATS.value}"
   )
   header = (

@@ -1,12 +1,22 @@
 """Time per optimizer step of pipelined interlocking training, measured and predicted.
 
-Usage (from the repository root; on CPU, one forced device per stage unless XLA_FLAGS names a
-device count):
+Usage (from the repository root; on CPU, one forced device per stage unless JAX_NUM_CPU_DEVICES
+or XLA_FLAGS names a device count):
 
   .venv/bin/python -m scripts.benchmark_pipeline                 # resnet20, K=2, M=8, batch 64
   .venv/bin/python -m scripts.benchmark_pipeline --stages=4 --strategies=local,pairwise,global \
       --executors=dataflow,fused --json_out=/tmp/pipe.json --gantt_dir=/tmp/gantt
-  .venv/bin/python -m scripts.benchmark_pipeline --model=transformer --stages=2
+  .venv/bin/python -m scripts.benchmark_pipeline --stages=2 --microbatches=1,4,8 \
+      --config.model.head=conv --config.model.split=balanced_heads
+  .venv/bin/python -m scripts.benchmark_pipeline \
+      --config=experiments/configs/benchmark.py:family=transformer
+
+The model, its split, the batch, the combine rule and the optimizer come from --config (an
+experiment config and `--config.FIELD=VALUE` overrides, as the experiment binaries take them;
+default `experiments/configs/benchmark.py`), fed random batches of the config's shapes
+(`ilbp.families.build_synthetic`). What this benchmark sweeps are its own flags: --stages and
+--microbatches (default: the config's K and M), --strategies, --executors and --modes. Every
+(K, M) is timed, measured and predicted on its own, one after the other.
 
 Rows: every strategy on every executor. On `dataflow` and `spmd`, a strategy of reach < K runs
 `continuous` (no flush between steps) and `flushed`; global runs flushed — its semantics force
@@ -30,48 +40,41 @@ measured here, each program timed alone (`DataflowExecutor.measure_costs`), and 
 activation transfer as the latency between stages. `in-flight` is the most microbatches whose
 residuals a stage holds at once in that simulation.
 
-On CPU, `--xla_force_host_platform_device_count` devices share the machine's cores: time K = 2
-on a 2-core box, and compare larger K with the prediction (PIPELINE.md).
+On CPU, forced devices share the machine's cores: time K = 2 on a 2-core box, and compare
+larger K with the prediction.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import platform
 import statistics
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from ilbp import executor as executors
-from ilbp import families, placement, tasks
-from ilbp import state as train_state
-from ilbp.models import resnet, transformer
+from ilbp import families, files, placement, timing, trainer
 from ilbp.pipeline import dataflow, spmd, ticks
 from ilbp.pipeline import schedule as schedule_lib
 from ilbp.strategy import strategy as parse_strategy
 
-_MODEL = flags.DEFINE_string(
-  "model", "resnet20", "resnet20/32/56/..., resnet_tiny, or transformer."
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  "experiments/configs/benchmark.py",
+  "Experiment config: model, split, batch, combine rule, optimizer, seed.",
+  lock_config=True,
 )
-_HEAD = flags.DEFINE_string("head", None, "Aux head: resnet pool|conv (pool), transformer linear.")
-_STAGES = flags.DEFINE_integer("stages", 2, "Number of stages K (one device each).")
-_SPLIT = flags.DEFINE_string(
-  "split",
-  "balanced",
-  "ResNet blocks per stage, e.g. 3,6, 'balanced' (by forward FLOPs) or 'balanced_heads' (stage "
-  "and aux head FLOPs).",
+_STAGES = flags.DEFINE_list("stages", None, "Stage counts K (one device each); default: config's.")
+_MICRO = flags.DEFINE_list(
+  "microbatches", None, "Microbatch counts M per optimizer step; default: config's."
 )
-_MICRO = flags.DEFINE_integer("microbatches", 8, "Microbatches M per optimizer step.")
-_BATCH = flags.DEFINE_integer("batch", 64, "Batch size (images or sequences) per step.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["local", "pairwise", "global"], "Strategies.")
-_COMBINE = flags.DEFINE_enum("combine", "furthest", ["furthest", "sum"], "Combine rule.")
 _EXECUTORS = flags.DEFINE_list("executors", ["dataflow"], "dataflow, spmd and/or fused.")
 _SPMD_PER_CALL = flags.DEFINE_integer(
   "spmd_steps_per_call", 8, "spmd: optimizer steps per call (divides --steps_per_chunk)."
@@ -82,64 +85,24 @@ _MODES = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps_per_chunk", 8, "Steps timed together (one block at the end).")
 _CHUNKS = flags.DEFINE_integer("chunks", 5, "Timed chunks per row (median reported).")
 _REPEATS = flags.DEFINE_integer("op_repeats", 10, "Repeats per op when measuring op costs.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Transformer sequence length.")
-_D_MODEL = flags.DEFINE_integer("d_model", 128, "Transformer width.")
-_LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
-_VOCAB = flags.DEFINE_integer("vocab", 1024, "Transformer vocabulary.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
 _GANTT_DIR = flags.DEFINE_string("gantt_dir", None, "Write the predicted Gantt PNG of each row.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 
 
-def build() -> tuple[Any, Any, dict, jax.ShapeDtypeStruct, str]:
-  """(model, task, random numpy batch, input spec, description) chosen by the flags."""
-  rng = np.random.default_rng(_SEED.value)
-  b, k = _BATCH.value, _STAGES.value
-  if _MODEL.value == "transformer":
-    model = transformer.make_model(
-      vocab_size=_VOCAB.value,
-      num_layers=_LAYERS.value,
-      num_stages=k,
-      d_model=_D_MODEL.value,
-      num_heads=4,
-      d_ff=4 * _D_MODEL.value,
-      max_len=_SEQ_LEN.value,
-      dropout_rate=0.0,
-      head=_HEAD.value or "linear",
-    )
-    tokens = rng.integers(0, _VOCAB.value, size=(b, _SEQ_LEN.value + 1)).astype(np.int32)
-    batch = {
-      "inputs": tokens[:, :-1],
-      "targets": tokens[:, 1:],
-      "weights": np.ones((b, _SEQ_LEN.value), np.float32),
-    }
-    spec = jax.ShapeDtypeStruct((1, _SEQ_LEN.value), jnp.int32)
-    desc = (
-      f"transformer LM {_LAYERS.value} layers d={_D_MODEL.value} vocab={_VOCAB.value} "
-      f"seq {_SEQ_LEN.value}, layers per stage {model.info['layers_per_stage']}"
-    )
-    return model, tasks.LanguageModeling(), batch, spec, desc
-  split = families.parse_split(_SPLIT.value)
-  model = resnet.make_model(
-    _MODEL.value,
-    num_classes=10,
-    num_stages=k,
-    split=split,
-    head=_HEAD.value or "pool",
-    dtype=jnp.float32,
-  )
-  batch = {
-    "image": rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
-    "label": rng.integers(0, 10, size=b).astype(np.int32),
-  }
-  spec = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  return model, tasks.Classification(), batch, spec, resnet.describe_split(model) + ", 32x32x3"
+def counts(values: list[str] | None, default: int, flag: str) -> list[int]:
+  """A list flag of positive integers, or [default] when it is not given."""
+  try:
+    out = [int(v) for v in values] if values else [default]
+  except ValueError as e:
+    raise ValueError(f"--{flag}={','.join(values)}: give whole numbers, e.g. 1,4,8.") from e
+  if min(out) < 1:
+    raise ValueError(f"--{flag}: every count must be at least 1, got {out}.")
+  return out
 
 
-def make_rows(model, task, spec) -> list[dict]:
-  """One row per (executor, strategy, mode), each with its executor and fresh state."""
-  tx, sched = train_state.make_optimizer(name="sgd", learning_rate=0.01, schedule="constant")
-  k, m = _STAGES.value, _MICRO.value
+def make_rows(config, built, tx, sched, m: int) -> list[dict]:
+  """One row per (executor, strategy, mode) of one (K, M), each with its executor."""
+  k = config.num_stages
   rows = []
   for mode in _MODES.value:
     if mode not in ("continuous", "flushed"):
@@ -148,11 +111,11 @@ def make_rows(model, task, spec) -> list[dict]:
     if kind not in ("dataflow", "fused", "spmd"):
       raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused, spmd.")
     for name in _STRATEGIES.value:
-      strat = parse_strategy(name, _COMBINE.value)
+      strat = parse_strategy(name, config.combine)
       is_global = strat.reach_for(k) == k
       modes = ["flushed"] if is_global or kind == "fused" else _MODES.value
       for mode in modes:
-        args = (model, task, strat, tx, sched, spec)
+        args = (built.model, built.task, strat, tx, sched, built.input_spec)
         if kind == "fused":
           ex = executors.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
         elif kind == "spmd":
@@ -173,7 +136,7 @@ def make_rows(model, task, spec) -> list[dict]:
   return rows
 
 
-def time_rows(rows: list[dict], batch: dict) -> None:
+def time_rows(rows: list[dict], batch: dict, seed: int) -> None:
   """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin)."""
   per_call = _SPMD_PER_CALL.value
   if any(row["executor"] == "spmd" for row in rows) and _STEPS.value % per_call:
@@ -182,26 +145,29 @@ def time_rows(rows: list[dict], batch: dict) -> None:
       "is whole spmd calls); change either flag."
     )
   for row in rows:
-    row["state"] = row["ex"].init_state(jax.random.PRNGKey(_SEED.value))
+    row["state"] = row["ex"].init_state(jax.random.PRNGKey(seed))
     spmd_row = row["executor"] == "spmd"
     row["batch"] = (
       row["ex"].put_batches([batch] * per_call) if spmd_row else row["ex"].put_batch(batch)
     )
     row["times"] = []
+
+  def chunk(row: dict):
+    ex, st = row["ex"], row["state"]
+    if row["executor"] == "spmd":
+      for _ in range(_STEPS.value // per_call):
+        st, metrics = ex.train_steps(st, row["batch"])
+    else:
+      for _ in range(_STEPS.value):
+        st, metrics = ex.train_step(st, row["batch"])
+    return st, metrics
+
   for r in range(_CHUNKS.value + 1):
     for row in rows:
-      ex, st = row["ex"], row["state"]
-      jax.block_until_ready(st)
-      start = time.perf_counter()
-      if row["executor"] == "spmd":
-        for _ in range(_STEPS.value // per_call):
-          st, metrics = ex.train_steps(st, row["batch"])
-      for _ in range(_STEPS.value if row["executor"] != "spmd" else 0):
-        st, metrics = ex.train_step(st, row["batch"])
-      jax.block_until_ready((st, metrics))
+      jax.block_until_ready(row["state"])
+      (row["state"], _), ms = timing.timed_ms(lambda row=row: chunk(row))
       if r:  # The first round compiles and warms up.
-        row["times"].append(1e3 * (time.perf_counter() - start) / _STEPS.value)
-      row["state"] = st
+        row["times"].append(ms / _STEPS.value)
 
 
 def measure(rows: list[dict]) -> None:
@@ -232,14 +198,14 @@ def measure(rows: list[dict]) -> None:
     row["transfer_ms"], row["slowdown"] = comm, slowdown
 
 
-def predict_spmd(row: dict, flow: list[dict]) -> None:
+def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
   """The lock-step tick model with the dataflow rows' pooled op costs (same strategy); the
   compiled program's memory per device, and the padding of the flat buffers."""
   ex = row["ex"]
   compiled = ex.lower(row["state"], row["batch"]).compile()
   mem = compiled.memory_analysis()
   used = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-  pad = ex.padding(_BATCH.value)
+  pad = ex.padding(batch_size)
   row.update(
     memory_mb_per_device=(used - mem.alias_size_in_bytes) / 1e6,
     padding_kb_per_device=(
@@ -328,35 +294,27 @@ def print_table(rows: list[dict]) -> None:
       print("  ".join("-" * w for w in widths))
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  # One CPU device per stage (D = 1; fused uses one), not more: on the 2-core box idle forced
-  # devices were not free (resnet20 K = 2 spmd calls ~25 ms per step slower with 8 devices
-  # than with 2, ~100 times the context switches).
-  placement.force_cpu_devices(_STAGES.value)
-  wall = time.perf_counter()
-  model, task, batch, spec, desc = build()
-  k, m = _STAGES.value, _MICRO.value
-  if jax.device_count() < k:
-    raise ValueError(f"--stages={k} needs {k} devices; {jax.device_count()} are visible.")
-  device = jax.devices()[0]
+def benchmark(config, m: int, seed: int) -> list[dict]:
+  """Every row of one (K = config.num_stages, M = m): timed, measured, predicted; JSON-ready."""
+  k = config.num_stages
+  built = families.build_synthetic(config)
+  desc = families.describe(config, built)
+  tx, sched = trainer.make_optimizer(config)
+  batch = next(built.data.train_batches(0))
   print(
-    f"jax {jax.__version__} | {jax.default_backend()} | {jax.device_count()} x "
-    f"{device.device_kind} | {os.cpu_count()} CPU cores | python {platform.python_version()}"
+    f"\nmodel: {desc}\nbatch {config.batch_size} in M={m} microbatches | K={k} stages, one "
+    f"device each | combine={config.combine} | {_STEPS.value} steps x {_CHUNKS.value} chunks "
+    "per row",
+    flush=True,
   )
-  print(f"model: {desc}")
-  print(
-    f"batch {_BATCH.value} in M={m} microbatches | K={k} stages, one device each | "
-    f"combine={_COMBINE.value} | {_STEPS.value} steps x {_CHUNKS.value} chunks per row"
-  )
-  rows = make_rows(model, task, spec)
-  time_rows(rows, batch)
+  rows = make_rows(config, built, tx, sched, m)
+  time_rows(rows, batch, seed)
   measure(rows)
   flow = [r for r in rows if r["executor"] == "dataflow"]
   for row in rows:
     predict(row)
     if row["executor"] == "spmd":
-      predict_spmd(row, flow)
+      predict_spmd(row, flow, config.batch_size)
   base = {
     r["executor"]: statistics.median(r["times"])
     for r in rows
@@ -365,17 +323,17 @@ def main(argv: list[str]) -> None:
   out = []
   for row in rows:
     ms = statistics.median(row["times"])
-    q1, _, q3 = statistics.quantiles(row["times"], n=4) if len(row["times"]) > 1 else (ms, 0, ms)
     pred = row["predicted_ms_per_step"]
     row.update(
       ms_per_step=ms,
-      iqr_ms=q3 - q1,
+      iqr_ms=timing.iqr(row["times"]),
       vs_global=ms / base[row["executor"]] if row["executor"] in base else None,
       predicted_over_measured=pred / ms if pred else None,
     )
     if _GANTT_DIR.value and row["executor"] == "dataflow":
       os.makedirs(_GANTT_DIR.value, exist_ok=True)
-      path = os.path.join(_GANTT_DIR.value, f"gantt_{row['strategy']}_{row['mode']}.png")
+      name = f"gantt_{row['strategy']}_{row['mode']}_K{k}_M{m}.png"
+      path = os.path.join(_GANTT_DIR.value, name)
       alone = row["predicted_alone_ms_per_step"]
       title = (
         f"{row['strategy']} ({row['mode']}), K={k}, M={m}, op costs timed alone: "
@@ -388,10 +346,10 @@ def main(argv: list[str]) -> None:
     keep.update(
       stages=k,
       microbatches=m,
-      batch=_BATCH.value,
-      model=_MODEL.value,
+      batch=config.batch_size,
+      model=config.model.get("name", config.family),
       description=desc,
-      combine=_COMBINE.value,
+      combine=config.combine,
       backend=jax.default_backend(),
       ms_all=row["times"],
     )
@@ -408,10 +366,39 @@ def main(argv: list[str]) -> None:
       f"forward while all {k} stages run theirs at once (devices sharing cores; ~1 on "
       "accelerators)."
     )
+  return out
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --config.FIELD=VALUE.")
+  config = _CONFIG.value
+  stages = counts(_STAGES.value, config.num_stages, "stages")
+  micro = counts(_MICRO.value, config.execution.microbatches, "microbatches")
+  # One CPU device per stage of the largest K (D = 1; fused uses one), not more: on the 2-core
+  # box idle forced devices were not free (resnet20 K = 2 spmd calls ~25 ms per step slower
+  # with 8 devices than with 2, ~100 times the context switches).
+  placement.force_cpu_devices(max(stages))
+  wall = time.perf_counter()
+  if jax.device_count() < max(stages):
+    raise ValueError(
+      f"--stages={max(stages)} needs {max(stages)} devices; {jax.device_count()} are visible."
+    )
+  device = jax.devices()[0]
+  print(
+    f"jax {jax.__version__} | {jax.default_backend()} | {jax.device_count()} x "
+    f"{device.device_kind} | {os.cpu_count()} CPU cores | python {platform.python_version()}"
+  )
+  print(f"config: {config_flags.get_config_filename(flags.FLAGS['config'])}")
+  out = []
+  for k in stages:
+    cfg = copy.deepcopy(config)
+    cfg.num_stages = k
+    for m in micro:
+      out += benchmark(cfg, m, config.seed)
   print(f"total {time.perf_counter() - wall:.1f} s")
   if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(out, f, indent=1)
+    files.write_text(_JSON_OUT.value, json.dumps(out, indent=1))
     print(f"wrote {len(out)} rows to {_JSON_OUT.value}")
 
 

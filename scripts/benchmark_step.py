@@ -3,16 +3,23 @@
 Usage (from the repository root):
 
   .venv/bin/python -m scripts.benchmark_step                       # resnet20, batch 32, K=4
-  .venv/bin/python -m scripts.benchmark_step --model=transformer   # 4-layer LM, d=128, K=4
-  .venv/bin/python -m scripts.benchmark_step --resnet=resnet56 --batch=128 --stages=8 \
-      --strategies=local,pairwise,3wise,global --combine=sum --json_out=/tmp/step.json
-  .venv/bin/python -m scripts.benchmark_step --resnet=resnet34_cifar --head=conv \
+  .venv/bin/python -m scripts.benchmark_step \
+      --config=experiments/configs/benchmark.py:family=transformer,stages=4
+  .venv/bin/python -m scripts.benchmark_step --config.model.name=resnet56 \
+      --config.batch_size=128 --config.num_stages=8 --config.combine=sum \
+      --strategies=local,pairwise,3wise,global --json_out=/tmp/step.json
+  .venv/bin/python -m scripts.benchmark_step --config.model.name=resnet34_cifar \
       --convs=xla,auto                    # the same rows with XLA's and the explicit conv VJPs
 
-Inputs are random tensors of the task's shapes (the cost of a step does not depend on the
-values). Every row is compiled and timed in this process against the baseline: plain
-end-to-end backprop (`ilbp.interlock.backprop_grads`, heads trained on detached activations),
-compiled the same way, with the same model, batch, RNG and optimizer.
+The model, batch, stage count, combine rule, compute dtype and optimizer come from --config (an
+experiment config and `--config.FIELD=VALUE` overrides, as the experiment binaries take them;
+default `experiments/configs/benchmark.py:head=conv,stages=4,batch=32`); --strategies and
+--convs are what it compares.
+
+Inputs are random batches of the config's shapes (`ilbp.families.build_synthetic`; the cost of
+a step does not depend on the values). Every row is compiled and timed in this process against
+the baseline: plain end-to-end backprop (`ilbp.interlock.backprop_grads`, heads trained on
+detached activations), compiled the same way, with the same model, batch, RNG and optimizer.
 
 Columns:
   strategy    the strategy's name (`backprop` is the baseline itself).
@@ -44,6 +51,7 @@ loss/accuracy values (a few reductions).
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import statistics
@@ -54,108 +62,52 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from ml_collections import config_flags
 
+from ilbp import families, files, steps, timing, trainer
 from ilbp import state as train_state
-from ilbp import steps, tasks
 from ilbp.models import conv as conv_lib
-from ilbp.models import resnet, transformer
 from ilbp.profiling import compiled_cost
 from ilbp.staged import StagedModel
 from ilbp.strategy import Strategy
 from ilbp.strategy import strategy as parse_strategy
 
-_MODEL = flags.DEFINE_enum("model", "resnet", ["resnet", "transformer"], "Model family.")
-_RESNET = flags.DEFINE_string("resnet", "resnet20", "ResNet name (ilbp.models.resnet.NAMES).")
-_HEAD = flags.DEFINE_string(
-  "head", None, "Aux head: resnet conv|pool (default conv), transformer linear|block (linear)."
+DEFAULT_CONFIG = "experiments/configs/benchmark.py:head=conv,stages=4,batch=32"
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  DEFAULT_CONFIG,
+  "Experiment config: model, batch, stages, combine rule, dtype, optimizer, seed.",
+  lock_config=True,
 )
-_STAGES = flags.DEFINE_integer("stages", 4, "Number of stages K.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "ResNet input height and width.")
 _CONVS = flags.DEFINE_list(
   "convs",
   ["auto"],
   "ResNet convolution implementations to compare in one run (ilbp.models.conv: auto, xla, "
   "explicit); the first one's backprop row is the baseline of every time/bp.",
 )
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size (images, or sequences).")
 _STRATEGIES = flags.DEFINE_list(
   "strategies", ["local", "pairwise", "3wise", "global"], "Strategies to compare."
 )
-_COMBINE = flags.DEFINE_enum("combine", "furthest", ["furthest", "sum"], "Combine rule.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps per row.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps per row first (compilation included).")
-_OPTIMIZER = flags.DEFINE_enum("optimizer", None, ["sgd", "adamw"], "Default sgd / adamw (LM).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _SPEC = flags.DEFINE_bool("spec", True, "Also compile the stop_gradient spec (spec/bp column).")
-_LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
-_D_MODEL = flags.DEFINE_integer("d_model", 128, "Transformer width.")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
-_D_FF = flags.DEFINE_integer("d_ff", 512, "Transformer MLP width.")
-_VOCAB = flags.DEFINE_integer("vocab", 1024, "Transformer vocabulary size.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Transformer sequence length.")
-_DROPOUT = flags.DEFINE_float("dropout", 0.1, "Transformer dropout rate.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
 
 _MIB = 2**20
 
 
-def build(rng: jax.Array, conv: str | None = None) -> tuple[StagedModel, Any, dict, str]:
-  """The model, task, random batch and a one-line description chosen by the flags.
-
-  Args:
-    rng: key for the random batch.
-    conv: the ResNet's convolution implementation (`ilbp.models.conv.IMPLS`).
+def build(config, conv: str | None = None) -> tuple[families.Built, dict]:
+  """The config's model (with `conv` as its convolution implementation, for a ResNet) and one
+  random batch of its shapes, on the default device.
 
   Returns:
-    (model, task, batch, description).
+    (what `families.build_synthetic` built, batch).
   """
-  dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
-  b, k = _BATCH.value, _STAGES.value
-  if _MODEL.value == "resnet":
-    size = _IMAGE_SIZE.value
-    model = resnet.make_model(
-      _RESNET.value,
-      num_classes=10,
-      num_stages=k,
-      head=_HEAD.value or "conv",
-      input_shape=(size, size, 3),
-      dtype=dtype,
-      conv=conv or "auto",
-    )
-    batch = {
-      "image": jax.random.normal(rng, (b, size, size, 3), jnp.float32),
-      "label": jax.random.randint(rng, (b,), 0, 10),
-    }
-    desc = f"{resnet.describe_split(model)}, {size}x{size}x3 inputs"
-    return model, tasks.Classification(), batch, desc
-  model = transformer.make_model(
-    vocab_size=_VOCAB.value,
-    num_layers=_LAYERS.value,
-    num_stages=k,
-    d_model=_D_MODEL.value,
-    num_heads=_NUM_HEADS.value,
-    d_ff=_D_FF.value,
-    max_len=_SEQ_LEN.value,
-    dropout_rate=_DROPOUT.value,
-    head=_HEAD.value or "linear",
-    dtype=dtype,
-  )
-  tokens = jax.random.randint(rng, (b, _SEQ_LEN.value + 1), 0, _VOCAB.value)
-  batch = {
-    "inputs": tokens[:, :-1],
-    "targets": tokens[:, 1:],
-    "weights": jnp.ones((b, _SEQ_LEN.value), jnp.float32),
-  }
-  info = model.info
-  params = sum(info["stage_params"]) + (k - 1) * info["head_params"]
-  desc = (
-    f"transformer LM: {_LAYERS.value} layers ({'+'.join(map(str, info['layers_per_stage']))}), "
-    f"d={_D_MODEL.value}, heads={_NUM_HEADS.value}, d_ff={_D_FF.value}, vocab={_VOCAB.value}, "
-    f"seq {_SEQ_LEN.value}, dropout {_DROPOUT.value}, {_HEAD.value or 'linear'} aux heads, "
-    f"{params / 1e6:.2f}M params incl. heads"
-  )
-  return model, tasks.LanguageModeling(), batch, desc
+  if conv is not None:
+    config = copy.deepcopy(config)
+    config.model.conv = conv
+  built = families.build_synthetic(config)
+  return built, jax.device_put(next(built.data.train_batches(0)))
 
 
 def grads_fn(model: StagedModel, task: Any, strategy: Strategy, method: str) -> Callable:
@@ -219,23 +171,15 @@ def time_steps(steps: dict[str, Callable], states: dict, batch: dict) -> dict[st
   """
   for name, step in steps.items():
     for _ in range(_WARMUP.value):
-      states[name], metrics = step(states[name], batch)
-      jax.block_until_ready((states[name], metrics))
+      states[name], _ = timing.timed_ms(lambda step=step, name=name: step(states[name], batch))[0]
   times = {name: [] for name in steps}
   for _ in range(_REPEATS.value):
     for name, step in steps.items():
-      start = time.perf_counter()
-      states[name], metrics = step(states[name], batch)
-      jax.block_until_ready((states[name], metrics))
-      times[name].append(time.perf_counter() - start)
+      (states[name], _), ms = timing.timed_ms(
+        lambda step=step, name=name: step(states[name], batch)
+      )
+      times[name].append(ms / 1e3)
   return times
-
-
-def _iqr(values: list[float]) -> float:
-  if len(values) < 2:
-    return 0.0
-  q1, _, q3 = statistics.quantiles(values, n=4)
-  return q3 - q1
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -270,25 +214,22 @@ def print_table(rows: list[dict], show_conv: bool = False) -> None:
 
 def main(argv: list[str]) -> None:
   """Builds the model, measures every row and prints (and optionally saves) the table."""
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --config.FIELD=VALUE.")
+  config = _CONFIG.value
   wall_start = time.perf_counter()
-  rng = jax.random.PRNGKey(_SEED.value)
+  rng = jax.random.PRNGKey(config.seed)
   convs = [conv_lib.check_impl(c, "--convs") for c in _CONVS.value] or ["auto"]
-  if _MODEL.value != "resnet":
+  if config.family != "resnet":
     convs = [None]  # no convolutions
-  default_opt = "adamw" if _MODEL.value == "transformer" else "sgd"
-  opt_name = _OPTIMIZER.value or default_opt
-  optimizer, _ = train_state.make_optimizer(
-    name=opt_name, learning_rate=1e-3 if opt_name == "adamw" else 0.1, schedule="constant"
-  )
+  optimizer, _ = trainer.make_optimizer(config)
   # One model (and initial state) per convolution implementation; the same parameters.
   variants = {}
   for conv in convs:
-    model, task, batch, desc = build(jax.random.fold_in(rng, 1), conv)
-    variants[conv] = (
-      model,
-      train_state.create_train_state(model, optimizer, rng, task.inputs(batch)),
-    )
+    built, batch = build(config, conv)
+    state = train_state.create_train_state(built.model, optimizer, rng, built.input_spec)
+    variants[conv] = (built.model, state)
+  task, desc = built.task, families.describe(config, built)
   model, state = variants[convs[0]]
   params, model_state, step_rng = state.params, state.model_state, state.rng
   k = model.num_stages
@@ -300,8 +241,9 @@ def main(argv: list[str]) -> None:
   )
   print(f"model: {desc}")
   print(
-    f"batch {_BATCH.value} | K={k} stages | combine={_COMBINE.value} | optimizer {opt_name} | "
-    f"dtype {_DTYPE.value} | {_WARMUP.value} warm-up + {_REPEATS.value} timed steps per row"
+    f"batch {config.batch_size} | K={k} stages | combine={config.combine} | optimizer "
+    f"{config.optimizer.name} | dtype {config.model.dtype} | {_WARMUP.value} warm-up + "
+    f"{_REPEATS.value} timed steps per row"
     + (f" | convs {', '.join(convs)}" if convs != [None] else "")
   )
 
@@ -311,13 +253,13 @@ def main(argv: list[str]) -> None:
     f"{fwd_heads / 1e9:.4g} ({fwd_heads / fwd_stages:.3g}x the stages)"
   )
 
-  strategies = {name: parse_strategy(name, _COMBINE.value) for name in _STRATEGIES.value}
+  strategies = {name: parse_strategy(name, config.combine) for name in _STRATEGIES.value}
   # Row -> (conv, strategy, gradient method): the baseline is the same model and train step
   # with the end-to-end backprop gradients (and the first --convs implementation).
   rows_spec = {}
   for conv in convs:
     suffix = f"/{conv}" if len(convs) > 1 else ""
-    rows_spec[f"backprop{suffix}"] = (conv, Strategy(None, _COMBINE.value), "backprop")
+    rows_spec[f"backprop{suffix}"] = (conv, Strategy(None, config.combine), "backprop")
     rows_spec.update({f"{s.name}{suffix}": (conv, s, "engine") for s in strategies.values()})
   base = next(iter(rows_spec))
 
@@ -362,17 +304,17 @@ def main(argv: list[str]) -> None:
         "temp_mib": costs[name]["temp_bytes"] / _MIB,
         "spec_temp_mib": spec["temp_bytes"] / _MIB if spec else None,
         "step_ms": statistics.median(ms),
-        "step_iqr_ms": _iqr(ms),
+        "step_iqr_ms": timing.iqr(ms),
         "step_min_ms": min(ms),
         "time_ratio": statistics.median(ms) / base_ms,
         "forward_ms": forward_ms[conv],
         "step_per_forward": statistics.median(ms) / forward_ms[conv],
         "step_ms_all": ms,
-        "model": _MODEL.value,
+        "model": config.model.get("name", config.family),
         "description": desc,
-        "batch": _BATCH.value,
+        "batch": config.batch_size,
         "stages": k,
-        "dtype": _DTYPE.value,
+        "dtype": config.model.dtype,
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "jax": jax.__version__,
@@ -385,15 +327,14 @@ def main(argv: list[str]) -> None:
     fwd = [1e3 * t for t in times[f"forward/{conv}"]]
     print(
       f"forward (training mode, all stages and heads{f', conv={conv}' if conv else ''}): "
-      f"{forward_ms[conv]:.2f} ms median, IQR {_iqr(fwd):.2f} ms"
+      f"{forward_ms[conv]:.2f} ms median, IQR {timing.iqr(fwd):.2f} ms"
     )
   print()
   print_table(rows, show_conv=len(convs) > 1)
   total = time.perf_counter() - wall_start
   print(f"\ncompile (cost analysis) {compile_done - wall_start:.1f} s, total {total:.1f} s")
   if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(rows, f, indent=1)
+    files.write_text(_JSON_OUT.value, json.dumps(rows, indent=1))
     print(f"wrote {len(rows)} rows to {_JSON_OUT.value}")
 
 

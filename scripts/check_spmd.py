@@ -5,6 +5,13 @@ Usage (from the repository root; 8 forced CPU devices are set up here when none 
   .venv/bin/python -m scripts.check_spmd                          # everything (~80 programs)
   .venv/bin/python -m scripts.check_spmd --models=transformer --stages=4 --data_parallel=2
 
+The two models are experiment configs, each with `--X_config.FIELD=VALUE` overrides as the
+experiment binaries take them: --resnet_config (default resnet_digits.py's `runlocal` variant
+with conv heads: resnet_tiny, batch 64, 8x8 inputs) and --transformer_config (default
+transformer_stdlib.py's `runlocal` variant: 4 layers, d_model 32, dropout 0.1, batch 8),
+each fed one random batch of its shapes (`ilbp.families.build_synthetic`); --models picks
+which run. The config's K is replaced by each of --stages.
+
 Every (model, K, D, steps per call, strategy, combine rule) runs 3 optimizer steps with M
 microbatches on the SPMD executor and on the fused executor over the same D devices (the same
 split of each microbatch), and compares parameters, BatchNorm statistics and optimizer states.
@@ -17,32 +24,47 @@ compares spmd with it (`vs dataflow`): `= dataflow` marks a case that misses fus
 equals dataflow's result (both pipelines round differently from the one fused program), not an
 spmd error. Only `FAIL` fails the script.
 
-The ResNet computes in float64 by default (`--float64`; parameters and statistics stay
-float32). In float32, reduction-order rounding flips the ReLUs of near-zero pre-activations in
-resnet_tiny's conv heads and moves a channel's gradient by up to 1e-1 of its tensor within 3
-steps — fused on 1 vs 2 devices differs that much — so no 1e-5 check decides anything; in
-float64 every case of the grid equals fused (WORKSPACE.md, 2026-11-26: 78 of 78).
+The ResNet computes in float64 by default (`--float64`, which sets its config's model.dtype;
+parameters and statistics stay float32). In float32, reduction-order rounding flips the ReLUs
+of near-zero pre-activations in resnet_tiny's conv heads and moves a channel's gradient by up to
+1e-1 of its tensor within 3 steps — fused on 1 vs 2 devices differs that much — so no 1e-5
+check decides anything; in float64 every case of the grid equals fused (2026-11-26: 78 of 78,
+then with 16 8x8x3 images and hand-picked splits).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 import ilbp
-from ilbp import executor, interlock, placement, state
-from ilbp.models import resnet, transformer
+from ilbp import executor, families, interlock, placement, state
 from ilbp.pipeline import dataflow, spmd
-from ilbp.tasks import Classification, LanguageModeling
 
+_CONFIGS = {
+  "resnet": config_flags.DEFINE_config_file(
+    "resnet_config",
+    "experiments/configs/resnet_digits.py:runlocal=1,head=conv",
+    "The ResNet's experiment config (--models=resnet).",
+    lock_config=True,
+  ),
+  "transformer": config_flags.DEFINE_config_file(
+    "transformer_config",
+    "experiments/configs/transformer_stdlib.py:runlocal=1",
+    "The Transformer's experiment config (--models=transformer).",
+    lock_config=True,
+  ),
+}
 _MODELS = flags.DEFINE_list("models", ["resnet", "transformer"], "resnet and/or transformer.")
 _STAGES = flags.DEFINE_list("stages", ["2", "4"], "Stage counts K.")
 _DATA = flags.DEFINE_list("data_parallel", ["1", "2"], "Devices per stage D.")
 _PER_CALL = flags.DEFINE_list("steps_per_call", ["1", "3"], "Optimizer steps per call.")
+_MICRO = flags.DEFINE_list("microbatches", ["4"], "Microbatch counts M.")
 _STRATEGIES = flags.DEFINE_list(
   "strategies", ["local", "pairwise", "3wise", "global"], "Strategies."
 )
@@ -52,33 +74,19 @@ _FLOAT64 = flags.DEFINE_bool(
   True,
   "Compute the ResNet in float64 (parameters and statistics stay float32; see the module doc).",
 )
-_SPLITS = {2: (3, 2), 4: (2, 1, 1, 1)}  # resnet_tiny's 5 blocks per stage.
 
 
-def problem(name: str, K: int, rng: np.random.Generator):
-  """(model, task, batch, input spec, M) of a tiny model."""
-  if name == "resnet":
-    dtype = jnp.float64 if _FLOAT64.value else jnp.float32
-    model = resnet.make_model(
-      "resnet_tiny", num_classes=10, num_stages=K, split=_SPLITS[K], head="conv",
-      input_shape=(8, 8, 3), dtype=dtype,
-    )  # fmt: skip
-    batch = {
-      "image": rng.normal(size=(16, 8, 8, 3)).astype(dtype),
-      "label": rng.integers(0, 10, size=16).astype(np.int32),
-    }
-    return model, Classification(), batch, jax.ShapeDtypeStruct((1, 8, 8, 3), dtype), 4
-  model = transformer.make_model(
-    vocab_size=37, num_layers=4, num_stages=K, d_model=16, num_heads=2, d_ff=32, max_len=12,
-    dropout_rate=0.1,
-  )  # fmt: skip
-  tokens = rng.integers(0, 37, size=(8, 13)).astype(np.int32)
-  batch = {
-    "inputs": tokens[:, :-1],
-    "targets": tokens[:, 1:],
-    "weights": (rng.random((8, 12)) > 0.1).astype(np.float32),
-  }
-  return model, LanguageModeling(), batch, jax.ShapeDtypeStruct((1, 12), jnp.int32), 2
+def problem(name: str, K: int):
+  """(built, batch, (optimizer, schedule)) of model `name`'s config at K stages."""
+  config = copy.deepcopy(_CONFIGS[name].value)
+  config.num_stages = K
+  if name == "resnet" and _FLOAT64.value:
+    config.model.dtype = "float64"
+  built = families.build_synthetic(config)
+  # SGD whatever the config says: a conv bias before BatchNorm, or an attention key bias, has an
+  # exactly-zero gradient, whose float noise Adam would normalise into full-size steps.
+  opt = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10, weight_decay=1e-4)
+  return built, next(built.data.train_batches(0)), opt
 
 
 def compare(reference, candidate) -> tuple[float, bool]:
@@ -95,14 +103,11 @@ def compare(reference, candidate) -> tuple[float, bool]:
   return worst, ok
 
 
-def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, float, bool, float]:
+def run_case(built, batch, opt, M, strat, D, S) -> tuple[float, bool, float, bool, float]:
   """3 steps on spmd, fused and dataflow -> (max rel err vs fused, pass vs fused, max rel err
   vs dataflow, pass vs dataflow, seconds)."""
   start = time.perf_counter()
-  tx, sched = state.make_optimizer(
-    name="sgd", learning_rate=0.05, total_steps=10, weight_decay=1e-4
-  )
-  args = (model, task, strat, tx, sched, spec)
+  args = (built.model, built.task, strat, *opt, built.input_spec)
   fused = executor.FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
   ex = spmd.SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
   rng = jax.random.PRNGKey(1)
@@ -126,7 +131,8 @@ def run_case(model, task, batch, spec, M, strat, D, S) -> tuple[float, bool, flo
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --resnet_config.FIELD=VALUE.")
   placement.force_cpu_devices(8)  # K = 4 stages x D = 2.
   if _FLOAT64.value:
     jax.config.update("jax_enable_x64", True)
@@ -142,16 +148,17 @@ def main(argv):
               if (name, K, D, S, plan) in seen:
                 continue
               seen.add((name, K, D, S, plan))
-              model, task, batch, spec, M = problem(name, K, np.random.default_rng(0))
-              err, ok, ferr, fok, secs = run_case(model, task, batch, spec, M, strat, D, S)
-              result = "pass" if ok else ("= dataflow" if fok else "FAIL")
-              row = (name, K, D, S, M, strategy, combine, err, ferr, result, secs)
-              rows.append(row)
-              print(
-                "  ".join(str(v) if not isinstance(v, float) else f"{v:.2e}" for v in row[:-1])
-                + f"  ({secs:.0f} s)",
-                flush=True,
-              )
+              built, batch, opt = problem(name, K)
+              for M in map(int, _MICRO.value):
+                err, ok, ferr, fok, secs = run_case(built, batch, opt, M, strat, D, S)
+                result = "pass" if ok else ("= dataflow" if fok else "FAIL")
+                row = (name, K, D, S, M, strategy, combine, err, ferr, result, secs)
+                rows.append(row)
+                print(
+                  "  ".join(str(v) if not isinstance(v, float) else f"{v:.2e}" for v in row[:-1])
+                  + f"  ({secs:.0f} s)",
+                  flush=True,
+                )
   header = (
     "model", "K", "D", "steps/call", "M", "strategy", "combine", "vs fused", "vs dataflow",
     "result",

@@ -135,8 +135,7 @@ def main(argv):
   result = alignment(_WORKDIR.value, _STEP.value, _BATCHES.value, _DATA_STEP.value)
   print(render(result))
   if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+    files.write_text(_JSON_OUT.value, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Where one jitted train step spends its time, per XLA operation, from a profiler trace.
 
-Usage (from the repository root; the model flags are benchmark_step's):
+Usage (from the repository root; --config, --convs and --warmup are benchmark_step's):
 
-  .venv/bin/python -m scripts.profile_step --resnet=resnet34_cifar --head=conv
-  .venv/bin/python -m scripts.profile_step --model=transformer --strategy=pairwise
-  .venv/bin/python -m scripts.profile_step --resnet=resnet50 --image_size=224 --batch=8 \
+  .venv/bin/python -m scripts.profile_step --config.model.name=resnet34_cifar
+  .venv/bin/python -m scripts.profile_step \
+      --config=experiments/configs/benchmark.py:family=transformer --strategy=pairwise
+  .venv/bin/python -m scripts.profile_step --config=experiments/configs/resnet_imagenet.py \
+      --config.model.name=resnet50 --config.batch_size=8 \
       --convs=xla                         # XLA's own conv weight gradients, for comparison
 
 Runs --steps train steps of one strategy under `jax.profiler`, reads the trace (XPlane
@@ -33,15 +35,14 @@ import glob
 import re
 import statistics
 import tempfile
-import time
 
 import jax
 from absl import app, flags
 
+from ilbp import families, steps, timing, trainer
 from ilbp import state as train_state
-from ilbp import steps
 from ilbp.strategy import strategy as parse_strategy
-from scripts import benchmark_step as bench  # defines the model flags used here
+from scripts import benchmark_step as bench  # defines --config, --convs and --warmup
 
 _STRATEGY = flags.DEFINE_string("strategy", "local", "Strategy to profile.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Profiled steps (after --warmup untimed ones).")
@@ -121,29 +122,26 @@ def op_times(trace_dir: str, num_steps: int) -> collections.Counter:
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  rng = jax.random.PRNGKey(bench._SEED.value)
-  conv = (bench._CONVS.value or ["auto"])[0]
-  model, task, batch, desc = bench.build(jax.random.fold_in(rng, 1), conv)
-  opt_name = bench._OPTIMIZER.value or ("adamw" if bench._MODEL.value == "transformer" else "sgd")
-  optimizer, _ = train_state.make_optimizer(
-    name=opt_name, learning_rate=1e-3 if opt_name == "adamw" else 0.1, schedule="constant"
-  )
-  st = train_state.create_train_state(model, optimizer, rng, task.inputs(batch))
-  strategy = parse_strategy(_STRATEGY.value, bench._COMBINE.value)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --config.FIELD=VALUE.")
+  config = bench._CONFIG.value
+  rng = jax.random.PRNGKey(config.seed)
+  conv = (bench._CONVS.value or ["auto"])[0] if config.family == "resnet" else None
+  built, batch = bench.build(config, conv)
+  model, task = built.model, built.task
+  optimizer, _ = trainer.make_optimizer(config)
+  st = train_state.create_train_state(model, optimizer, rng, built.input_spec)
+  strategy = parse_strategy(_STRATEGY.value, config.combine)
   step = jax.jit(steps.make_train_step(model, task, strategy, optimizer), donate_argnums=0)
   hlo = step.lower(st, batch).compile().as_text()
   for _ in range(max(bench._WARMUP.value, 1)):
-    st, metrics = step(st, batch)
-    jax.block_until_ready((st, metrics))
+    st, _ = timing.timed_ms(lambda st=st: step(st, batch))[0]
   wall = []
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(_STEPS.value):
-      start = time.perf_counter()
-      st, metrics = step(st, batch)
-      jax.block_until_ready((st, metrics))
-      wall.append(time.perf_counter() - start)
+      (st, _), ms = timing.timed_ms(lambda st=st: step(st, batch))
+      wall.append(ms)
     jax.profiler.stop_trace()
     times = op_times(trace_dir, _STEPS.value)
   if not times:
@@ -160,9 +158,9 @@ def main(argv: list[str]) -> None:
     rows.append((ms, name, kind, shape, source))
   total = sum(kinds.values())
   print(
-    f"{desc}\nbatch {bench._BATCH.value}, strategy {strategy.name}"
-    + (f", conv={conv}" if bench._MODEL.value == "resnet" else "")
-    + f", backend {jax.default_backend()}: step {1e3 * statistics.median(wall):.1f} ms wall "
+    f"{families.describe(config, built)}\nbatch {config.batch_size}, strategy {strategy.name}"
+    + (f", conv={conv}" if conv else "")
+    + f", backend {jax.default_backend()}: step {statistics.median(wall):.1f} ms wall "
     f"(median of {_STEPS.value}), {total:.1f} ms of operations summed over threads\n"
   )
   for kind, ms in kinds.most_common():

@@ -33,9 +33,10 @@ from ilbp.staged import StagedModel
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
-def xla_flags(num_devices: int = 1) -> str:
-  """XLA_FLAGS for a test subprocess with `num_devices` forced CPU devices."""
-  return f"{TEST_XLA_FLAGS} {placement.cpu_devices_flag(num_devices)}"
+def devices_env(num_devices: int = 1) -> dict:
+  """The environment for a test subprocess with `num_devices` forced CPU devices: this one's
+  (TEST_XLA_FLAGS included) with JAX_NUM_CPU_DEVICES, which jax reads when it is imported."""
+  return dict(os.environ, **{placement.CPU_DEVICES_ENV: str(num_devices)})
 
 
 # XLA reads XLA_FLAGS when a backend starts (the first device query), not at import.
@@ -98,10 +99,11 @@ def image_batch():
 def run_with_devices(script: str, num_devices: int, *, timeout: int = 900) -> str:
   """Runs `script` in a fresh Python with `num_devices` forced CPU devices; returns stdout.
 
-  XLA_FLAGS must be set before jax is imported, so multi-device tests run in their own
-  process (tests/ and the repository root on the path). Fails with the script's stderr.
+  A process has one device count, fixed when its backends start, and a pytest worker runs
+  many test files: multi-device tests run in their own process (tests/ and the repository
+  root on the path), so the other tests keep one device. Fails with the script's stderr.
   """
-  env = dict(os.environ, XLA_FLAGS=xla_flags(num_devices))
+  env = devices_env(num_devices)
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.getcwd()])
   env.update({name.upper(): str(value) for name, value in _CACHE_SETTINGS.items()})
   with tempfile.TemporaryDirectory(prefix="ilbp-jax-cache-") as cache:

@@ -47,6 +47,7 @@ def test_tfds_shapes_dtypes_and_counts(name, kwargs, num_classes, shape):
   assert data.num_train_examples == data.num_eval_examples == NUM_MOCK_EXAMPLES
   assert data.num_classes == num_classes
   assert data.image_shape == shape
+  assert images.dataset_shape(name, kwargs.get("image_size")) == (num_classes, shape)
   for batch in take(data.train_batches(0), 3):
     assert batch.keys() == {"image", "label"}
     assert batch["image"].shape == (4, *shape) and batch["image"].dtype == np.float32

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import xla_flags
+from conftest import devices_env
 
 from ilbp import distributed
 
@@ -63,8 +63,7 @@ def _free_port() -> int:
 
 
 def _binary(workdir, steps, extra_env=None, flags=(), devices=1):
-  env = dict(os.environ, **(extra_env or {}))
-  env["XLA_FLAGS"] = xla_flags(devices)
+  env = dict(devices_env(devices), **(extra_env or {}))
   cmd = [
     sys.executable,
     "-m",

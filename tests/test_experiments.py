@@ -6,6 +6,7 @@ stops with the step; bad configs fail before any compute; warm-up longer than a 
 clamped; a second run on a live workdir refuses; the CIFAR configs carry the authors' recipe.
 """
 
+import itertools
 import json
 import math
 import os
@@ -460,3 +461,41 @@ def test_cifar_configs_carry_the_authors_recipe(module):
   with pytest.raises(ValueError, match="authors, cosine"):
     module.get_config("recipe=linear")
   assert common.epochs_to_steps(5, 45_000, 128) == c.eval_every_steps == 1758
+
+
+def test_synthetic_build_has_the_real_builds_model_and_batch_shapes(tmp_path):
+  # The benchmarks time `build_synthetic`'s model on random batches: it must be the model the
+  # trainer builds, fed batches of the same shapes and dtypes.
+  config = resnet_digits.get_config("stages=2,runlocal=1")
+  real, fake = families.build(config, str(tmp_path)), families.build_synthetic(config)
+  assert real.input_spec == fake.input_spec
+  tx = trainer.make_optimizer(config)[0]
+
+  def init(built):
+    create = lambda: state.create_train_state(built.model, tx, jax.random.key(0), built.input_spec)
+    return jax.eval_shape(create)
+
+  assert jax.tree.structure(init(real)) == jax.tree.structure(init(fake))
+  assert jax.tree.leaves(init(real)) == jax.tree.leaves(init(fake))
+  shapes = lambda batch: {k: (v.shape, v.dtype) for k, v in batch.items()}
+  assert shapes(next(real.data.train_batches(0))) == shapes(next(fake.data.train_batches(0)))
+  assert shapes(next(real.data.eval_batches())) == shapes(next(fake.data.eval_batches()))
+  # Batches are a function of (seed, step).
+  a, b = next(fake.data.train_batches(3)), list(itertools.islice(fake.data.train_batches(0), 4))[3]
+  np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_benchmark_config_defaults_and_transformer_variant():
+  from experiments.configs import benchmark
+
+  # scripts.benchmark_pipeline with no flags: resnet20 at 32x32, batch 64, K = 2, M = 8.
+  c = benchmark.get_config()
+  built = families.build_synthetic(c)
+  assert (c.model.name, c.model.head, c.batch_size, c.num_stages) == ("resnet20", "pool", 64, 2)
+  assert (built.input_spec.shape, c.execution.microbatches) == ((1, 32, 32, 3), 8)
+  t = benchmark.get_config("family=transformer,stages=4")
+  built = families.build_synthetic(t)
+  assert built.model.num_stages == 4 and built.input_spec.shape == (1, 64)
+  assert next(built.data.train_batches(0))["inputs"].max() < 1024
+  with pytest.raises(ValueError, match="resnet, transformer"):
+    benchmark.get_config("family=vit")

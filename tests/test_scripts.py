@@ -16,10 +16,7 @@ def test_benchmark_step_prints_every_strategy(tmp_path):
   stdout = _run(
     [
       "scripts.benchmark_step",
-      "--resnet=resnet_tiny",
-      "--head=pool",
-      "--batch=4",
-      "--stages=3",
+      "--config=experiments/configs/benchmark.py:model=resnet_tiny,head=pool,stages=3,batch=4",
       "--strategies=local,global",
       "--nospec",
       "--warmup=1",
@@ -56,8 +53,8 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
   stdout = _run(
     [
       "scripts.benchmark_pipeline",
-      "--model=resnet_tiny",
-      "--batch=8",
+      "--config=experiments/configs/benchmark.py:batch=8",
+      "--config.model.name=resnet_tiny",
       "--microbatches=2",
       "--strategies=local,global",
       "--executors=dataflow,fused",
@@ -78,5 +75,5 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
   assert flow["local", "continuous"]["inflight_microbatches_max"] == 1
   assert flow["global", "flushed"]["inflight_microbatches_max"] == 2
   assert all(r["predicted_ms_per_step"] > 0 for r in flow.values())
-  assert (tmp_path / "gantt_local_continuous.png").stat().st_size > 0
+  assert (tmp_path / "gantt_local_continuous_K2_M2.png").stat().st_size > 0
   assert {r["strategy"] for r in rows if r["executor"] == "fused"} == {"local", "global"}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import conv_bn_model, xla_flags
+from conftest import conv_bn_model, devices_env
 
 import ilbp
 from ilbp import state
@@ -101,6 +101,26 @@ def test_grad_clip_is_per_stage_and_per_head():
   np.testing.assert_allclose(updates["head"]["w"], -0.1, rtol=1e-6)
 
 
+def test_per_module_clip_equals_clip_by_global_norm_of_each_subtree():
+  rng = np.random.default_rng(0)
+  grads = {
+    "stage": {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)) * 3, "bias": rng.normal(size=4)}},
+    "head": {"dense": {"kernel": rng.normal(size=(4, 5)) * 0.01}},
+  }
+  grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads)
+  clip = state._clip_per_module(1.0)
+  got, _ = clip.update(grads, clip.init(grads))
+  alone = optax.clip_by_global_norm(1.0)
+  for key in ("stage", "head"):
+    want, _ = alone.update(grads[key], alone.init(grads[key]))
+    for g, w in zip(jax.tree.leaves(got[key]), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(g, w)
+  # The last stage has no head: an empty subtree is left alone.
+  last = {"stage": grads["stage"], "head": {}}
+  got, _ = clip.update(last, clip.init(last))
+  assert got["head"] == {}
+
+
 def test_schedules_and_bad_optimizer_names():
   sched = state.make_schedule(learning_rate=1.0, total_steps=100, schedule="step", warmup_steps=10)
   assert float(sched(5)) == pytest.approx(0.5)
@@ -189,7 +209,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_step_equals_unsharded_on_4_devices():
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
+  env = devices_env(4)
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.getcwd()])
   out = subprocess.run(
     [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300

@@ -103,14 +103,15 @@ class _TfdsSpec:
   shuffle_buffer: int | None  # None: the whole per-process split.
   native_size: int | None  # None: images vary in size and are resized to `image_size`.
   default_size: int
+  num_classes: int
 
 
 _TFDS_SPECS = {
   "cifar10": _TfdsSpec(
-    "cifar10", "test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), None, 32, 32
+    "cifar10", "test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), None, 32, 32, 10
   ),
   "cifar100": _TfdsSpec(
-    "cifar100", "test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), None, 32, 32
+    "cifar100", "test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), None, 32, 32, 100
   ),
   "imagenet2012": _TfdsSpec(
     "imagenet2012",
@@ -120,9 +121,37 @@ _TFDS_SPECS = {
     _IMAGENET_SHUFFLE_BUFFER,
     None,
     224,
+    1000,
   ),
 }
 _VALID_NAMES = (*_TFDS_SPECS, "digits")
+_DIGITS_SHAPE = (8, 8, 1)
+
+
+def dataset_shape(name: str, image_size: int | None = None) -> tuple[int, tuple[int, int, int]]:
+  """(number of classes, (H, W, C) of every image) of a dataset, without reading it.
+
+  Args:
+    name: "cifar10", "cifar100", "imagenet2012" or "digits".
+    image_size: as in `get_data`.
+
+  Raises:
+    ValueError: unknown name or unsupported image size.
+  """
+  if name not in _VALID_NAMES:
+    raise ValueError(f"Unknown image dataset {name!r}; valid names: {', '.join(_VALID_NAMES)}.")
+  if name == "digits":
+    if image_size not in (None, _DIGITS_SHAPE[0]):
+      raise ValueError(f"digits images are 8x8; image_size={image_size} is not supported.")
+    return 10, _DIGITS_SHAPE
+  spec = _TFDS_SPECS[name]
+  if spec.native_size is not None and image_size not in (None, spec.native_size):
+    raise ValueError(
+      f"{name} images are {spec.native_size}x{spec.native_size}; "
+      f"image_size={image_size} is not supported."
+    )
+  size = image_size or spec.default_size
+  return spec.num_classes, (size, size, 3)
 
 
 def get_data(
@@ -166,8 +195,7 @@ def get_data(
       be downloaded here (no internet, or ImageNet's manual download); raised within seconds,
       and the message says how to prepare it and where to point `data_dir`.
   """
-  if name not in _VALID_NAMES:
-    raise ValueError(f"Unknown image dataset {name!r}; valid names: {', '.join(_VALID_NAMES)}.")
+  dataset_shape(name, image_size)  # Checks the name and the size.
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}.")
   shard = input_shard(shard)
@@ -184,19 +212,12 @@ def get_data(
       f"percent), got {validation_fraction}."
     )
   if name == "digits":
-    if image_size not in (None, 8):
-      raise ValueError(f"digits images are 8x8; image_size={image_size} is not supported.")
     if validation_percent:
       raise ValueError(
         "validation_fraction applies to the TFDS datasets; digits has a fixed train/test split."
       )
     return _digits(per_batch, per_eval_batch, seed, shard)
   spec = _TFDS_SPECS[name]
-  if spec.native_size is not None and image_size not in (None, spec.native_size):
-    raise ValueError(
-      f"{name} images are {spec.native_size}x{spec.native_size}; "
-      f"image_size={image_size} is not supported."
-    )
   return _tfds_data(
     spec,
     per_batch,
@@ -352,7 +373,7 @@ def _tfds_data(
     eval_batches=eval_batches,
     num_train_examples=num_train * processes,
     num_eval_examples=num_eval,
-    num_classes=builder.info.features["label"].num_classes,
+    num_classes=spec.num_classes,
     image_shape=(image_size, image_size, 3),
     validation_batches=validation_batches,
     num_validation_examples=num_validation,
@@ -482,5 +503,5 @@ def _digits(per_batch: int, per_eval_batch: int, seed: int, shard: tuple[int, in
     num_train_examples=num_train * processes,
     num_eval_examples=len(test_y),
     num_classes=10,
-    image_shape=(8, 8, 1),
+    image_shape=_DIGITS_SHAPE,
   )
