@@ -35,7 +35,7 @@ round-robin, one chunk each per round, so drift on a shared machine hits all row
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
 the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group,
 a B op that waits for a cotangent from above paying a recomputed forward).
-Predicted (dataflow): the schedule's simulation (`ilbp.pipeline.schedule`) with per-op costs
+Predicted (dataflow): the schedule's simulation (`ilbp.execution.schedule`) with per-op costs
 measured here, each program timed alone (`DataflowExecutor.measure_costs`), and the measured
 activation transfer as the latency between stages. `in-flight` is the most microbatches whose
 residuals a stage holds at once in that simulation.
@@ -58,10 +58,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ilbp import executor as executors
 from ilbp import families, files, placement, timing, trainer
-from ilbp.pipeline import dataflow, spmd, ticks
-from ilbp.pipeline import schedule as schedule_lib
+from ilbp.execution import dataflow, fused, gantt, spmd
+from ilbp.execution import schedule as schedule_lib
+from ilbp.execution.spmd import ticks
 from ilbp.strategy import strategy as parse_strategy
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -117,7 +117,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
       for mode in modes:
         args = (built.model, built.task, strat, tx, sched, built.input_spec)
         if kind == "fused":
-          ex = executors.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
+          ex = fused.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
         elif kind == "spmd":
           ex = spmd.SpmdExecutor(
             *args,
@@ -339,7 +339,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
         f"{row['strategy']} ({row['mode']}), K={k}, M={m}, op costs timed alone: "
         f"{alone:.1f} ms/step (with shared-core slowdown {pred:.1f}; measured {ms:.1f})"
       )
-      schedule_lib.gantt(row["schedule"].simulate(3), path, title=title, unit="ms")
+      gantt.gantt(row["schedule"].simulate(3), path, title=title, unit="ms")
       row["gantt"] = path
     drop = ("ex", "s", "state", "batch", "schedule", "costs")
     keep = {key: v for key, v in row.items() if key not in drop}

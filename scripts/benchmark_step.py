@@ -31,7 +31,7 @@ Columns:
               naive implementation would cost, i.e. what the engine saves.
   temp MiB    XLA's compiled temporary memory (`memory_analysis().temp_size_in_bytes`) of the
               engine's gradient computation (spec MiB: of the spec's).
-  step ms     median wall time of one full jitted train step (`steps.make_train_step`:
+  step ms     median wall time of one full jitted train step (`fused.make_train_step`:
               gradients + optimizer update, state donated), blocking on the results, over
               --repeats steps after --warmup steps. Rows are timed round-robin (one step of
               every row, then the next round) so drift on a shared machine hits all alike.
@@ -44,7 +44,7 @@ Columns:
   step/fwd    step ms divided by fwd ms: what a step costs in forward passes. A framework whose
               backward is efficient lands near 3 (backward ≈ 2 forwards).
 
-The baseline step is `steps.make_train_step(..., gradients="backprop")`: the same step with the
+The baseline step is `fused.make_train_step(..., gradients="backprop")`: the same step with the
 backprop gradients (`StagedModel.gradients(method="backprop")`); its metrics lack the per-head
 loss/accuracy values (a few reductions).
 """
@@ -64,8 +64,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from ilbp import families, files, steps, timing, trainer
+from ilbp import families, files, timing, trainer
 from ilbp import state as train_state
+from ilbp.execution import fused
 from ilbp.models import conv as conv_lib
 from ilbp.profiling import compiled_cost
 from ilbp.staged import StagedModel
@@ -277,7 +278,7 @@ def main(argv: list[str]) -> None:
   jitted, states = {}, {}
   for name, (conv, strat, method) in rows_spec.items():
     m, st = variants[conv]
-    step = steps.make_train_step(m, task, strat, optimizer, gradients=method)
+    step = fused.make_train_step(m, task, strat, optimizer, gradients=method)
     jitted[name] = jax.jit(step, donate_argnums=0)
     states[name] = jax.tree.map(jnp.copy, st)
   for conv, (m, st) in variants.items():

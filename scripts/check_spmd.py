@@ -43,8 +43,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import ilbp
-from ilbp import executor, families, interlock, placement, state
-from ilbp.pipeline import dataflow, spmd
+from ilbp import families, interlock, placement, state
+from ilbp.execution import dataflow, spmd
+from ilbp.execution.fused import FusedExecutor
 
 _CONFIGS = {
   "resnet": config_flags.DEFINE_config_file(
@@ -108,7 +109,7 @@ def run_case(built, batch, opt, M, strat, D, S) -> tuple[float, bool, float, boo
   vs dataflow, pass vs dataflow, seconds)."""
   start = time.perf_counter()
   args = (built.model, built.task, strat, *opt, built.input_spec)
-  fused = executor.FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
+  fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
   ex = spmd.SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
   rng = jax.random.PRNGKey(1)
   a, b = fused.init_state(rng), ex.init_state(rng)

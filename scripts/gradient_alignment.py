@@ -32,10 +32,10 @@ import numpy as np
 from absl import app, flags, logging
 from jax.flatten_util import ravel_pytree
 
-from ilbp import executor as executors
 from ilbp import families, files, trainer
 from ilbp.checkpoint import Checkpointer
-from ilbp.steps import microbatch_rng
+from ilbp.execution.fused import FusedExecutor
+from ilbp.execution.stage import microbatch_rng
 from ilbp.strategy import Strategy
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory (config.json, checkpoints/).")
@@ -64,7 +64,7 @@ def alignment(workdir: str, step: int | None, batches: int, data_step: int) -> d
   built = families.build(config, workdir)
   model, task, K = built.model, built.task, built.model.num_stages
   tx, _ = trainer.make_optimizer(config)
-  fused = executors.FusedExecutor(model, task, Strategy(1), tx, None, built.input_spec)
+  fused = FusedExecutor(model, task, Strategy(1), tx, None, built.input_spec)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:

@@ -39,8 +39,9 @@ import tempfile
 import jax
 from absl import app, flags
 
-from ilbp import families, steps, timing, trainer
+from ilbp import families, timing, trainer
 from ilbp import state as train_state
+from ilbp.execution import fused
 from ilbp.strategy import strategy as parse_strategy
 from scripts import benchmark_step as bench  # defines --config, --convs and --warmup
 
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> None:
   optimizer, _ = trainer.make_optimizer(config)
   st = train_state.create_train_state(model, optimizer, rng, built.input_spec)
   strategy = parse_strategy(_STRATEGY.value, config.combine)
-  step = jax.jit(steps.make_train_step(model, task, strategy, optimizer), donate_argnums=0)
+  step = jax.jit(fused.make_train_step(model, task, strategy, optimizer), donate_argnums=0)
   hlo = step.lower(st, batch).compile().as_text()
   for _ in range(max(bench._WARMUP.value, 1)):
     st, _ = timing.timed_ms(lambda st=st: step(st, batch))[0]

@@ -13,7 +13,7 @@
                <exp>_<split>_tradeoff.png: output metric vs modelled time per step;
                gantt_K<K>_<strategy>_<combine>.png: the pipeline schedule of each strategy
 
-The modelled time is `ilbp.pipeline.schedule` with its unit costs (f = 1, b = 1, w = 2, aux
+The modelled time is `ilbp.execution.schedule` with its unit costs (f = 1, b = 1, w = 2, aux
 head 0.25 per stage forward), not a measurement: the runs themselves train one fused program.
 """
 
@@ -25,7 +25,7 @@ import os
 import statistics
 
 from ilbp import results
-from ilbp.pipeline import schedule
+from ilbp.execution import gantt, schedule
 from ilbp.strategy import strategy as parse_strategy
 
 SPLIT_NAMES = {"eval": "test", "val": "validation"}
@@ -164,7 +164,7 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
     "- steps/s: the median over each run's logged intervals after the first (which includes "
     "compilation), mean ± sd over seeds; one fused program per step on this host, timed on a "
     "machine that may be shared.",
-    f"- Modelled time/step: `ilbp.pipeline.schedule` with its unit-cost model (forward 1, "
+    f"- Modelled time/step: `ilbp.execution.schedule` with its unit-cost model (forward 1, "
     f"input gradient 1, weight gradient 2, aux head 0.25, in units of one stage forward), "
     f"K stages on K devices, M = {microbatches} microbatches, continuous; the unit-cost model "
     f"of the schedule, not a measurement.",
@@ -326,7 +326,7 @@ def write(out: str, *, suite: str, runs, missing: list[str], microbatches: int =
   ):
     sched = schedule.build(parse_strategy(strategy, combine), K, microbatches)
     written.append(os.path.join(plots, f"gantt_K{K}_{strategy}_{combine}.png"))
-    schedule.gantt(
+    gantt.gantt(
       sched.simulate(2),
       written[-1],
       title=f"{strategy} ({combine}), K={K}, M={microbatches}: unit-cost model, 2 steps",

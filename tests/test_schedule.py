@@ -5,7 +5,15 @@ import itertools
 import pytest
 
 from ilbp.execution.gantt import gantt
-from ilbp.execution.schedule import Backward, Forward, Loss, StageCost, Update, build, closed_form, unit_costs
+from ilbp.execution.schedule import (
+  Backward,
+  Forward,
+  StageCost,
+  Update,
+  build,
+  closed_form,
+  unit_costs,
+)
 from ilbp.strategy import strategy
 
 STRATEGIES = [

@@ -146,10 +146,10 @@ def test_transformer_blocks_are_stacked_and_only_stage_extras_padded():
   import jax.numpy as jnp
   import optax
 
-  from ilbp.models import transformer
   import ilbp
   from ilbp.execution.spmd.flat import FlatLayout
   from ilbp.execution.stage import abstract_stages, make_stages
+  from ilbp.models import transformer
 
   K, d, vocab, length = 4, 16, 32, 8
   model = transformer.make_model(

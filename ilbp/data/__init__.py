@@ -5,7 +5,8 @@ import jax
 
 def input_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
   """`(index, count)` of the share of the data this process loads: `shard`, or by default its
-  process index and count (see `ilbp.execution.factory.input_shard` for executors that feed otherwise)."""
+  process index and count (`ilbp.execution.factory.input_shard` for executors that feed
+  otherwise)."""
   return (jax.process_index(), jax.process_count()) if shard is None else tuple(shard)
 
 

@@ -23,8 +23,13 @@ import optax
 
 from ilbp import placement, state
 from ilbp.execution.base import TrainStateIsLive
-from ilbp.execution.stage import Stage, Where, make_stages, mean_metrics, named_sums
-from ilbp.execution.stage import split_microbatches
+from ilbp.execution.stage import (
+  Where,
+  make_stages,
+  mean_metrics,
+  named_sums,
+  split_microbatches,
+)
 from ilbp.staged import StagedModel
 from ilbp.state import TrainState
 from ilbp.strategy import Strategy

@@ -235,7 +235,9 @@ class Stage:
 
   def init(self, input_spec) -> Callable:
     """init_rng -> the stage's fresh StageState (jit it with the stage's shardings)."""
-    return lambda init_rng: init_stage_state(self.model, self.optimizer, self.k, init_rng, input_spec)
+    return lambda init_rng: init_stage_state(
+      self.model, self.optimizer, self.k, init_rng, input_spec
+    )
 
 
 def make_stages(
@@ -249,12 +251,15 @@ def make_stages(
   """Every stage's `Stage`, their plans from `interlock.stage_plans`."""
   plans = interlock.stage_plans(strategy, model.num_stages)
   return tuple(
-    Stage(model, task, k, plans[k], optimizer, lr, microbatches)
-    for k in range(model.num_stages)
+    Stage(model, task, k, plans[k], optimizer, lr, microbatches) for k in range(model.num_stages)
   )
 
 
 # --- State on each stage's devices -------------------------------------------------------------
+
+
+def _init_from_key(init):
+  return lambda r: init(init_keys(r)[0])
 
 
 def init_on_stages(
@@ -267,8 +272,7 @@ def init_on_stages(
   key = np.asarray(rng)  # The same host value on every process.
   states = []
   for k, stage in enumerate(stages):
-    init = lambda r, init=stage.init(specs[k]): init(init_keys(r)[0])
-    states.append(jax.jit(init, out_shardings=shardings[k])(key))
+    states.append(jax.jit(_init_from_key(stage.init(specs[k])), out_shardings=shardings[k])(key))
   step, dropout_rng = jax.jit(
     lambda r: (jnp.zeros((), jnp.int32), init_keys(r)[1]), out_shardings=(scalars, scalars)
   )(key)

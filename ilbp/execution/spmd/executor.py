@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from ilbp import placement
 from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.spmd import program, ticks
-from ilbp.execution.spmd.packing import STAGE_AXIS, Packing, PackedState
+from ilbp.execution.spmd.packing import STAGE_AXIS, PackedState, Packing
 from ilbp.execution.stage import (
   abstract_stages,
   init_on_stages,

@@ -291,9 +291,7 @@ def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) ->
       g = table.groups.get((t, k))
       if g is None:
         continue
-      ops = (
-        [Forward(k, g.microbatch, g.step), Loss(k, g.microbatch, g.step)] if g.forward else []
-      )
+      ops = [Forward(k, g.microbatch, g.step), Loss(k, g.microbatch, g.step)] if g.forward else []
       ops += [Backward(k, g.microbatch, g.step, schedule.plan[k][i]) for i in g.backward]
       ops += [Update(k, None, g.step)] if g.update else []
       recompute = 0.0 if g.forward else schedule.costs[k].forward
