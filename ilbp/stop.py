@@ -22,7 +22,6 @@ import signal
 import threading
 
 import jax
-from absl import logging
 from jax.experimental import multihost_utils
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -77,10 +76,8 @@ class StopSignals:
     self.signum = signum
     if self._synced:
       os.kill(os.getpid(), signal.SIGTERM)  # The preemption service tells every process.
-    logging.warning(
-      "%s received: stopping after the current step, with a checkpoint (again to stop at once).",
-      signal.Signals(signum).name,
-    )
+    # Nothing is logged here: a handler runs between any two bytecodes, also inside logging's
+    # own lock; `RunStopped` says what happened once the checkpoint is written.
 
   def should_stop(self, call: int) -> bool:
     """Whether to stop after executor call number `call` (counted from 0 in this session, the

@@ -334,6 +334,10 @@ def test_binary_runs_from_the_command_line(tmp_path):
     [sys.executable, "-m", "experiments.transformer", *cmd[3:]], capture_output=True, text=True
   )
   assert wrong.returncode != 0 and "python -m experiments.resnet" in wrong.stderr
+  # One line, naming the config file (not the config's contents).
+  assert wrong.stderr.strip().splitlines() == [
+    f"{cmd[4]} is a 'resnet' config; run it with `python -m experiments.resnet`."
+  ], wrong.stderr
 
 
 class _Built(Exception):
