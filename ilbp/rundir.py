@@ -6,8 +6,8 @@
   config_history.jsonl  one line per resumed session that changed the config: the fields, their
                         old and new values and the checkpoint step the session resumed from
 
-Paths go through `etils.epath` (gs:// and the other URLs `tf.io.gfile` reads). Object stores
-have no append: in a bucket, a file that grows is rewritten whole.
+Paths go through `etils.epath` (local, gs://, s3://, az://). Object stores have no append: in
+a bucket, a file that grows is rewritten whole.
 
 `prepared(workdir)` creates the workdir, and removes what it created when the run is refused
 (`RunRefused`: the config or the workdir cannot start a run), so that a refused run leaves
