@@ -9,4 +9,4 @@ from absl import app
 from experiments import launch
 
 if __name__ == "__main__":
-  app.run(launch.main_for("resnet"))
+  app.run(launch.main_for("resnet"), flags_parser=launch.parse_flags)

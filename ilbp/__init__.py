@@ -11,8 +11,11 @@ The library has no flags (absl only for logging): import it from a notebook. Whe
                   (stage), the fused, dataflow and spmd executors, the schedule and its Gantt
   ilbp.families   config -> model, data, task
   ilbp.trainer    train_and_evaluate(config, workdir): the loop behind the experiment binaries
-  ilbp.checkpoint orbax checkpoints and the resume compatibility check
+  ilbp.checkpoint orbax checkpoints (damaged ones skipped) and the resume compatibility check
+  ilbp.rundir     a workdir's metrics.jsonl, config.json and config history; refused runs
+  ilbp.stop       Ctrl-C and SIGTERM (pre-emption): stop after a step, with a checkpoint
   ilbp.workdir_lock one live run per workdir
+  ilbp.files      the two file helpers etils.epath lacks (is_url, write a file whole)
   ilbp.placement  device meshes and shardings
   ilbp.profiling  XLA FLOPs and memory of a jitted function
   ilbp.results    reading a run's metrics.jsonl (final evaluation, throughput)

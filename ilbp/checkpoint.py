@@ -1,20 +1,23 @@
 """Orbax checkpoints of the train state, and the run-compatibility check on resume.
 
-Resume order (`train_and_evaluate`): the newest checkpoint in `workdir/checkpoints/`, else a
-fresh initialisation. The data position is not saved: batches are a pure function of
-(seed, step), so restoring the step restores the input stream too.
+Resume order (`train_and_evaluate`): the newest checkpoint in `workdir/checkpoints/` that reads
+back whole, else a fresh initialisation. A damaged step folder (a file truncated by a full disk
+or a copy cut short) is named in a warning and left in place until the run saves that step
+again. The data position is not saved: batches are a pure function of (seed, step), so
+restoring the step restores the input stream too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
-from ilbp import files
+from ilbp import files, rundir
 
 # Config fields that fix what a checkpoint means: resuming with another value would train a
 # different experiment (or fail to restore), so it needs an explicit override.
@@ -36,15 +39,69 @@ class Checkpointer:
     )
     where = directory if files.is_url(directory) else os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(where, options=options)
+    self._damaged: set[int] = set()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def step_dir(self, step: int) -> epath.Path:
+    """The folder of checkpoint `step`."""
+    return epath.Path(self._manager.directory) / str(step)
+
   def save(self, step: int, state: Any) -> None:
-    """Saves `state` at `step` (asynchronously when enabled); a second save of a step is a no-op."""
-    if step in self._manager.all_steps():
+    """Saves `state` at `step` (asynchronously when enabled); a second save of a step is a no-op,
+    except over a damaged checkpoint (`restore_latest`), which is replaced."""
+    if step in self._damaged:
+      logging.warning("Replacing the damaged checkpoint %s.", self.step_dir(step))
+      self._manager.delete(step)
+      self._damaged.discard(step)
+    elif step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore_latest(self, target: Any) -> tuple[int | None, Any]:
+    """Restores the newest checkpoint that reads back whole onto `target` (as `restore`).
+
+    A checkpoint that fails to read, also without a target, is damaged: it is named in a
+    warning, left in place, and the next older one is tried. A checkpoint that reads without a
+    target but not onto it does not fit this run (another model): that error is raised.
+
+    Returns:
+      (step, state), or (None, None) when the directory holds no checkpoint.
+
+    Raises:
+      rundir.RunRefused: there are checkpoints but none reads back whole.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        return step, self.restore(step, target)
+      except Exception as error:  # Orbax and TensorStore raise many kinds for a bad file.
+        if not self._damaged_at(step):
+          raise
+        logging.warning(
+          "Checkpoint %s is damaged and cannot be restored (%s: %s); leaving it in place and "
+          "trying the one before.",
+          self.step_dir(step),
+          type(error).__name__,
+          str(error).splitlines()[0] if str(error) else "",
+        )
+        self._damaged.add(step)
+    if steps:
+      raise rundir.RunRefused(
+        f"No intact checkpoint in {self._manager.directory}: steps "
+        f"{', '.join(map(str, steps))} are all damaged. Move them aside to start again from "
+        "scratch in this workdir, or pass another --workdir."
+      )
+    return None, None
+
+  def _damaged_at(self, step: int) -> bool:
+    """Whether checkpoint `step` fails to read back as saved, with no target to fit."""
+    try:
+      self._manager.restore(step, args=ocp.args.StandardRestore())
+    except Exception:
+      return True
+    return False
 
   def restore(self, step: int, target: Any = None) -> Any:
     """Restores onto `target`'s structure, shapes, dtypes and shardings (use `jax.eval_shape`
@@ -83,10 +140,9 @@ def check_compatible(workdir: str, config: dict, *, allow_change: bool) -> None:
   Raises:
     ValueError: naming every differing field, the old and new values, and the two fixes.
   """
-  path = os.path.join(workdir, "config.json")
-  if allow_change or not files.exists(path):
+  old = rundir.previous_config(epath.Path(workdir))
+  if allow_change or old is None:
     return
-  old = json.loads(files.read_text(path))
   diffs = [
     f"{field}: {_get(old, field)!r} -> {_get(config, field)!r}"
     for field in COMPATIBILITY_FIELDS

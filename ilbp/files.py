@@ -1,10 +1,10 @@
-"""Run-directory files on a local disk or in a bucket (gs://, and any URL TensorFlow reads).
+"""The two file helpers `etils.epath` does not provide.
 
-Local paths use Python's own file functions. A URL goes through `tf.io.gfile` (TensorFlow is
-imported only then), which reads and writes Google Cloud Storage from a Cloud TPU VM with the
-VM's credentials. Object stores have no append: a file that grows (metrics.jsonl) is
-rewritten whole by its writer, with `write_text` (a new object renamed over the old one), so an
-interrupted write leaves the previous complete object.
+Files are read and written through `etils.epath`, which takes local paths and gs:// (and s3://,
+az://) alike, through tf.io.gfile or fsspec. It has no public test for "this is an object
+store", which the places that must behave differently there (no append, no flock, libraries
+that only write locally) need: `is_url`. And its `write_text` writes in place: `write_text`
+here replaces a file whole.
 """
 
 from __future__ import annotations
@@ -12,47 +12,22 @@ from __future__ import annotations
 import os
 import re
 
+from etils import epath
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def is_url(path: str) -> bool:
-  """Whether `path` is a URL such as gs://bucket/run (not a local or mounted path)."""
+def is_url(path) -> bool:
+  """Whether `path` (a string or an epath.Path) is a URL such as gs://bucket/run."""
   return bool(_URL.match(str(path)))
 
 
-def _gfile():
-  import tensorflow as tf  # Only for URLs: a local run does not pay TensorFlow's import.
-
-  return tf.io.gfile
-
-
-def makedirs(path: str) -> None:
-  if is_url(path):
-    _gfile().makedirs(path)
-  else:
-    os.makedirs(path, exist_ok=True)
-
-
-def exists(path: str) -> bool:
-  return _gfile().exists(path) if is_url(path) else os.path.exists(path)
-
-
-def read_text(path: str) -> str:
-  if is_url(path):
-    with _gfile().GFile(path, "r") as f:
-      return f.read()
-  with open(path) as f:
-    return f.read()
-
-
-def write_text(path: str, text: str) -> None:
-  """Replaces the file's content with `text` (for a URL: written whole under a temporary name,
-  then renamed over the old object, so a reader never sees a part)."""
-  if is_url(path):
-    gfile, tmp = _gfile(), f"{path}.tmp-{os.getpid()}"
-    with gfile.GFile(tmp, "w") as f:
-      f.write(text)
-    gfile.rename(tmp, path, overwrite=True)
-  else:
-    with open(path, "w") as f:
-      f.write(text)
+def write_text(path, text: str) -> None:
+  """Replaces the file's content with `text`: written under a temporary name, then renamed over
+  the old file, so that an interrupted write leaves the previous complete file (and a reader
+  never sees a part). Also the only correct write on TensorFlow's ram:// filesystem, the tests'
+  bucket, where opening an existing file for writing appends."""
+  path = epath.Path(path)
+  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  tmp.replace(path)

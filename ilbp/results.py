@@ -1,18 +1,17 @@
 """Reading a run directory's `metrics.jsonl`: the rows, the final evaluation, the throughput.
 
 Tables and plots are built from these files, never from TensorBoard event files. The trainer
-appends one JSON object per step; after a resume, the steps between the last checkpoint and the
-interruption appear again (identical values, runs are deterministic), so readers merge rows by
-step, the last write winning.
+appends one JSON object per step, and a resume drops the rows past the checkpoint it restored
+(`ilbp.rundir.MetricsFile`), so the file is one series in step order. Readers still merge rows
+by step, the last write winning, for files written before that.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 
-from ilbp import files
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 # Evaluation prefixes the trainer writes: the test split ("eval") and, when the config holds a
@@ -27,11 +26,11 @@ def read_metrics(workdir: str) -> list[dict]:
     A list of dicts, each with "step"; [] when the file does not exist yet. A last line cut
     short by an interruption is ignored.
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not files.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
   merged: dict[int, dict] = {}
-  for line in files.read_text(path).splitlines():
+  for line in path.read_text().splitlines():
     try:
       row = json.loads(line)
     except json.JSONDecodeError:

@@ -5,17 +5,20 @@ initialise the state; run the jitted step; log, evaluate and checkpoint at the c
 intervals. Outputs in `workdir`:
 
   config.json        the config that wrote this workdir (checked on resume)
+  config_history.jsonl  what each resumed session changed in the config, and from which step
   metrics.jsonl      one JSON object per line, with "step": train/..., eval/head{k}/... (the
                      dataset's test split) and, when the data holds a validation split out of
-                     train, val/head{k}/...
+                     train, val/head{k}/...; one series in step order, also across resumes
   events.out.*       TensorBoard (clu metric writers)
   checkpoints/       orbax checkpoints of the TrainState
   run.lock           held by the live run (`ilbp.workdir_lock`): a second run on it refuses
 
-Resume order: the newest checkpoint in workdir/checkpoints, else a fresh initialisation. Every
-executor reads and writes the same TrainState, so a run may resume under another executor or
-microbatch count. Batches are a pure function of (seed, step) and dropout keys are folded from
-the step, so a resumed run reproduces the uninterrupted one exactly.
+Resume order: the newest intact checkpoint in workdir/checkpoints (a damaged one is named and
+skipped), else a fresh initialisation. Every executor reads and writes the same TrainState, so
+a run may resume under another executor or microbatch count (recorded in
+config_history.jsonl). Batches are a pure function of (seed, step) and dropout keys are folded
+from the step, so a resumed run reproduces the uninterrupted one exactly. Ctrl-C or SIGTERM
+(pre-emption) stops after the current step with a checkpoint of it (`ilbp.stop`).
 
 The trainer does not know the model family (`ilbp.families` builds model, data and task) nor
 how a step runs or where arrays live (`ilbp.execution`: it talks to the `Executor` protocol).
@@ -28,15 +31,17 @@ import json
 import math
 import os
 import time
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from ilbp import checkpoint as ckpt
-from ilbp import families, files, state, workdir_lock
+from ilbp import families, rundir, state, stop, workdir_lock
 from ilbp.execution import factory
 from ilbp.execution.base import ExecutionConfig
 from ilbp.strategy import strategy as parse_strategy
@@ -72,62 +77,17 @@ def validate(config: ml_collections.ConfigDict) -> ExecutionConfig:
   return ExecutionConfig.from_config(config)
 
 
-_SYNC_EVERY_S = 60.0  # Bucket metrics.jsonl: one upload a minute at most between checkpoints.
+def _writer(workdir: epath.Path, resume_step: int):
+  """TensorBoard for people and metrics.jsonl for scripts (process 0); logging elsewhere.
 
-
-class _JsonlWriter(metric_writers.LoggingWriter):
-  """Scalars to `metrics.jsonl` for scripts, one JSON object per step: writes for the same
-  step (train metrics, clu's steps_per_sec, eval) are merged until `flush`. The rest of the
-  MetricWriter interface only logs."""
-
-  def __init__(self, path: str):
-    super().__init__()
-    self.path = path
-    self.last: dict[str, float] = {}
-    self._row: dict = {}
-    # In a bucket (no append) the file's text is kept here and uploaded whole by `sync`: at
-    # checkpoints, at the end, and at most once a minute in between.
-    self._remote = files.is_url(path)
-    self._text = files.read_text(path) if self._remote and files.exists(path) else ""
-    self._synced_text, self._synced_at = self._text, time.monotonic()
-
-  def write_scalars(self, step: int, scalars) -> None:
-    if self._row and self._row["step"] != int(step):
-      self.flush()
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self.last.update(scalars)
-    self._row = {"step": int(step), **self._row, **scalars}
-
-  def flush(self) -> None:
-    if self._row:
-      line = json.dumps(self._row) + "\n"
-      self._row = {}
-      if not self._remote:
-        with open(self.path, "a") as f:
-          f.write(line)
-        return
-      self._text += line
-      if time.monotonic() - self._synced_at >= _SYNC_EVERY_S:
-        self.sync()
-
-  def sync(self) -> None:
-    """Uploads the text to a bucket path if it changed (a local file is always up to date)."""
-    if self._remote and self._text != self._synced_text:
-      files.write_text(self.path, self._text)
-      self._synced_text, self._synced_at = self._text, time.monotonic()
-
-  def close(self) -> None:
-    self.flush()
-    self.sync()
-
-
-def _writer(workdir: str) -> tuple[metric_writers.MetricWriter, _JsonlWriter | None]:
-  """TensorBoard for people and metrics.jsonl for scripts (process 0); logging elsewhere."""
+  Returns:
+    (the writer for every sink, the `rundir.MetricsFile` or None off process 0).
+  """
   primary = jax.process_index() == 0
-  default = metric_writers.create_default_writer(workdir, just_logging=not primary)
+  default = metric_writers.create_default_writer(str(workdir), just_logging=not primary)
   if not primary:
     return default, None
-  jsonl = _JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+  jsonl = rundir.MetricsFile(workdir / rundir.METRICS_FILE, resume_step)
   return metric_writers.MultiWriter([default, jsonl]), jsonl
 
 
@@ -209,27 +169,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Args:
     config: an experiment config (see experiments/configs/).
     workdir: where config.json, metrics.jsonl, TensorBoard events and checkpoints go: a local
-      path or a bucket URL such as gs://bucket/run (`ilbp.files`).
+      path or a bucket URL such as gs://bucket/run (`ilbp.rundir`).
 
   Returns:
     The last evaluation's metrics (eval/head{k}/..., and val/head{k}/... with a validation
     split), plus "step".
 
   Raises:
-    ValueError: bad config, a bucket workdir the family cannot use as it is, or a workdir
-      written by an incompatible config.
+    rundir.RunRefused: (a ValueError) a bad config, a workdir that is a file, a bucket workdir
+      the family cannot use as it is, a workdir written by an incompatible config, or one whose
+      checkpoints are all damaged. Raised before the first step; a workdir this call created
+      is removed again.
     NonFiniteLossError: a NaN/inf training loss (the message names the step).
+    stop.RunStopped: SIGINT or SIGTERM stopped the run, after checkpointing the step it reached.
     workdir_lock.WorkdirInUseError: another live run is writing `workdir` (the message names
       its pid and host); nothing there was touched.
   """
-  execution = validate(config)
-  families.check_workdir(config, workdir)
-  files.makedirs(workdir)
-  # One live run per workdir: a second one stops here, before it reads or writes anything else.
-  # Process 0 holds the lock for every process of a multi-host run.
+  with _refusals():
+    execution = validate(config)
+    families.check_workdir(config, workdir)
   primary = jax.process_index() == 0
-  with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
-    return _train_and_evaluate(config, execution, workdir)
+  # One live run per workdir: a second one stops at the lock, before it reads or writes
+  # anything else. Process 0 holds the lock for every process of a multi-host run.
+  lock = workdir_lock.hold(workdir) if primary else contextlib.nullcontext()
+  with rundir.prepared(workdir), lock:
+    with _refusals():
+      run = _setup(config, execution, workdir)
+    return _train(config, workdir, run)
+
+
+@contextlib.contextmanager
+def _refusals():
+  """A ValueError while the config is checked and the run built means it cannot start."""
+  try:
+    yield
+  except rundir.RunRefused:
+    raise
+  except ValueError as e:
+    raise rundir.RunRefused(str(e)) from e
 
 
 def make_optimizer(config: ml_collections.ConfigDict):
@@ -264,8 +241,9 @@ def call_size(done: int, config: ml_collections.ConfigDict, per_call: int) -> in
 
 
 def _run_steps(executor, st, batches, start: int, config: ml_collections.ConfigDict):
-  """Yields (step, metrics, state after the call that ran it) for steps start+1..total_steps,
-  `executor.steps_per_call` steps per call where `call_size` allows."""
+  """Yields (step, metrics, state after the call that ran it, whether the call ends there) for
+  steps start+1..total_steps, `executor.steps_per_call` steps per call where `call_size`
+  allows."""
   step = start
   while step < config.total_steps:
     n = call_size(step, config, executor.steps_per_call)
@@ -277,15 +255,24 @@ def _run_steps(executor, st, batches, start: int, config: ml_collections.ConfigD
         st, executor.put_batches([next(batches) for _ in range(n)])
       )
       per_step = [jax.tree.map(lambda v, i=i: v[i], stacked) for i in range(n)]
-    for metrics in per_step:
+    for i, metrics in enumerate(per_step):
       step += 1
-      yield step, metrics, st
+      yield step, metrics, st, i == n - 1
 
 
-def _train_and_evaluate(
-  config: ml_collections.ConfigDict, execution: ExecutionConfig, workdir: str
-) -> dict:
-  """`train_and_evaluate` once the config is valid and the workdir lock is held."""
+class _Run(NamedTuple):
+  """What `_setup` builds from the config."""
+
+  strategy: Any
+  model: Any
+  data: Any
+  task: Any
+  executor: Any
+  schedule: Any
+
+
+def _setup(config: ml_collections.ConfigDict, execution: ExecutionConfig, workdir: str) -> _Run:
+  """Everything that can still refuse the config: strategy, optimizer, data, model, executor."""
   strategy = parse_strategy(config.strategy, config.combine)
   config_dict = config.to_dict()
   ckpt.check_compatible(workdir, config_dict, allow_change=config.get("allow_config_change", False))
@@ -293,46 +280,116 @@ def _train_and_evaluate(
   built = families.build(config, workdir, factory.input_shard(execution))
   model, data, task = built.model, built.data, built.task
   executor = factory.make(execution, model, task, strategy, tx, schedule, built.input_spec)
-  # Written only once the config has proved buildable, so a typo never replaces the record.
-  if jax.process_index() == 0:
-    text = json.dumps(config_dict, indent=2, sort_keys=True, default=str)
-    files.write_text(os.path.join(workdir, "config.json"), text)
-  _console(
-    f"model: {config.family} {config.model.get('name', '')} K={model.num_stages} "
-    f"strategy={strategy.name} combine={strategy.combine} info={model.info}\n"
-    f"execution: {executor.description}"
+  return _Run(strategy, model, data, task, executor, schedule)
+
+
+def _model_line(config: ml_collections.ConfigDict, run: _Run) -> str:
+  """One readable line: model, how it is cut, strategy, data (the details: `model.info`, in
+  the TensorBoard text and the log)."""
+  info = run.model.info
+  unit = "blocks" if "blocks_per_stage" in info else "layers"
+  sizes = info.get(f"{unit}_per_stage")
+  split = f", {info['split']} split" if "split" in info else ""
+  cut = f" ({'+'.join(map(str, sizes))} {unit}{split})" if sizes else ""
+  return (
+    f"model: {config.model.get('name', config.family)}, {run.model.num_stages} stages{cut}; "
+    f"strategy {run.strategy.name} (combine {run.strategy.combine}); data {config.dataset.name}"
   )
 
+
+def _note_changes(config: ml_collections.ConfigDict, run: _Run, changes: dict, start: int) -> str:
+  """Warns when a resume changed total_steps under a schedule that depends on it; returns the
+  changes for the console ("" when none)."""
+  if not changes or not start:
+    return ""
+  if "total_steps" in changes:
+    before = ml_collections.ConfigDict(config.to_dict())
+    before.total_steps = changes["total_steps"][0]
+    _, old_schedule = make_optimizer(before)
+    old, new = float(old_schedule(start)), float(run.schedule(start))
+    if not math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):
+      logging.warning(
+        "config.total_steps changed from %s to %s on resuming at step %d: the learning-rate "
+        "schedule is laid out over the new length, so the rate at step %d jumps from %.3g to "
+        "%.3g and the steps after it differ from a run started with total_steps=%s.",
+        *changes["total_steps"],
+        start,
+        start,
+        old,
+        new,
+        changes["total_steps"][1],
+      )
+  shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+  return f" Config changed since the last session ({rundir.HISTORY_FILE}): {shown}."
+
+
+def _log_train(writer, step: int, pending: list, config, num_stages: int, rate=None) -> None:
+  """Writes the mean train metrics of `pending` at `step` and prints the console line."""
+  scalars = _mean_metrics(pending)
+  writer.write_scalars(step, scalars)
+  _console(
+    f"[train] step {step}/{config.total_steps}: loss "
+    + " ".join(f"h{k}={scalars[f'train/head{k}/loss']:.4f}" for k in range(1, num_stages + 1))
+    + (
+      # clu's ReportProgress measures the rate but keeps its ETA to its own log note.
+      f" | {rate:.2f} steps/s, {rate * config.batch_size:.0f} examples/s, "
+      f"ETA {(config.total_steps - step) / max(rate, 1e-9):.0f}s"
+      if rate
+      else ""
+    )
+  )
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, run: _Run) -> dict:
+  """Restores or initialises the state, then trains, logs, evaluates and checkpoints."""
+  model, executor = run.model, run.executor
+  primary = jax.process_index() == 0
+  _console(f"{_model_line(config, run)}\nexecution: {executor.description}")
   rng = jax.random.PRNGKey(config.seed)
   checkpointer = ckpt.Checkpointer(
     os.path.join(workdir, "checkpoints"),
     max_to_keep=config.max_checkpoints_to_keep,
     async_save=config.async_checkpoints,
   )
-  latest = checkpointer.latest_step()
-  if latest is not None:
+  writer = None
+  try:
     # Restore straight onto the executor's abstract state (its shardings, whichever executor
     # wrote the checkpoint): no throw-away initialisation in memory.
-    st = executor.pack_state(checkpointer.restore(latest, executor.state_target(rng)))
-    _console(f"Resumed from {workdir}/checkpoints at step {latest}.")
-  else:
-    st = executor.init_state(rng)
+    with _refusals():
+      latest, restored = checkpointer.restore_latest(executor.state_target(rng))
+    st = executor.init_state(rng) if latest is None else executor.pack_state(restored)
+    start = int(jax.device_get(st.step))
+    # Written once the config has proved buildable, so a typo never replaces the record.
+    changes = rundir.record_config(epath.Path(workdir), config.to_dict(), start) if primary else {}
+    changed = _note_changes(config, run, changes, start)
+    if latest is not None:
+      _console(f"Resumed from {workdir}/checkpoints at step {latest}.{changed}")
+    writer, jsonl = _writer(epath.Path(workdir), start)
+    writer.write_texts(start, {"model_info": json.dumps(model.info, default=str)})
+    return _loop(config, run, st, start, checkpointer, writer, jsonl)
+  finally:
+    checkpointer.close()
+    if writer is not None:
+      writer.flush()
+      writer.close()
 
-  writer, jsonl = _writer(workdir)
+
+def _loop(config, run: _Run, st, start: int, checkpointer, writer, jsonl) -> dict:
+  """Steps start+1..total_steps of `_train`; stops early, with a checkpoint, on a signal."""
+  model, data, task, executor = run.model, run.data, run.task, run.executor
   progress = periodic_actions.ReportProgress(
     num_train_steps=config.total_steps,
     writer=writer,
     every_steps=config.log_every_steps,
     every_secs=None,
   )
-  start = int(jax.device_get(st.step))
   progress(start)
   batches = data.train_batches(start)
   pending: list[tuple[int, dict]] = []
   last_eval: dict = {}
-  t0 = time.time()
-  try:
-    for step, metrics, live in _run_steps(executor, st, batches, start, config):
+  t0, calls = time.time(), 0
+  with stop.StopSignals() as signals:
+    for step, metrics, live, call_ends in _run_steps(executor, st, batches, start, config):
       st = live
       pending.append((step, metrics))
       is_last = step == config.total_steps
@@ -342,24 +399,11 @@ def _train_and_evaluate(
       if do_log:
         pending = jax.device_get(pending)  # Waits for the step: the rate below is honest.
         _check_finite(pending)
-      # steps/s and ETA (clu ReportProgress) every log_every_steps, to every sink.
+      # steps/s (clu ReportProgress) every log_every_steps, to every sink.
       reported = progress(step)
       if do_log:
-        scalars = _mean_metrics(pending)
-        writer.write_scalars(step, scalars)
         rate = jsonl.last.get("steps_per_sec") if jsonl and reported else None
-        _console(
-          f"[train] step {step}/{config.total_steps}: loss "
-          + " ".join(
-            f"h{k}={scalars[f'train/head{k}/loss']:.4f}" for k in range(1, model.num_stages + 1)
-          )
-          + (
-            f" | {rate:.2f} steps/s, {rate * config.batch_size:.0f} examples/s, "
-            f"ETA {(config.total_steps - step) / max(rate, 1e-9):.0f}s"
-            if rate
-            else ""
-          )
-        )
+        _log_train(writer, step, pending, config, model.num_stages, rate)
         pending = []
       if do_eval:
         with progress.timed("eval"):
@@ -370,14 +414,21 @@ def _train_and_evaluate(
         _console(_eval_lines(step, last_eval, model.num_stages))
       if do_log or do_eval or do_ckpt:
         writer.flush()
-      if do_ckpt:
+      # Every process asks after every call (multi-host: the preemption sync point).
+      stopping = call_ends and not is_last and signals.should_stop(calls)
+      calls += call_ends
+      if stopping and pending:  # Log the steps since the last line: none is lost.
+        pending = jax.device_get(pending)
+        _check_finite(pending)
+        _log_train(writer, step, pending, config, model.num_stages)
+        writer.flush()
+      if do_ckpt or stopping:
         if jsonl:  # A resume recomputes only the steps after this checkpoint: upload the rest.
           jsonl.sync()
         checkpointer.save(step, executor.unpack_state(st))
-  finally:
-    checkpointer.close()
-    writer.flush()
-    writer.close()
+      if stopping:
+        checkpointer.wait()
+        raise stop.RunStopped(step, signals.signum)
   if not last_eval:  # Resumed a run that had already finished: report its final evaluation.
     last_eval = evaluate_all(
       executor, st, data, task, model.num_stages, config.get("max_eval_batches")

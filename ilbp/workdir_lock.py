@@ -11,7 +11,7 @@ next run takes it over and resumes. The file is emptied on release but never del
 it would let a run that opened the old file lock it while a newcomer locks a new one.
 
 flock covers the processes of one machine, and of several on Linux NFS mounts. Where the
-filesystem refuses flock, and in a bucket (a gs:// workdir, `ilbp.files`), the recorded holder
+filesystem refuses flock, and in a bucket (a gs:// workdir), the recorded holder
 is checked instead: a live process on this host refuses; a holder on another host cannot be
 checked, and is taken over with a warning.
 """
@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 
 from absl import logging
+from etils import epath
 
 from ilbp import files
 
@@ -86,10 +87,11 @@ def _hold_record(path: str, workdir: str) -> Iterator[None]:
   `_SETTLE_S` and read it back: of two runs that started together, the one whose record was
   overwritten stops. (Two writes more than `_SETTLE_S` apart that both read an empty record
   first are not caught.) On release the record is blanked only if it is still ours."""
-  read = lambda: files.read_text(path) if files.exists(path) else ""
+  record = epath.Path(path)
+  read = lambda: record.read_text() if record.exists() else ""
   _judge(_parse(read()), path, workdir)
   me = _me()
-  files.write_text(path, me)
+  files.write_text(record, me)
   time.sleep(_SETTLE_S)
   now = read()
   if now != me:
@@ -98,7 +100,7 @@ def _hold_record(path: str, workdir: str) -> Iterator[None]:
     yield
   finally:
     if read() == me:
-      files.write_text(path, "")
+      files.write_text(record, "")
 
 
 _SETTLE_S = 1.0

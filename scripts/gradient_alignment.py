@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from jax.flatten_util import ravel_pytree
 
-from ilbp import families, files, trainer
+from ilbp import families, trainer
 from ilbp.checkpoint import Checkpointer
 from ilbp.execution.fused import FusedExecutor
 from ilbp.execution.stage import microbatch_rng
@@ -56,9 +57,7 @@ def alignment(workdir: str, step: int | None, batches: int, data_step: int) -> d
     {"step": checkpoint step, "strategy": the run's, "stages": [{"losses": [j...],
     "norms": {j: ...}, "cosines": {"j,j'": ...}} for k = 1..K]} (1-based names).
   """
-  config = ml_collections.ConfigDict(
-    json.loads(files.read_text(os.path.join(workdir, "config.json")))
-  )
+  config = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
   config.execution.kind, config.execution.microbatches = "fused", 1
   families.check_workdir(config, workdir)
   built = families.build(config, workdir)
@@ -135,7 +134,8 @@ def main(argv):
   result = alignment(_WORKDIR.value, _STEP.value, _BATCHES.value, _DATA_STEP.value)
   print(render(result))
   if _JSON_OUT.value:
-    files.write_text(_JSON_OUT.value, json.dumps(result, indent=2))
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,22 @@ def devices_env(num_devices: int = 1) -> dict:
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 
+def _epath_knows_ram() -> None:
+  """TensorFlow's in-memory filesystem (ram://) stands in for a bucket (gs://) in tests. ilbp
+  reads and writes a bucket through etils.epath, which knows gs://, s3://, az:// and hf:// only:
+  register ram:// the way it registers those, read through tf.io.gfile as gs:// is."""
+  from etils.epath import backend, gpath, register
+
+  gpath._URI_PREFIXES = (*gpath._URI_PREFIXES, "ram://")
+  gpath._URI_SCHEMES = gpath._URI_SCHEMES | {"ram"}
+  gpath._URI_MAP_ROOT["ram://"] = "/ram/"
+  gpath._PREFIX_TO_BACKEND["ram"] = backend.tf_backend
+  register.register_path_cls("ram://")(gpath.PosixGPath)
+
+
+_epath_knows_ram()
+
+
 # Cache every program, however fast its compile (the defaults skip those under 1 s).
 _CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0}
 

@@ -33,7 +33,7 @@ from experiments.configs import (
   transformer_stdlib,
 )
 from ilbp import checkpoint as ckpt
-from ilbp import families, results, state, trainer, workdir_lock
+from ilbp import families, results, rundir, state, trainer, workdir_lock
 from ilbp.models import resnet
 
 STRATEGIES = ("local", "pairwise", "3wise", "global")
@@ -160,9 +160,9 @@ def test_incompatible_resume_is_refused_unless_overridden(tmp_path):
 
 def test_bucket_workdir_trains_resumes_and_equals_a_local_run(tmp_path, monkeypatch):
   # TensorFlow's in-memory filesystem (ram://) stands in for gs://: ilbp writes a URL workdir
-  # through tf.io.gfile either way. Two libraries that take gs:// themselves do not know ram://:
-  # orbax (tensorstore) gets a local checkpoint folder here, and clu's TensorBoard writer
-  # (etils.epath) a logging-only writer.
+  # through etils.epath and tf.io.gfile either way (conftest registers ram:// with epath). Two
+  # libraries that take gs:// themselves do not know ram://: orbax (tensorstore) gets a local
+  # checkpoint folder here, and clu's TensorBoard writer a logging-only writer.
   bucket = f"ram://bucket-{tmp_path.name}/run"
   real, real_writer = ckpt.Checkpointer, metric_writers.create_default_writer
   checkpoints, logdirs = [], []
@@ -184,14 +184,14 @@ def test_bucket_workdir_trains_resumes_and_equals_a_local_run(tmp_path, monkeypa
   )
   # Killed while asking for step 4's batch, with no chance to close its writer (as under
   # SIGKILL): metrics.jsonl in the bucket holds the rows up to the step-2 checkpoint.
-  real_build, real_close = families.build, trainer._JsonlWriter.close
+  real_build, real_close = families.build, rundir.MetricsFile.close
   monkeypatch.setattr(families, "build", build_with_batches(preempt_at(3)))
-  monkeypatch.setattr(trainer._JsonlWriter, "close", lambda self: None)
+  monkeypatch.setattr(rundir.MetricsFile, "close", lambda self: None)
   with pytest.raises(Preempted):
     trainer.train_and_evaluate(config(), bucket)
   assert [r["step"] for r in results.read_metrics(bucket)] == [1, 2]
   monkeypatch.setattr(families, "build", real_build)
-  monkeypatch.setattr(trainer._JsonlWriter, "close", real_close)
+  monkeypatch.setattr(rundir.MetricsFile, "close", real_close)
   # The bucket's config.json is read back: another strategy is refused.
   with pytest.raises(ValueError, match="different configuration"):
     trainer.train_and_evaluate(config("strategy=local,stages=2"), bucket)
@@ -335,6 +335,10 @@ def test_binary_runs_from_the_command_line(tmp_path):
     [sys.executable, "-m", "experiments.transformer", *cmd[3:]], capture_output=True, text=True
   )
   assert wrong.returncode != 0 and "python -m experiments.resnet" in wrong.stderr
+  # One line, naming the config file (not the config's contents).
+  assert wrong.stderr.strip().splitlines() == [
+    f"{cmd[4]} is a 'resnet' config; run it with `python -m experiments.resnet`."
+  ], wrong.stderr
 
 
 class _Built(Exception):

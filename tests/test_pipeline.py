@@ -1,6 +1,6 @@
 """The dataflow executor: exactly the fused executor's training, with stages on their own devices.
 
-Multi-device cases run in a subprocess with forced CPU devices (XLA_FLAGS before jax is
+Multi-device cases run in a subprocess with forced CPU devices (JAX_NUM_CPU_DEVICES before jax is
 imported). The fused executor with the same microbatches is the reference: after 3 optimizer
 steps, parameters, BatchNorm statistics and optimizer states agree to 1e-5 relative.
 """
