@@ -189,11 +189,12 @@ def _check(module: str, args: list[str]) -> None:
     assert fv["workdir"].present, f"python -m {module} needs --workdir"
     assert fv.config.family == module.split(".")[1], "the config's family runs in another binary"
   if module == "scripts.reproduce":
+    from experiments import suites
     from scripts import reproduce
 
-    suite = reproduce.SUITES[fv["suite"].value]
+    suite = suites.SUITES[fv["suite"].value]
     seeds = [int(x) for x in fv["seeds"].value or []]
-    runs = reproduce.suite_runs(
+    runs = suites.suite_runs(
       suite, smoke=bool(fv["smoke"].value), seeds=seeds, extra=fv["set"].value or []
     )
     for run in reproduce.select(runs, fv["only"].value or []):
