@@ -19,7 +19,8 @@ The library has no flags (absl only for logging): import it from a notebook. Whe
   ilbp.placement  device meshes and shardings
   ilbp.profiling  XLA FLOPs and memory of a jitted function
   ilbp.results    reading a run's metrics.jsonl (final evaluation, throughput)
-  ilbp.models     resnet, transformer;  ilbp.data: images, text, prepare (TFDS, offline)
+  ilbp.models     resnet, transformer, conv, split (where to cut a network into stages)
+  ilbp.data       images, text, tokenizers, prepare (TFDS, offline)
 """
 
 from ilbp.interlock import interlocking_grads, interlocking_loss, loss_users

@@ -1,7 +1,8 @@
 """Training strategies: how far each auxiliary loss's gradient travels back.
 
 A strategy is a value (`Strategy(reach, combine)`), never a code path: the engine in
-`ilbp.interlock` reads `reach` and `combine` and nothing else. See DESIGN.md §2.
+`ilbp.interlock` reads `reach` and `combine` and nothing else. The gradient each strategy
+gives: docs/design.md, "The gradient contract".
 
   local     reach 1   every stage learns from its own head only (greedy / DGL-style)
   pairwise  reach 2   each loss trains the stage that produced it and the one below

@@ -2,7 +2,8 @@
 
 A task turns a batch into the network input, gives the training loss with its metrics, and
 gives evaluation *sums* plus a count, so metrics are divided only after aggregating over
-batches and devices and padded examples (weight 0) never count (STYLE.md, honest metrics).
+batches and devices and padded examples (weight 0) never count (docs/design.md, "Honest
+metrics").
 """
 
 from __future__ import annotations

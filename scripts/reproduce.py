@@ -4,12 +4,10 @@
   python -m scripts.reproduce --suite cifar10 --out /mnt/bucket/cifar10 --dry_run
   python -m scripts.reproduce --suite quick --out /tmp/smoke --smoke    # tiny, end to end
 
-Suites (`--dry_run` prints a suite's runs and the command of each): `quick` (the offline stdlib
-Transformer and digits ResNet, K = 4, every strategy, 3 seeds; this CPU box), `cifar10` and
-`cifar100` (the authors' recipe, 3 seeds), `imagenet` and `lm1b` (1 seed; accelerator scale).
-Every suite trains local, pairwise, 3wise and global under both combine rules wherever the two
-rules give a different backward plan (`ilbp.interlock.backward_plan`; local is the same under
-both, so it runs once).
+The suites (`quick`, `cifar10`, `cifar100`, `imagenet`, `lm1b`: which configs, strategy
+variants and seeds) are defined in `experiments/suites.py`; this module runs them. `--dry_run`
+prints a suite's runs and the command of each; every invocation first prints how many runs it
+selected and how long the suite (or, under `--smoke`, its smoke version) takes.
 
 Every run is a subprocess of the experiment binary (`python -m experiments.resnet|transformer
 --config FILE:strategy=…,stages=…,combine=… --workdir DIR/<run> --config.seed=S …`), one
@@ -47,7 +45,6 @@ import fnmatch
 import json
 import os
 import secrets
-import shlex
 import socket
 import subprocess
 import sys
@@ -55,10 +52,8 @@ import time
 
 from absl import app, flags
 
+from experiments.suites import SUITES, Run, Suite, suite_runs
 from ilbp import workdir_lock
-from ilbp.interlock import backward_plan
-from ilbp.strategy import COMBINE_RULES
-from ilbp.strategy import strategy as parse_strategy
 from scripts import reproduce_report
 
 FLAGS = flags.FLAGS
@@ -87,177 +82,6 @@ flags.DEFINE_string(
 DONE_FILE = "DONE"
 CLAIM_FILE = "claim.json"
 LOG_FILE = "reproduce.log"
-STRATEGIES = ("local", "pairwise", "3wise", "global")
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-  """One config, trained under every strategy variant and seed of a suite.
-
-  Attributes:
-    label: short name, the first part of its runs' names, e.g. "stdlib".
-    binary: the experiment module, e.g. "experiments.transformer".
-    config: the config file.
-    stages: K.
-    overrides: FIELD=VALUE pairs passed as --config.FIELD=VALUE; "{out}" becomes DIR.
-    smoke_overrides: used instead of `overrides` under --smoke (with the config's runlocal=1).
-  """
-
-  label: str
-  binary: str
-  config: str
-  stages: int
-  overrides: tuple[str, ...] = ()
-  smoke_overrides: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Suite:
-  """Experiments × strategy variants × seeds; `about` says where it runs and how long."""
-
-  name: str
-  about: str
-  experiments: tuple[Experiment, ...]
-  seeds: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One training run: an experiment under one strategy, combine rule and seed."""
-
-  experiment: Experiment
-  strategy: str
-  combine: str
-  combine_matters: bool  # False where both rules give the same plan (local): not in the name.
-  seed: int
-  smoke: bool = False
-  extra: tuple[str, ...] = ()  # --set FIELD=VALUE, for every run.
-
-  @property
-  def name(self) -> str:
-    rule = f"-{self.combine}" if self.combine_matters else ""
-    return f"{self.experiment.label}-{self.strategy}{rule}-s{self.seed}"
-
-  @property
-  def variant(self) -> str:
-    """The table row: "pairwise (sum)", or just "local" where the rule makes no difference."""
-    return f"{self.strategy} ({self.combine})" if self.combine_matters else self.strategy
-
-  def args(self, out: str = "{out}") -> list[str]:
-    """The binary's arguments after `python`; `out` replaces "{out}" (DIR)."""
-    e = self.experiment
-    arg = f"strategy={self.strategy},stages={e.stages},combine={self.combine}"
-    arg += ",runlocal=1" if self.smoke else ""
-    overrides = e.smoke_overrides if self.smoke else e.overrides
-    return [
-      "-m",
-      e.binary,
-      f"--config={e.config}:{arg}",
-      f"--workdir={os.path.join(out, self.name)}",
-      f"--config.seed={self.seed}",
-      *(f"--config.{o}".replace("{out}", out) for o in (*overrides, *self.extra)),
-    ]
-
-  def command(self, out: str) -> str:
-    return shlex.join(["python", *self.args(out)])
-
-
-def variants(num_stages: int, strategies=STRATEGIES) -> list[tuple[str, str, bool]]:
-  """(strategy, combine, combine_matters) for every distinct backward plan, in table order.
-
-  A (strategy, rule) whose plan equals an earlier one's trains exactly the same thing and is
-  left out: local under "sum", and e.g. 3wise when it reaches every stage (K = 3).
-  """
-  out, seen = [], set()
-  for name in strategies:
-    if parse_strategy(name).reach_for(num_stages) == num_stages:
-      name = "global"  # E.g. 3wise at K = 3: named as what it is.
-    plans = [
-      tuple(map(tuple, backward_plan(parse_strategy(name, c), num_stages))) for c in COMBINE_RULES
-    ]
-    for combine, plan in zip(COMBINE_RULES, plans, strict=True):
-      if plan not in seen:
-        seen.add(plan)
-        out.append((name, combine, len(set(plans)) > 1))
-  return out
-
-
-_STDLIB, _DIGITS = (
-  "experiments/configs/transformer_stdlib.py",
-  "experiments/configs/resnet_digits.py",
-)
-SUITES = {
-  s.name: s
-  for s in [
-    Suite(
-      "quick",
-      "this 2-core CPU box, offline; 42 runs: 56 min measured on a shared box (stdlib "
-      "150 steps: 80-190 s a run; digits 300 steps: 17-27 s).",
-      (
-        Experiment(
-          "stdlib",
-          "experiments.transformer",
-          _STDLIB,
-          4,
-          overrides=(
-            "total_steps=150",
-            "optimizer.warmup_steps=15",
-            "eval_every_steps=50",
-            "checkpoint_every_steps=50",
-            "log_every_steps=25",
-            "dataset.cache_dir={out}/data_cache",  # Tokenize the corpus once for all runs.
-          ),
-          smoke_overrides=("dataset.cache_dir={out}/data_cache",),
-        ),
-        Experiment(
-          "digits",
-          "experiments.resnet",
-          _DIGITS,
-          4,
-          overrides=("eval_every_steps=50", "checkpoint_every_steps=150", "log_every_steps=50"),
-        ),
-      ),
-      (0, 1, 2),
-    ),
-    *(
-      Suite(
-        name,
-        "one Cloud TPU VM (v3-8 or larger) or GPU host per run; the authors' recipe "
-        "(200 epochs); TFDS data under --set dataset.data_dir=….",
-        (Experiment(name, "experiments.resnet", f"experiments/configs/resnet_{name}.py", 4),),
-        (0, 1, 2),
-      )
-      for name in ("cifar10", "cifar100")
-    ),
-    Suite(
-      "imagenet",
-      "one Cloud TPU VM (v3-8 or larger) per run, days each; one seed (add --seeds=0,1,2); "
-      "ImageNet prepared by hand, --set dataset.data_dir=….",
-      (Experiment("imagenet", "experiments.resnet", "experiments/configs/resnet_imagenet.py", 4),),
-      (0,),
-    ),
-    Suite(
-      "lm1b",
-      "one Cloud TPU VM (v3-8) or GPU host per run; 200k steps; one seed (add --seeds).",
-      (
-        Experiment("lm1b", "experiments.transformer", "experiments/configs/transformer_lm1b.py", 4),
-      ),
-      (0,),
-    ),
-  ]
-}
-
-
-def suite_runs(suite: Suite, *, smoke=False, seeds=None, extra=()) -> list[Run]:
-  """Every run of `suite`, in the order they train."""
-  seeds = tuple(seeds) if seeds else (suite.seeds[:1] if smoke else suite.seeds)
-  # Seed by seed: a suite stopped part-way holds every strategy of the first seeds.
-  return [
-    Run(e, name, combine, matters, seed, smoke, tuple(extra))
-    for seed in seeds
-    for e in suite.experiments
-    for name, combine, matters in variants(e.stages)
-  ]
 
 
 def select(runs: list[Run], patterns: list[str]) -> list[Run]:
@@ -455,6 +279,13 @@ def execute(
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def summary(suite: Suite, runs: list[Run], total: int, smoke: bool) -> str:
+  """The first line printed: the suite, how many of its runs are selected, where and how long."""
+  count = f"{len(runs)} runs" if len(runs) == total else f"{len(runs)} of {total} runs"
+  name = f"{suite.name} (smoke)" if smoke else suite.name
+  return f"suite {name}: {count}; {suite.where}; {suite.smoke_wall if smoke else suite.wall}."
+
+
 def main(argv):
   del argv
   if FLAGS.suite not in SUITES:
@@ -471,7 +302,7 @@ def main(argv):
   seeds = [int(s) for s in FLAGS.seeds]
   all_runs = suite_runs(suite, smoke=FLAGS.smoke, seeds=seeds, extra=FLAGS.set)
   runs = select(all_runs, FLAGS.only)
-  print(f"suite {suite.name}{' (smoke)' if FLAGS.smoke else ''}: {len(runs)} runs; {suite.about}")
+  print(summary(suite, runs, len(all_runs), FLAGS.smoke))
   if FLAGS.dry_run:
     for run in runs:
       print(f"{run.name}\n  {run.command(out)}")

@@ -3,12 +3,14 @@
 `write(out, suite=, runs=, missing=)` writes, for the runs that finished:
 
   table.md     per experiment and evaluation split (test; validation when the config holds one
-               out): one row per strategy (and combine rule) with the mean ± sd over seeds of
-               every head's final accuracy or perplexity, the gap recovered at the output
+               out): one row per strategy (and combine rule) with the number of seeds and the
+               mean ± sd over them of every head's final accuracy or perplexity, the gap
+               recovered at the output
                ((m - local) / (global - local), 0 = local, 1 = global, whichever direction is
                better), training steps/s, and the modelled pipeline time per step on K devices
-  results.csv  the same numbers, one row per (experiment, split, strategy, combine)
-  runs.csv     every run's own final metrics (one row per run and split)
+  results.csv  the same numbers, one row per (experiment, split, strategy, combine); `seeds`
+               is, as in table.md, how many seeds the mean and sd are over
+  runs.csv     every run's own final metrics (one row per run and split), naming its seed
   plots/       <exp>_<split>_heads.png: each head's metric vs step, mean with a ±1 sd band;
                <exp>_<split>_tradeoff.png: output metric vs modelled time per step;
                gantt_K<K>_<strategy>_<combine>.png: the pipeline schedule of each strategy
@@ -57,14 +59,15 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
   """One dict per (experiment, split, variant) with per-head means and sds over seeds.
 
   Args:
-    runs: finished `scripts.reproduce.Run`s.
+    runs: finished `experiments.suites.Run`s.
     out: the suite directory.
     microbatches: M for the modelled pipeline time.
 
   Returns:
     Rows in run order, each with experiment, split, variant, strategy, combine, kind, stages,
-    seeds, head{k} (mean, sd) and per_seed lists, output (mean, sd), gap, steps_per_sec,
-    modelled, modelled_vs_global, curves ({seed: [(step, [value of each head])]}).
+    seeds (the list of them), head{k} (mean, sd) and per_seed lists, output (mean, sd), gap,
+    steps_per_sec, modelled, modelled_vs_global, curves ({seed: [(step, [value of each
+    head])]}).
   """
   groups: dict[tuple, list] = {}
   for run in runs:
@@ -186,7 +189,7 @@ def write_csv(table: list[dict], path: str) -> None:
     w.writeheader()
     for r in table:
       row = {key: r[key] for key in ("experiment", "config", "split", "strategy", "combine")}
-      row |= {"metric": r["kind"], "seeds": " ".join(map(str, r["seeds"])), "steps": r["steps"]}
+      row |= {"metric": r["kind"], "seeds": len(r["seeds"]), "steps": r["steps"]}
       for k in range(1, r["stages"] + 1):
         row[f"head{k}_mean"], row[f"head{k}_sd"] = r[f"head{k}"]
       row["output_mean"], row["output_sd"] = r["output"]
@@ -218,7 +221,13 @@ def _axis_label(kind: str, split: str) -> str:
 
 def plot_curves(rows: list[dict], path: str) -> None:
   """Each head's metric vs step, one line per strategy: mean over seeds, band ±1 sd."""
+  curves_figure(rows).savefig(path, format="png")
+
+
+def curves_figure(rows: list[dict]):
+  """The figure `plot_curves` saves (a matplotlib Figure)."""
   from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
 
   K, kind, split = rows[0]["stages"], rows[0]["kind"], rows[0]["split"]
   scale = 100.0 if kind == "accuracy" else 1.0
@@ -248,6 +257,7 @@ def plot_curves(rows: list[dict], path: str) -> None:
   for k, ax in enumerate(axes):
     ax.set_title(f"head {k + 1}" + (" (output)" if k + 1 == K else ""))
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Steps are whole: no 2.5 ticks.
     ax.set_ylabel(_axis_label(kind, split))
     ax.grid(alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
@@ -259,7 +269,7 @@ def plot_curves(rows: list[dict], path: str) -> None:
     f"line: mean over {seeds} seed(s), band: ±1 sd)"
   )
   fig.tight_layout(rect=(0, 0.1, 1, 1))  # Room for the legend below.
-  fig.savefig(path, format="png")
+  return fig
 
 
 def plot_tradeoff(rows: list[dict], microbatches: int, path: str) -> None:

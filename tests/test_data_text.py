@@ -1,4 +1,5 @@
-"""Tests for ilbp.data.text: tokenizers, packing, eval masking, determinism, corpora."""
+"""ilbp.data.text and ilbp.data.tokenizers: tokenizers, packing, eval masking, determinism,
+corpora."""
 
 import itertools
 import os
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ilbp.data import text
+from ilbp.data import text, tokenizers
 
 SMALL = dict(batch_size=4, seq_len=32, seed=0, max_files=6)
 
@@ -30,7 +31,7 @@ def small_stdlib():
 
 
 def test_byte_tokenizer_round_trip():
-  tok = text.ByteTokenizer()
+  tok = tokenizers.ByteTokenizer()
   s = "def f(x):\n\treturn x  # héllo ✓"
   ids = tok.encode(s)
   assert min(ids) >= 2 and max(ids) < tok.vocab_size == 258
@@ -43,7 +44,7 @@ def test_byte_tokenizer_round_trip():
 def test_sentencepiece_round_trip_and_cache(tmp_path):
   root, train_files, _ = text.stdlib_files(max_files=4)
   lines = [ln for f in train_files for ln in text._read_source(root, f).splitlines()]
-  tok = text.SentencePieceTokenizer.train(lines, vocab_size=400)
+  tok = tokenizers.SentencePieceTokenizer.train(lines, vocab_size=400)
   assert (tok.pad_id, tok.eos_id) == (0, 1) and 259 < tok.vocab_size <= 400
   s = "class A:\n    def f(self):  # ünïcode ✓\n\t\treturn None\n"
   ids = tok.encode(s)
@@ -76,7 +77,9 @@ def test_train_batches_are_packed_windows(small_stdlib):
 
 def test_eval_counts_every_real_token_once(small_stdlib):
   root, _, eval_files = text.stdlib_files(max_files=6)
-  stream = text.ByteTokenizer().encode_documents([text._read_source(root, f) for f in eval_files])
+  stream = tokenizers.ByteTokenizer().encode_documents(
+    [text._read_source(root, f) for f in eval_files]
+  )
   batches = list(small_stdlib.eval_batches())
   weights = np.concatenate([b["weights"] for b in batches])
   targets = np.concatenate([b["targets"] for b in batches])

@@ -1,5 +1,11 @@
-"""The Cloud TPU / GPU guide's commands against the code and the pins (no network, no training).
+"""The docs against the code: the README's example runs, links resolve, the guide's commands parse.
 
+The README's library example is run as written. Every relative link and image in README.md and
+docs/*.md must name a file of this repository, and an `#anchor` a heading of the page it points
+to (GitHub's heading slugs).
+
+The Cloud TPU / GPU guide's commands are checked against the code and the pins (no network, no
+training):
 Every `python -m` command in docs/cloud_tpu_gpu.md (also inside `gcloud ... --command="..."`)
 must name a module of this repository, pass only flags that module defines, give a `--config`
 whose file, `:arg` keys and `--config.FIELD=` overrides build, and ask for a strategy and a
@@ -27,6 +33,7 @@ from ilbp.execution import base as executor
 from ilbp.strategy import strategy as parse_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 GUIDE = ROOT / "docs" / "cloud_tpu_gpu.md"
 REQUIREMENTS = ("requirements.txt", "requirements-tpu.txt", "requirements-cuda.txt")
 # absl's own flags that the guide may pass to any binary.
@@ -39,6 +46,52 @@ _PUNCTUATION = set("();<>|&")
 
 def _code_blocks(text: str) -> list[str]:
   return re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def test_readme_library_example_runs(capsys):
+  section = README.read_text().split("## Using the library", 1)[1].split("\n## ", 1)[0]
+  (example,) = re.findall(r"^```python\n(.*?)^```", section, flags=re.M | re.S)
+  exec(compile(example, "README.md (Using the library)", "exec"), {"__name__": "readme"})
+  assert "'head3/loss'" in capsys.readouterr().out
+
+
+def _markdown_files() -> list[Path]:
+  return [README, *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+  heading = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading)
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _links(text: str) -> list[str]:
+  """Targets of the markdown links, images and <img src=> of `text`, outside code."""
+  text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+  text = re.sub(r"`[^`\n]*`", "", text)
+  targets = re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+  return targets + re.findall(r"<img[^>]*\ssrc=\"([^\"]+)\"", text)
+
+
+def _anchors(path: Path) -> set[str]:
+  text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+  return {_slug(h) for h in re.findall(r"^#{1,6}\s+(.*?)\s*#*$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_and_images_resolve(page):
+  checked = 0
+  for target in _links(page.read_text()):
+    if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, gs: ... not checked here.
+      continue
+    path, _, anchor = target.partition("#")
+    file = (page.parent / path).resolve() if path else page
+    assert file.is_file(), f"{page.relative_to(ROOT)}: {target} names no file"
+    assert file.is_relative_to(ROOT), f"{page.relative_to(ROOT)}: {target} leaves the repository"
+    if anchor and file.suffix == ".md":
+      assert anchor in _anchors(file), f"{page.relative_to(ROOT)}: no heading for #{anchor}"
+    checked += 1
+  assert checked or page.name != "quick_suite.md"  # That page's plots are checked, not skipped.
 
 
 def _tokens(text: str) -> list[str]:
@@ -137,11 +190,12 @@ def _check(module: str, args: list[str]) -> None:
     assert fv["workdir"].present, f"python -m {module} needs --workdir"
     assert fv.config.family == module.split(".")[1], "the config's family runs in another binary"
   if module == "scripts.reproduce":
+    from experiments import suites
     from scripts import reproduce
 
-    suite = reproduce.SUITES[fv["suite"].value]
+    suite = suites.SUITES[fv["suite"].value]
     seeds = [int(x) for x in fv["seeds"].value or []]
-    runs = reproduce.suite_runs(
+    runs = suites.suite_runs(
       suite, smoke=bool(fv["smoke"].value), seeds=seeds, extra=fv["set"].value or []
     )
     for run in reproduce.select(runs, fv["only"].value or []):

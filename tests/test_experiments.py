@@ -315,6 +315,12 @@ def test_config_arguments_are_validated():
       assert field in c, (module.__name__, field)
 
 
+@pytest.mark.parametrize("arg", ["", "runlocal=1"])
+def test_stdlib_config_has_no_dropout_at_either_size(arg):
+  # runlocal rebuilds c.model; it once came back with the shared default dropout of 0.1.
+  assert transformer_stdlib.get_config(arg).model.dropout_rate == 0.0
+
+
 def test_binary_runs_from_the_command_line(tmp_path):
   cmd = [
     sys.executable,

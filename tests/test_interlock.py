@@ -1,4 +1,4 @@
-"""The gradient contract (DESIGN.md §2): hand-worked cases, equivalences and the spec oracle."""
+"""The gradient contract (docs/design.md): hand-worked cases, equivalences and the spec oracle."""
 
 import functools
 

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from experiments import suites
 from scripts import gradient_alignment, reproduce, reproduce_report
 
 QUICK_ROWS = [
@@ -58,6 +59,8 @@ def _table_rows(text: str, section: str) -> dict[str, list[str]]:
 
 def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
   out, stdout, _ = smoke_dir
+  # The smoke suite's own count and time, not the full suite's 42 runs.
+  assert stdout.startswith("suite quick (smoke): 14 runs; ") and "14 runs at --jobs=2" in stdout
   assert stdout.count(": done in ") == 14
   text = (out / "table.md").read_text()
   for section in ("stdlib: test perplexity", "digits: test accuracy"):
@@ -77,6 +80,7 @@ def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
   with open(out / "results.csv") as f:
     results = list(csv.DictReader(f))
   assert len(results) == 14 and {r["split"] for r in results} == {"eval"}
+  assert {r["seeds"] for r in results} == {"1"}  # A count, as in table.md.
   assert all(
     float(r["output_mean"]) > 0 and float(r["modelled_time_per_step"]) > 0 for r in results
   )
@@ -84,7 +88,7 @@ def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
   expected = {
     f"{e}_test_{kind}.png" for e in ("stdlib", "digits") for kind in ("heads", "tradeoff")
   }
-  expected |= {f"gantt_K4_{s}_{c}.png" for s, c, _ in reproduce.variants(4)}
+  expected |= {f"gantt_K4_{s}_{c}.png" for s, c, _ in suites.variants(4)}
   assert expected <= plots and len(expected) == 4 + 7
   assert all((out / "plots" / name).stat().st_size > 10_000 for name in expected)
 
@@ -149,7 +153,7 @@ def test_dry_run_prints_the_selected_commands(tmp_path):
 
 
 def test_suites_list_every_distinct_strategy():
-  assert [(s, c) for s, c, _ in reproduce.variants(4)] == [
+  assert [(s, c) for s, c, _ in suites.variants(4)] == [
     ("local", "furthest"),
     ("pairwise", "furthest"),
     ("pairwise", "sum"),
@@ -159,17 +163,17 @@ def test_suites_list_every_distinct_strategy():
     ("global", "sum"),
   ]
   # At K = 3, 3wise reaches every stage: it is global, and not trained twice.
-  assert [s for s, _, _ in reproduce.variants(3)] == [
+  assert [s for s, _, _ in suites.variants(3)] == [
     "local",
     "pairwise",
     "pairwise",
     "global",
     "global",
   ]
-  for suite in reproduce.SUITES.values():
-    runs = reproduce.suite_runs(suite)
+  for suite in suites.SUITES.values():
+    runs = suites.suite_runs(suite)
     assert len({r.name for r in runs}) == len(runs) == 7 * len(suite.seeds) * len(suite.experiments)
-  quick = reproduce.suite_runs(reproduce.SUITES["quick"])
+  quick = suites.suite_runs(suites.SUITES["quick"])
   assert {r.seed for r in quick} == {0, 1, 2}
   with pytest.raises(ValueError, match="matches no run"):
     reproduce.select(quick, ["nothing-*"])
@@ -209,7 +213,7 @@ def _fake_run(out, run, finals: dict, steps=(10, 20), rate=5.0):
 
 def test_report_mean_sd_gap_and_splits(tmp_path):
   # Perplexity, K = 4, 2 seeds: local 8/10 -> 9, global 4/6 -> 5, pairwise-sum 6/8 -> 7 (gap 0.5).
-  runs = reproduce.suite_runs(reproduce.SUITES["quick"], seeds=[0, 1])
+  runs = suites.suite_runs(suites.SUITES["quick"], seeds=[0, 1])
   output = {"local": 9.0, "global (furthest)": 5.0, "pairwise (sum)": 7.0}
   chosen = [r for r in runs if r.experiment.label == "stdlib" and r.variant in output]
   for r in chosen:
@@ -230,3 +234,29 @@ def test_report_mean_sd_gap_and_splits(tmp_path):
   assert "## stdlib: validation perplexity" in text and "x-s9" in text
   assert "| pairwise (sum) | 2 | 10.00 ± 1.41 | 9.00 ± 1.41 |" in text
   assert all(os.path.getsize(p) > 0 for p in written)
+  with open(tmp_path / "results.csv") as f:
+    seeds = {(r["strategy"], r["combine"], r["split"]): r["seeds"] for r in csv.DictReader(f)}
+  assert seeds[("pairwise", "sum", "eval")] == "2"  # How many seeds, as table.md's column says.
+  with open(tmp_path / "runs.csv") as f:
+    assert sorted({r["seed"] for r in csv.DictReader(f)}) == ["0", "1"]
+
+
+def test_curves_have_whole_step_ticks(tmp_path):
+  # Evaluated at steps 2 and 4: matplotlib's default ticks would be 2.0, 2.25, 2.5, ...
+  run = suites.suite_runs(suites.SUITES["quick"])[0]
+  _fake_run(tmp_path, run, {f"eval/head{k}/perplexity": 5.0 for k in range(1, 5)}, steps=(2, 4))
+  (row,) = reproduce_report.aggregate([run], str(tmp_path), microbatches=8)
+  for ax in reproduce_report.curves_figure([row]).axes:
+    ticks = [t for t in ax.get_xticks() if 2 <= t <= 4]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_summary_names_the_selected_runs_and_their_time():
+  quick = suites.SUITES["quick"]
+  full, smoke = suites.suite_runs(quick), suites.suite_runs(quick, smoke=True)
+  assert reproduce.summary(quick, full, len(full), smoke=False) == (
+    f"suite quick: 42 runs; {quick.where}; {quick.wall}."
+  )
+  assert "42 runs" in quick.wall and "14 runs" in quick.smoke_wall
+  line = reproduce.summary(quick, smoke[:3], len(smoke), smoke=True)
+  assert line.startswith("suite quick (smoke): 3 of 14 runs; ") and quick.smoke_wall in line

@@ -119,18 +119,6 @@ def test_balanced_split_is_optimal(name, input_shape):
   assert "(balanced)" in resnet.describe_split(model)
 
 
-def test_balanced_split_helper_on_known_costs():
-  assert resnet.balanced_split([1, 1, 1, 1], 2) == (2, 2)
-  assert resnet.balanced_split([5, 1, 1, 1, 1, 1], 2) == (1, 5)
-  assert resnet.balanced_split([3, 3, 3], 3) == (1, 1, 1)
-  assert resnet.balanced_split([1, 2, 3], 1) == (3,)
-  # A stage that ends after item 1 pays 10 more (its head): the even cut becomes the worst.
-  assert resnet.balanced_split([1, 1, 1, 1], 2, end_costs=[0, 10, 0, 0]) == (1, 3)
-  assert resnet.balanced_split([1, 1, 1, 1], 2, end_costs=[9, 9, 0, 0]) == (3, 1)
-  # The last stage has no head: its end cost never counts.
-  assert resnet.balanced_split([1, 1], 1, end_costs=[5, 5]) == (2,)
-
-
 @pytest.mark.parametrize("head", ["conv", "pool"])
 def test_balanced_heads_split_is_optimal_with_the_heads_cost(head):
   n = 9  # resnet20

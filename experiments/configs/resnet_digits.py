@@ -6,9 +6,9 @@
 
 Model: resnet20 (He et al.: 3 groups of 3 basic blocks) cut into 3 stages, pool heads.
 300 steps at batch 64 (~13 epochs), SGD + momentum, cosine schedule.
-Hardware: 2-core CPU, ~20 s per strategy. Test accuracy at heads 1/2/3, measured by
-`scripts/compare_strategies.py` (seed 0): local 99.2/99.4/99.2%, pairwise 89.3/99.2/98.3%,
-global 76.9/94.6/98.3%.
+Hardware: 2-core CPU, ~20-45 s per strategy. Test accuracy at every head for local, pairwise and
+global (seed 0, `scripts/compare_strategies.py`): the README's quickstart table, which also says
+how much the early heads vary from one CPU to another.
 """
 
 from experiments.configs import common

@@ -26,13 +26,7 @@ Determinism. Train batches are a pure function of (seed, step): `train_batches(s
     shuffle is local (LM1B's training files are shuffled already). tf.data shuffles with op
     seeds, so the order also depends on TF's global seed (`tf.random.set_seed`): keep it fixed.
 
-Tokenizers. "bytes": pad 0, EOS 1, byte b -> b + 2; vocabulary 258. "sentencepiece": a unigram
-model with pad 0, EOS 1, unk 2 and no BOS, trained on at most `SPM_MAX_CHARS` (10M) characters
-of training text (LM1B: its first training sentences in file order; stdlib: lines of training
-files in hash order). Identity normalization, kept whitespace and byte fallback make
-decode(encode(s)) == s for any text, which source code needs; byte fallback also means
-vocab_size must exceed 259 plus the distinct characters kept (sentencepiece says so if not).
-The model is cached as `<cache_dir>/spm_<corpus>_<vocab_size>.model` and reused when present.
+Tokenizers ("bytes", "sentencepiece"): `ilbp.data.tokenizers`.
 
 The stdlib corpus is every *.py file under `sysconfig.get_paths()["stdlib"]` (site-packages,
 dist-packages, __pycache__ excluded), sorted and read as UTF-8 with errors replaced; a file is
@@ -49,120 +43,18 @@ import hashlib
 import io
 import os
 import sysconfig
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-import sentencepiece as spm
 
-from ilbp.data import input_shard, per_shard
+from ilbp.data import input_shard, per_shard, write_atomic
+from ilbp.data.tokenizers import TOKENIZERS, Tokenizer, get_tokenizer
 
 DATASETS = ("lm1b", "stdlib")
-TOKENIZERS = ("bytes", "sentencepiece")
 EVAL_FRACTION = 0.05  # share of stdlib files held out for evaluation
-SPM_MAX_CHARS = 10_000_000  # bound on sentencepiece's training sample; more changes little
 _SHUFFLE_BUFFER = 2**16  # LM1B sentences (~10 MB); the files themselves are shuffled already
 _READ_BATCH = 4096  # sentences per tf.data -> numpy transfer, to amortise per-call overhead
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-
-
-class Tokenizer(Protocol):
-  """What the trainer and the pipelines need from a tokenizer."""
-
-  name: str  # identifies the vocabulary in cache file names
-  vocab_size: int
-  pad_id: int
-  eos_id: int
-
-  def encode(self, text: str) -> list[int]: ...
-
-  def decode(self, ids: Iterable[int]) -> str: ...
-
-  def encode_documents(self, docs: Sequence[str | bytes]) -> np.ndarray: ...
-
-
-class ByteTokenizer:
-  """UTF-8 bytes shifted past two special ids: pad 0, EOS 1, byte b -> b + 2."""
-
-  name = "bytes"
-  vocab_size = 258
-  pad_id = 0
-  eos_id = 1
-
-  def encode(self, text: str) -> list[int]:
-    return [b + 2 for b in text.encode("utf-8")]
-
-  def decode(self, ids: Iterable[int]) -> str:
-    # Special ids carry no text; a window cut mid-character decodes to U+FFFD, not an error.
-    return bytes(int(i) - 2 for i in ids if i >= 2).decode("utf-8", errors="replace")
-
-  def encode_documents(self, docs: Sequence[str | bytes]) -> np.ndarray:
-    """Returns the int32 token stream of `docs`, each followed by EOS."""
-    raw = [d.encode("utf-8") if isinstance(d, str) else d for d in docs]
-    ids = np.frombuffer(b"".join(raw), np.uint8).astype(np.int32) + 2
-    ends = np.cumsum(np.array([len(r) for r in raw], np.int64))
-    return np.insert(ids, ends, self.eos_id)
-
-
-class SentencePieceTokenizer:
-  """A sentencepiece model; build it with `train` or from a saved `model_proto`."""
-
-  def __init__(self, model_proto: bytes):
-    self.model_proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    self.vocab_size = self._sp.get_piece_size()
-    self.pad_id = self._sp.pad_id()
-    self.eos_id = self._sp.eos_id()
-    # The hash ties cached token arrays to this exact model, not just to its size.
-    self.name = f"spm{self.vocab_size}-{hashlib.sha256(model_proto).hexdigest()[:10]}"
-
-  @classmethod
-  def train(cls, texts: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:
-    """Trains a unigram model.
-
-    Args:
-      texts: training sentences or lines; empty ones are skipped.
-      vocab_size: requested vocabulary size, including 3 special ids and 256 byte-fallback
-        pieces. A corpus too small for it yields a smaller vocabulary (see `vocab_size`).
-
-    Returns:
-      The trained tokenizer.
-    """
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-      sentence_iterator=(t for t in texts if t),
-      model_writer=model,
-      vocab_size=vocab_size,
-      model_type="unigram",
-      pad_id=0,
-      eos_id=1,
-      unk_id=2,
-      bos_id=-1,
-      byte_fallback=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      allow_whitespace_only_pieces=True,
-      hard_vocab_limit=False,
-      num_threads=os.cpu_count() or 1,
-      minloglevel=2,
-    )
-    return cls(model.getvalue())
-
-  def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
-
-  def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids])
-
-  def encode_documents(self, docs: Sequence[str | bytes]) -> np.ndarray:
-    """Returns the int32 token stream of `docs`, each followed by EOS."""
-    texts = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs]
-    out: list[int] = []
-    for ids in self._sp.encode(texts, num_threads=os.cpu_count() or 1):
-      out.extend(ids)
-      out.append(self.eos_id)
-    return np.asarray(out, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,15 +166,6 @@ def _compact(stream: np.ndarray, vocab_size: int) -> np.ndarray:
   return stream.astype(np.uint16 if vocab_size <= 2**16 else np.int32)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  # Runs sharing a cache_dir may race; a reader must never see a half-written file.
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _cached(path: str | None, compute: Callable[[], np.ndarray], save: bool = True) -> np.ndarray:
   """Loads `path` if it exists, else computes (and saves, when there is a path and `save`)."""
   if path is not None and os.path.exists(path):
@@ -291,32 +174,8 @@ def _cached(path: str | None, compute: Callable[[], np.ndarray], save: bool = Tr
   if path is not None and save:
     buf = io.BytesIO()
     np.save(buf, value)
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
   return value
-
-
-def _make_tokenizer(
-  kind: str, vocab_size: int, cache_dir: str | None, corpus: str, sample: Callable
-) -> Tokenizer:
-  """The byte tokenizer, or the cached / newly trained sentencepiece model of `corpus`."""
-  if kind == "bytes":
-    return ByteTokenizer()
-  path = os.path.join(cache_dir, f"spm_{corpus}_{vocab_size}.model")
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      return SentencePieceTokenizer(f.read())
-
-  def bounded() -> Iterator[str]:
-    chars = 0
-    for text in sample():
-      if chars >= SPM_MAX_CHARS:
-        return
-      chars += len(text)
-      yield text
-
-  tok = SentencePieceTokenizer.train(bounded(), vocab_size)
-  _write_atomic(path, tok.model_proto)
-  return tok
 
 
 def _lm_batch(windows: np.ndarray) -> dict:
@@ -457,7 +316,7 @@ def _stdlib_data(
     for rel in sorted(train_files, key=_hash01):
       yield from _read_source(root, rel).splitlines()
 
-  tok = _make_tokenizer(tok_kind, vocab_size, cache_dir, corpus, lines)
+  tok = get_tokenizer(tok_kind, vocab_size, cache_dir, corpus, lines)
   # Cached token arrays are keyed by the exact file list and sizes: they follow the Python.
   sizes = [f"{r}:{os.path.getsize(os.path.join(root, r))}" for r in train_files + eval_files]
   fingerprint = hashlib.sha256("\n".join(sorted(sizes)).encode("utf-8")).hexdigest()[:10]
@@ -527,7 +386,7 @@ def _lm1b_data(
     for batch in sentences("train"):
       yield from (s.decode("utf-8", errors="replace") for s in batch)
 
-  tok = _make_tokenizer(tok_kind, vocab_size, cache_dir, "lm1b", sample)
+  tok = get_tokenizer(tok_kind, vocab_size, cache_dir, "lm1b", sample)
   cache = lambda what: (
     None if cache_dir is None else os.path.join(cache_dir, f"{what}_lm1b_{tok.name}_{version}.npy")
   )

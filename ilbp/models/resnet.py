@@ -3,7 +3,8 @@
 A ResNet here is a flat list of residual blocks. `make_model` cuts that list into K contiguous
 stages: the stem joins the first stage, global average pooling and the dense classifier join
 the last, so stage K's output is the task logits. Every stage but the last gets an auxiliary
-head, either the authors' small conv head or a plain pool + dense head.
+head, either the authors' small conv head or a plain pool + dense head. Where a balanced cut
+falls is decided by `ilbp.models.split` from the FLOPs XLA counts for each block.
 
 Families (`NAMES` lists every supported name):
 
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from ilbp.models import conv as conv_lib
+from ilbp.models import split as split_lib
 from ilbp.staged import StagedModel
 
 # torchvision's BatchNorm defaults (PyTorch momentum 0.1 is flax momentum 0.9).
@@ -272,40 +274,18 @@ class PoolHead(nn.Module):
 _HEAD_MODULES = {"conv": ConvHead, "pool": PoolHead}
 
 
-def _xla_flops(module: nn.Module, shape: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
-  """FLOPs XLA counts for one inference call of `module`, and its output shape.
-
-  Nothing is executed: variables and input are abstract shapes, and only compilation runs.
-  """
-  x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  variables = jax.eval_shape(module.init, jax.random.key(0), x)
-  out = jax.eval_shape(module.apply, variables, x)
-  cost = jax.jit(module.apply).lower(variables, x).compile().cost_analysis()
-  # jax 0.10 returns one dict; older versions returned a list with one dict per program.
-  if isinstance(cost, list | tuple):
-    cost = cost[0]
-  return float(cost["flops"]), tuple(out.shape)
-
-
 @functools.cache
 def _block_costs(
   name: str, input_shape: tuple[int, ...]
 ) -> tuple[float, tuple[float, ...], tuple[tuple[int, ...], ...]]:
   """(stem, per-block) FLOPs of a batch-1 inference pass from XLA, and each block's output
-  shape. Blocks of one group after the first share kind, width, stride and input shape:
-  compiled once."""
+  shape. Every block is counted as index 0, so that blocks of one group after the first are
+  equal modules and `split.chain_flops` compiles them once."""
   arch = ARCHS[name]
-  stem_flops, shape = _xla_flops(Stem(arch.stem, arch.stem_width), (1, *input_shape))
-  seen: dict[tuple, tuple[float, tuple[int, ...]]] = {}
-  block_flops, shapes = [], []
-  for spec in block_specs(arch):
-    key = (spec.kind, spec.features, spec.strides, shape)
-    if key not in seen:
-      seen[key] = _xla_flops(ResidualBlock(dataclasses.replace(spec, index=0)), shape)
-    flops, shape = seen[key]
-    block_flops.append(flops)
-    shapes.append(shape)
-  return stem_flops, tuple(block_flops), tuple(shapes)
+  chain = [Stem(arch.stem, arch.stem_width)]
+  chain += [ResidualBlock(dataclasses.replace(spec, index=0)) for spec in block_specs(arch)]
+  flops, shapes = split_lib.chain_flops(chain, (1, *input_shape))
+  return flops[0], flops[1:], shapes[1:]
 
 
 @functools.cache
@@ -318,7 +298,7 @@ def _measured_costs(
   of the converts a bf16 program adds on backends without native bf16.
   """
   stem_flops, block_flops, shapes = _block_costs(name, input_shape)
-  classifier_flops, _ = _xla_flops(Classifier(num_classes), shapes[-1])
+  classifier_flops, _ = split_lib.module_flops(Classifier(num_classes), shapes[-1])
   return stem_flops, block_flops, classifier_flops
 
 
@@ -330,55 +310,9 @@ def _head_costs(
   is what a stage ending after block i pays for its head (the last entry is never used, since
   the last stage has none). One compile per distinct output shape."""
   shapes = _block_costs(name, input_shape)[2]
-  per_shape = {s: _xla_flops(_HEAD_MODULES[head](num_classes), s)[0] for s in set(shapes)}
+  head_module = _HEAD_MODULES[head](num_classes)
+  per_shape = {s: split_lib.module_flops(head_module, s)[0] for s in set(shapes)}
   return tuple(per_shape[s] for s in shapes)
-
-
-def balanced_split(
-  costs: Sequence[float], num_stages: int, end_costs: Sequence[float] | None = None
-) -> tuple[int, ...]:
-  """Cuts costs into contiguous stages so that the costliest stage is as cheap as possible.
-
-  Dynamic programming over (stages used, items covered): exact, O(num_stages · n²).
-
-  Args:
-    costs: cost of each item (block), in order.
-    num_stages: number of non-empty stages, 1 <= num_stages <= len(costs).
-    end_costs: optional; end_costs[i] is added to a stage that ends after item i, except the
-      last stage (an auxiliary head at the stage's output).
-
-  Returns:
-    Items per stage, summing to len(costs).
-  """
-  n = len(costs)
-  if not 1 <= num_stages <= n:
-    raise ValueError(
-      f"num_stages must be between 1 and {n} (the number of items), got {num_stages}."
-    )
-  if end_costs is not None and len(end_costs) != n:
-    raise ValueError(f"end_costs needs one entry per item ({n}), got {len(end_costs)}.")
-  prefix = [0.0]
-  for c in costs:
-    prefix.append(prefix[-1] + c)
-  inf = float("inf")
-  # best[k][i]: smallest achievable max-stage cost when the first i items form k stages;
-  # start[k][i]: where the k-th stage begins in that optimum.
-  best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-  start = [[0] * (n + 1) for _ in range(num_stages + 1)]
-  best[0][0] = 0.0
-  for k in range(1, num_stages + 1):
-    for i in range(k, n - (num_stages - k) + 1):
-      end = end_costs[i - 1] if end_costs is not None and k < num_stages else 0.0
-      for j in range(k - 1, i):
-        cost = max(best[k - 1][j], prefix[i] - prefix[j] + end)
-        if cost < best[k][i]:
-          best[k][i], start[k][i] = cost, j
-  sizes, i = [], n
-  for k in range(num_stages, 0, -1):
-    j = start[k][i]
-    sizes.append(i - j)
-    i = j
-  return tuple(reversed(sizes))
 
 
 def _check_args(name, num_classes, num_stages, split, head, input_shape) -> tuple[int, ...] | None:
@@ -493,7 +427,7 @@ def make_model(
     costs[0] += stem_flops
     costs[-1] += classifier_flops
     ends = _head_costs(name, shape, int(num_classes), head) if split == "balanced_heads" else None
-    sizes = balanced_split(costs, num_stages, ends)
+    sizes = split_lib.balanced_split(costs, num_stages, ends)
     bounds = [sum(sizes[:k]) for k in range(num_stages + 1)]
     if ends is not None:
       info["head_flops"] = (*(ends[b - 1] for b in bounds[1:-1]), 0.0)
