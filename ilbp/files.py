@@ -4,13 +4,14 @@ Files are read and written through `etils.epath`, which takes local paths and gs
 az://) alike, through tf.io.gfile or fsspec. It has no public test for "this is an object
 store", which the places that must behave differently there (no append, no flock, libraries
 that only write locally) need: `is_url`. And its `write_text` writes in place: `write_text`
-here replaces a file whole.
+and `write_bytes` here replace a file whole (the one atomic write of the project).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 
 from etils import epath
 
@@ -27,7 +28,18 @@ def write_text(path, text: str) -> None:
   the old file, so that an interrupted write leaves the previous complete file (and a reader
   never sees a part). Also the only correct write on TensorFlow's ram:// filesystem, the tests'
   bucket, where opening an existing file for writing appends."""
+  _replace(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(path, data: bytes) -> None:
+  """`write_text` for bytes (caches that several runs or hosts may fill at once)."""
+  _replace(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _replace(path, write) -> None:
   path = epath.Path(path)
-  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Host and pid: writers on several hosts sharing one directory never share a temporary name.
+  tmp = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+  write(tmp)
   tmp.replace(path)

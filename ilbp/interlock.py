@@ -1,8 +1,8 @@
 """Interlocking gradients: the engine (`interlocking_grads`) and its spec (`interlocking_loss`).
 
-Notation (DESIGN.md §2), 1-based as in the paper: stages k = 1..K with a_0 = x and
-a_k = f_k(θ_k, a_{k-1}); heads k = 1..K-1 with L_k = aux_loss(h_k(φ_k, a_k), y); the task loss
-L_K = loss(a_K, y). With reach n, loss L_j's gradient flows back through stages
+Notation (docs/design.md, "The gradient contract"), 1-based as in the paper: stages k = 1..K
+with a_0 = x and a_k = f_k(θ_k, a_{k-1}); heads k = 1..K-1 with L_k = aux_loss(h_k(φ_k, a_k), y);
+the task loss L_K = loss(a_K, y). With reach n, loss L_j's gradient flows back through stages
 max(1, j-n+1)..j and no further, and t(k) = min(k+n-1, K) is the furthest loss reaching stage k.
 
   combine="furthest":  grad θ_k = ∂L_{t(k)}/∂θ_k
@@ -11,8 +11,8 @@ max(1, j-n+1)..j and no further, and t(k) = min(k+n-1, K) is the furthest loss r
 
 `interlocking_loss` states this with `stop_gradient` masks: each loss recomputes its own view of
 the stages it reaches. It is the readable spec and the test oracle, not a training engine:
-after autodiff XLA does not merge the recomputed views (DESIGN.md §3), so it costs up to 1.4x
-plain backprop.
+after autodiff XLA does not merge the recomputed views (docs/design.md, "The spec and the
+engine"), so it costs up to 1.4x plain backprop.
 
 `interlocking_grads` runs every stage forward once under `jax.vjp`, then walks cotangents
 backwards, calling a stage's VJP once per loss that passes through it and keeping the parameter

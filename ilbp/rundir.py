@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from ilbp import files
@@ -88,10 +87,12 @@ def _rows_up_to(text: str, step: int) -> tuple[str, int]:
   return "".join(kept), dropped
 
 
-class MetricsFile(metric_writers.LoggingWriter):
+class MetricsFile:
   """Scalars to `metrics.jsonl` for scripts, one JSON object per step: writes for the same
-  step (train metrics, clu's steps_per_sec, eval) are merged until `flush`. The rest of the
-  MetricWriter interface only logs.
+  step (train metrics, clu's steps_per_sec, eval) are merged until `flush`. It has clu's
+  MetricWriter methods (it sits in a `MultiWriter` beside TensorBoard); texts, images and the
+  rest are TensorBoard's alone. Not a clu subclass: importing clu's writers loads TensorFlow,
+  which the library modules keep out.
 
   Args:
     path: the metrics.jsonl file.
@@ -101,7 +102,6 @@ class MetricsFile(metric_writers.LoggingWriter):
   """
 
   def __init__(self, path: epath.Path, resume_step: int):
-    super().__init__()
     self.path = path
     self.last: dict[str, float] = {}
     self._row: dict = {}
@@ -144,6 +144,12 @@ class MetricsFile(metric_writers.LoggingWriter):
   def close(self) -> None:
     self.flush()
     self.sync()
+
+  def _not_scalars(self, *args, **kwargs) -> None:
+    """metrics.jsonl holds scalars only."""
+
+  write_texts = write_images = write_videos = write_audios = _not_scalars
+  write_histograms = write_hparams = write_summaries = _not_scalars
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -245,25 +245,3 @@ def create_train_state(
   specs = model.input_specs(example_inputs)
   stages = tuple(init_stage_state(model, optimizer, k, init_rng, s) for k, s in enumerate(specs))
   return TrainState(step=jnp.zeros((), jnp.int32), rng=dropout_rng, stages=stages)
-
-
-def update_stage(
-  optimizer: optax.GradientTransformation, stage: StageState, grads: PyTree, k: int, num_stages: int
-) -> tuple[StageState, dict]:
-  """Applies one optimizer update to one stage; returns it with its gradient/parameter norms.
-
-  Args:
-    optimizer: the stage's optax transformation.
-    stage: the stage's state.
-    grads: {"stage", "head"} gradients (already averaged over microbatches).
-    k: 0-based stage index (names the metrics `grad_norm/stage{k+1}`, `.../head{k+1}`).
-    num_stages: K (the last stage has no head to report).
-  """
-  updates, opt_state = optimizer.update(grads, stage.opt_state, stage.params)
-  params = optax.apply_updates(stage.params, updates)
-  metrics = {}
-  for prefix, tree in (("grad_norm", grads), ("param_norm", params)):
-    metrics[f"{prefix}/stage{k + 1}"] = optax.global_norm(tree["stage"])
-    if k < num_stages - 1:
-      metrics[f"{prefix}/head{k + 1}"] = optax.global_norm(tree["head"])
-  return stage.replace(params=params, opt_state=opt_state), metrics

@@ -125,9 +125,9 @@ def op_times(trace_dir: str, num_steps: int) -> collections.Counter:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; use --config.FIELD=VALUE.")
-  config = bench._CONFIG.value
+  config = flags.FLAGS.config
   rng = jax.random.PRNGKey(config.seed)
-  conv = (bench._CONVS.value or ["auto"])[0] if config.family == "resnet" else None
+  conv = (flags.FLAGS.convs or ["auto"])[0] if config.family == "resnet" else None
   built, batch = bench.build(config, conv)
   model, task = built.model, built.task
   optimizer, _ = trainer.make_optimizer(config)
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
   strategy = parse_strategy(_STRATEGY.value, config.combine)
   step = jax.jit(fused.make_train_step(model, task, strategy, optimizer), donate_argnums=0)
   hlo = step.lower(st, batch).compile().as_text()
-  for _ in range(max(bench._WARMUP.value, 1)):
+  for _ in range(max(flags.FLAGS.warmup, 1)):
     st, _ = timing.timed_ms(lambda st=st: step(st, batch))[0]
   wall = []
   with tempfile.TemporaryDirectory() as trace_dir:

@@ -53,7 +53,7 @@ import time
 from absl import app, flags
 
 from experiments.suites import SUITES, Run, Suite, suite_runs
-from ilbp import workdir_lock
+from ilbp import files, workdir_lock
 from scripts import reproduce_report
 
 FLAGS = flags.FLAGS
@@ -108,11 +108,8 @@ def is_done(run: Run, out: str) -> bool:
 
 
 def _write_json(path: str, value: dict) -> None:
-  """Writes through a temporary file and a rename, so a reader never sees half a file."""
-  tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f)
-  os.replace(tmp, path)
+  """A reader never sees half a file (`files.write_text` writes whole files)."""
+  files.write_text(path, json.dumps(value))
 
 
 def _read_json(path: str) -> dict | None:

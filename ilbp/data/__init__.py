@@ -1,7 +1,5 @@
 """Input pipelines: image classification (TFDS, scikit-learn digits) and language modelling."""
 
-import os
-
 import jax
 
 
@@ -20,15 +18,3 @@ def per_shard(global_size: int, what: str, shards: int) -> int:
       f"({shards}: one per process, or per group of processes feeding the same devices)."
     )
   return global_size // shards
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and a rename.
-
-  Runs sharing a cache directory may race; a reader must never see a half-written file.
-  """
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)

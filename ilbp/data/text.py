@@ -47,7 +47,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ilbp.data import input_shard, per_shard, write_atomic
+from ilbp import files
+from ilbp.data import input_shard, per_shard
 from ilbp.data.tokenizers import TOKENIZERS, Tokenizer, get_tokenizer
 
 DATASETS = ("lm1b", "stdlib")
@@ -174,7 +175,7 @@ def _cached(path: str | None, compute: Callable[[], np.ndarray], save: bool = Tr
   if path is not None and save:
     buf = io.BytesIO()
     np.save(buf, value)
-    write_atomic(path, buf.getvalue())
+    files.write_bytes(path, buf.getvalue())
   return value
 
 
@@ -249,10 +250,10 @@ def stdlib_files(max_files: int | None = None) -> tuple[str, list[str], list[str
   """
   root = sysconfig.get_paths()["stdlib"]
   paths = []
-  for parent, dirs, files in os.walk(root):
+  for parent, dirs, names in os.walk(root):
     dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]  # installed packages are not stdlib
     rel = os.path.relpath(parent, root)
-    paths += [os.path.normpath(os.path.join(rel, f)) for f in files if f.endswith(".py")]
+    paths += [os.path.normpath(os.path.join(rel, f)) for f in names if f.endswith(".py")]
   paths = sorted(p.replace(os.sep, "/") for p in paths)
   held_out = [p for p in paths if _hash01(p) < EVAL_FRACTION]
   train = [p for p in paths if _hash01(p) >= EVAL_FRACTION]

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
-from ilbp.data import write_atomic
+from ilbp import files
 
 TOKENIZERS = ("bytes", "sentencepiece")
 SPM_MAX_CHARS = 10_000_000  # bound on sentencepiece's training sample; more changes little
@@ -158,5 +158,5 @@ def get_tokenizer(
       yield text
 
   tok = SentencePieceTokenizer.train(bounded(), vocab_size)
-  write_atomic(path, tok.model_proto)
+  files.write_bytes(path, tok.model_proto)
   return tok

@@ -19,9 +19,9 @@ at stage k (forward done, not all B ops done). W_k is the longest cotangent roun
 stage k, max over its ops of max(op.losses) - k + 1 (local 1; global K - k: 1F1B's warm-up), so
 residual memory stays bounded. Stages free at the same time choose in stage order.
 
-Costs are per-op durations (`StageCost`, any one unit); `unit_costs` gives PIPELINE.md's units
-(forward f = 1, input gradient b = 1, weight gradient w = 2). `closed_form` is PIPELINE.md's
-table, for comparison with the simulation.
+Costs are per-op durations (`StageCost`, any one unit); `unit_costs` gives the first-guess units
+of docs/pipeline.md (forward f = 1, input gradient b = 1, weight gradient w = 2). `closed_form`
+is that document's closed-form table, for comparison with the simulation.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class StageCost:
 
 
 def unit_costs(num_stages: int, head: float = 0.25) -> list[StageCost]:
-  """PIPELINE.md's units, for when nothing is measured: f = 1, b = 1, w = 2, no update cost.
+  """docs/pipeline.md's first-guess units, for when nothing is measured: f = 1, b = 1, w = 2,
+  no update cost.
 
   Args:
     num_stages: K.
@@ -477,7 +478,7 @@ def closed_form(
   cost: StageCost,
   recompute: float = 0.0,
 ) -> float:
-  """PIPELINE.md's closed-form time per optimizer step, for comparison with `predict`.
+  """docs/pipeline.md's closed-form time per optimizer step, for comparison with `predict`.
 
   Global: (M + K - 1)·c_K with c_K = f + r + b + w. Reach n < K: c_n = f + h + (n-1)(b + r) + w
   (an interior stage); flushed (M + K - 1)·c_n, continuous (dataflow) M·c_n.

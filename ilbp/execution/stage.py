@@ -34,7 +34,7 @@ import optax
 
 from ilbp import interlock
 from ilbp.staged import StagedModel
-from ilbp.state import StageState, TrainState, init_keys, init_stage_state, update_stage
+from ilbp.state import StageState, TrainState, init_keys, init_stage_state
 from ilbp.strategy import Strategy
 
 PyTree = Any
@@ -210,9 +210,14 @@ class Stage:
       `learning_rate` on stage 0 when `lr` is given.
     """
     grads = jax.tree.map(lambda g: g / self.microbatches, sums)
-    stage, norms = update_stage(self.optimizer, stage, grads, self.k, self.num_stages)
+    updates, opt_state = self.optimizer.update(grads, stage.opt_state, stage.params)
+    params = optax.apply_updates(stage.params, updates)
     metrics = {f"head{self.k + 1}/{name}": v for name, v in head_metrics.items()}
-    metrics.update(norms)
+    for prefix, tree in (("grad_norm", grads), ("param_norm", params)):
+      metrics[f"{prefix}/stage{self.k + 1}"] = optax.global_norm(tree["stage"])
+      if self.has_head:
+        metrics[f"{prefix}/head{self.k + 1}"] = optax.global_norm(tree["head"])
+    stage = stage.replace(params=params, opt_state=opt_state)
     if self.k == 0 and self.lr is not None:
       metrics["learning_rate"] = self.lr(step)
     return stage, metrics
