@@ -286,7 +286,7 @@ def test_bad_configs_fail_before_compute(tmp_path, monkeypatch, overrides, messa
   module = resnet_digits if family == "resnet" else transformer_stdlib
   config = _tiny(module, "strategy=pairwise,stages=3", **overrides)
   compiled = []
-  monkeypatch.setattr(trainer.executors, "make", lambda *a: compiled.append(a))
+  monkeypatch.setattr(trainer.factory, "make", lambda *a: compiled.append(a))
   with pytest.raises(ValueError, match=message):
     trainer.train_and_evaluate(config, str(tmp_path))
   assert not compiled

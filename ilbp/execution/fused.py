@@ -74,11 +74,15 @@ def microbatch_grads(stages, params, model_state, where: Where, inputs, targets,
   return sums, tuple(new_state), metrics
 
 
-def _spec_grads(model, task, strategy, params, model_state, where: Where, inputs, targets, zeros):
-  """As `microbatch_grads`, from `jax.grad` of the stop_gradient composition."""
+def _model_grads(
+  method, model, task, strategy, params, model_state, where: Where, inputs, targets, zeros
+):
+  """As `microbatch_grads`, from `StagedModel.gradients(method=)`: "spec" (`jax.grad` of the
+  stop_gradient composition) or "backprop" (plain backprop of the composed network, the
+  benchmarks' baseline)."""
   grads, new_state, flat = model.gradients(
     params, model_state, inputs, targets, loss_fn=task.loss, strategy=strategy,
-    method="spec", rng=where.key(),
+    method=method, rng=where.key(),
   )  # fmt: skip
   sums = jax.tree.map(jnp.add, list(zeros), list(grads))
   metrics = [{} for _ in params]
@@ -108,7 +112,7 @@ def make_train_step(
     optimizer: the optax optimizer the state was created with (one per stage).
     schedule: learning-rate schedule, reported as a metric when given.
     microbatches: M; the batch's leading dimension must be divisible by it.
-    gradients: "engine" (the per-stage layer) or "spec" (`StagedModel.gradients`'s spec).
+    gradients: "engine" (the per-stage layer), or "spec" / "backprop" (`StagedModel.gradients`).
     microbatch_sharding: where the [M, B/M, ...] microbatches live, e.g. split over the data
       axis along B/M (`placement.microbatch_sharding`); without it, cutting a batch-sharded
       array into microbatches would move the sharding to the M axis and every device would
@@ -119,8 +123,8 @@ def make_train_step(
     microbatches; head K is the network's output), per-stage and per-head gradient and
     parameter norms, and the learning rate.
   """
-  if gradients not in ("engine", "spec"):
-    raise ValueError(f"Unknown gradients={gradients!r}; valid: engine, spec.")
+  if gradients not in ("engine", "spec", "backprop"):
+    raise ValueError(f"Unknown gradients={gradients!r}; valid: engine, spec, backprop.")
   stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
 
   def train_step(st: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -134,7 +138,7 @@ def make_train_step(
       if gradients == "engine":
         sums, new_state, metrics = microbatch_grads(stages, *args)
       else:
-        sums, new_state, metrics = _spec_grads(model, task, strategy, *args)
+        sums, new_state, metrics = _model_grads(gradients, model, task, strategy, *args)
       # Statistics keep their stored dtype (a float64 forward would promote float32 ones).
       new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, model_state)
       return (new_state, tuple(sums)), metrics
