@@ -42,7 +42,7 @@ from etils import epath
 
 from ilbp import checkpoint as ckpt
 from ilbp import families, rundir, state, stop, workdir_lock
-from ilbp.execution import factory
+from ilbp.execution import factory, memory
 from ilbp.execution.base import ExecutionConfig
 from ilbp.strategy import strategy as parse_strategy
 
@@ -344,7 +344,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: _Run) -> dict:
   """Restores or initialises the state, then trains, logs, evaluates and checkpoints."""
   model, executor = run.model, run.executor
   primary = jax.process_index() == 0
-  _console(f"{_model_line(config, run)}\nexecution: {executor.description}")
+  held = memory.describe(executor.memory(config.batch_size))
+  _console(f"{_model_line(config, run)}\nexecution: {executor.description}\n{held}")
+  logging.info("%s", held)
   rng = jax.random.PRNGKey(config.seed)
   checkpointer = ckpt.Checkpointer(
     os.path.join(workdir, "checkpoints"),

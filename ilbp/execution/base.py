@@ -71,6 +71,9 @@ class Executor(Protocol):
   def eval_step(self, st: Any, batch: dict) -> dict:
     """Evaluation sums of every head (`Stage.evaluate`) of this process's numpy batch."""
 
+  def memory(self, batch_size: int) -> list:
+    """What each group of devices holds at `batch_size` (`ilbp.execution.memory`)."""
+
 
 class TrainStateIsLive:
   """For executors whose live state is the TrainState itself: one step per call."""

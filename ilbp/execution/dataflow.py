@@ -41,10 +41,12 @@ import optax
 from ilbp import placement
 from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.base import TrainStateIsLive
+from ilbp.execution.memory import DeviceMemory, stage_state_bytes
 from ilbp.execution.schedule import Backward, Forward, Loss, Update
 from ilbp.execution.stage import (
   Stage,
   Where,
+  abstract_stages,
   init_on_stages,
   make_stages,
   mean_metrics,
@@ -173,6 +175,23 @@ class DataflowExecutor(TrainStateIsLive):
   def _where(self, k: int, m: int) -> Where:
     """Microbatch m of the current step, with stage k's copy of the dropout key."""
     return Where(self._rngs[k], np.int32(self._host_step), np.int32(m))
+
+  def memory(self, batch_size: int) -> list[DeviceMemory]:
+    """Per stage, what each of its devices holds: its own state and gradient sums, and the
+    residuals of the microbatches the schedule keeps in flight there."""
+    abstract = abstract_stages(self.stages, self.specs)
+    rows = batch_size // (self.M * self.meshes[0].size)
+    inflight = self.schedule.simulate(1).inflight_max
+    return [
+      DeviceMemory(
+        label=f"stage {k + 1}",
+        devices=tuple(self.meshes[k].devices.flat),
+        state_bytes=stage_state_bytes(abstract[k]),
+        padding_bytes=0,
+        inflight_bytes=inflight[k] * stage.residual_bytes(abstract[k], self.specs[k], rows),
+      )
+      for k, stage in enumerate(self.stages)
+    ]
 
   # --- Batches ----------------------------------------------------------------------------
 

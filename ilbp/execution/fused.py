@@ -23,8 +23,10 @@ import optax
 
 from ilbp import placement, state
 from ilbp.execution.base import TrainStateIsLive
+from ilbp.execution.memory import DeviceMemory, stage_state_bytes
 from ilbp.execution.stage import (
   Where,
+  abstract_stages,
   make_stages,
   mean_metrics,
   named_sums,
@@ -216,6 +218,9 @@ class FusedExecutor(TrainStateIsLive):
     devices=None,
   ):
     self.mesh = placement.data_mesh(devices)
+    self.microbatches = microbatches
+    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
+    self.specs = model.input_specs(input_spec)
     self._init = lambda rng: state.create_train_state(model, optimizer, rng, input_spec)
     train_step = make_train_step(
       model,
@@ -233,6 +238,26 @@ class FusedExecutor(TrainStateIsLive):
       f"fused: one program, data parallel over {self.mesh.size} device(s), "
       f"{microbatches} microbatch(es), gradients={gradients}"
     )
+
+  def memory(self, batch_size: int) -> list[DeviceMemory]:
+    """What every device holds (one row: data parallelism replicates everything): the whole
+    state and gradient sums, and one microbatch's residuals of every stage (the step runs the
+    microbatches one after another)."""
+    abstract = abstract_stages(self.stages, self.specs)
+    rows = batch_size // (self.microbatches * self.mesh.size)
+    K = len(self.stages)
+    return [
+      DeviceMemory(
+        label=f"stages 1-{K}" if K > 1 else "stage 1",
+        devices=tuple(self.mesh.devices.flat),
+        state_bytes=sum(stage_state_bytes(a) for a in abstract),
+        padding_bytes=0,
+        inflight_bytes=sum(
+          s.residual_bytes(a, spec, rows)
+          for s, a, spec in zip(self.stages, abstract, self.specs, strict=True)
+        ),
+      )
+    ]
 
   def init_state(self, rng: jax.Array) -> TrainState:
     return jax.jit(self._init, out_shardings=placement.replicated(self.mesh))(rng)

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from ilbp import interlock
+from ilbp.execution.memory import tree_bytes
 from ilbp.staged import StagedModel
 from ilbp.state import StageState, TrainState, init_keys, init_stage_state
 from ilbp.strategy import Strategy
@@ -237,6 +238,20 @@ class Stage:
     if self.has_head:
       logits, _ = self.model.head_apply(self.k, params, state, a, train=False)
     return a, self.task.eval_sums(logits, targets)
+
+  def residual_bytes(self, abstract: StageState, input_spec, rows: int) -> int:
+    """Bytes F keeps for B: the VJP residuals of one microbatch of `rows` examples.
+
+    Args:
+      abstract: the stage's StageState as shapes (`abstract_stages`).
+      input_spec: the stage input's abstract shape (any leading batch size).
+      rows: examples per microbatch on one device.
+    """
+    x = jax.ShapeDtypeStruct((rows, *input_spec.shape[1:]), input_spec.dtype)
+    forward = lambda p, s, x: self.forward(p, s, Where(jax.random.PRNGKey(0), 0, 0), x)[1]
+    return tree_bytes(
+      jax.eval_shape(forward, abstract.params["stage"], abstract.model_state["stage"], x)
+    )
 
   def init(self, input_spec) -> Callable:
     """init_rng -> the stage's fresh StageState (jit it with the stage's shardings)."""

@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from ilbp import placement
 from ilbp.execution import schedule as schedule_lib
+from ilbp.execution.memory import DeviceMemory
 from ilbp.execution.spmd import program, ticks
 from ilbp.execution.spmd.packing import STAGE_AXIS, PackedState, Packing
 from ilbp.execution.stage import (
@@ -192,6 +193,25 @@ class SpmdExecutor:
       "message_padding_bytes_per_boundary": [0] * (self.K - 1),
       "ticks_per_call": table.num_ticks,
     }
+
+  def memory(self, batch_size: int) -> list[DeviceMemory]:
+    """Per stage, what each of its devices holds (`padding`): its row of the packed state and
+    gradient sums (flat buffers padded to the widest stage, plus the stacked leaves), and the
+    stored-input and cotangent slots plus one microbatch's residuals (B re-runs F)."""
+    pad = self.padding(batch_size)
+    rows = batch_size // (self.M * self.D)
+    abstract = self.spec.abstract
+    return [
+      DeviceMemory(
+        label=f"stage {k + 1}",
+        devices=tuple(self.mesh.devices[k]),
+        state_bytes=pad["state_bytes_per_stage"],
+        padding_bytes=pad["state_padding_bytes_per_stage"][k],
+        inflight_bytes=pad["slot_bytes_per_stage"]
+        + stage.residual_bytes(abstract[k], self.specs[k], rows),
+      )
+      for k, stage in enumerate(self.stages)
+    ]
 
   # --- Batches ----------------------------------------------------------------------------
 
