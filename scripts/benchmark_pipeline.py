@@ -28,6 +28,9 @@ on one device (no pipelining, the same M microbatches): a second, unpipelined re
 steps (continuous within a call), and its rows add the compiled program's memory per device
 (`memory_analysis`: arguments + outputs + temporaries - aliased) and the padding its flat
 buffers carry per device (the widest stage's state and stored-input slots, `padding`).
+Every row carries the executor's memory plan per stage (`ilbp.execution.memory`: state with
+gradient sums, its padding, in-flight activations; JSON `held_bytes_per_stage` and the rest);
+`held MB/dev` is the fullest device's state plus in-flight activations.
 
 Measured: `ms/step` is the median over --chunks of (wall time of --steps_per_chunk consecutive
 steps, blocking only at the end) / steps_per_chunk, after a warm-up chunk; rows are timed
@@ -59,7 +62,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ilbp import families, files, placement, timing, trainer
-from ilbp.execution import dataflow, fused, gantt, spmd
+from ilbp.execution import dataflow, fused, gantt, memory, spmd
 from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.spmd import ticks
 from ilbp.strategy import strategy as parse_strategy
@@ -280,6 +283,7 @@ def print_table(rows: list[dict]) -> None:
     ("pred/meas", "predicted_over_measured", ".3f"),
     ("in-flight", "inflight_microbatches_max", "d"),
     ("bubble", "bubble_fraction", ".2f"),
+    ("held MB/dev", "held_mb_per_device_max", ".1f"),
     ("mem MB/dev", "memory_mb_per_device", ".1f"),
     ("pad KB/dev", "padding_kb_per_device", ".1f"),
   ]
@@ -343,7 +347,10 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
       row["gantt"] = path
     drop = ("ex", "s", "state", "batch", "schedule", "costs")
     keep = {key: v for key, v in row.items() if key not in drop}
+    held = memory.as_dict(row["ex"].memory(config.batch_size))
     keep.update(
+      **held,
+      held_mb_per_device_max=max(held["held_bytes_per_stage"]) / 1e6,
       stages=k,
       microbatches=m,
       batch=config.batch_size,

@@ -278,10 +278,6 @@ def make_stages(
 # --- State on each stage's devices -------------------------------------------------------------
 
 
-def _init_from_key(init):
-  return lambda r: init(init_keys(r)[0])
-
-
 def init_on_stages(
   stages: Sequence[Stage], specs, shardings: Sequence, rng: jax.Array, scalars=None
 ) -> TrainState:
@@ -289,14 +285,23 @@ def init_on_stages(
   step and dropout key on `scalars` (default `shardings[0]`). Every array is made by a jitted
   program onto its sharding, so stages may sit on other processes' devices."""
   scalars = shardings[0] if scalars is None else scalars
-  key = np.asarray(rng)  # The same host value on every process.
-  states = []
-  for k, stage in enumerate(stages):
-    states.append(jax.jit(_init_from_key(stage.init(specs[k])), out_shardings=shardings[k])(key))
-  step, dropout_rng = jax.jit(
-    lambda r: (jnp.zeros((), jnp.int32), init_keys(r)[1]), out_shardings=(scalars, scalars)
-  )(key)
+  states = [init_stage_on(s, specs[k], shardings[k], rng) for k, s in enumerate(stages)]
+  step, dropout_rng = init_scalars_on(scalars, rng)
   return TrainState(step=step, rng=dropout_rng, stages=tuple(states))
+
+
+def init_stage_on(stage: Stage, spec, sharding, rng: jax.Array) -> StageState:
+  """Stage `stage.k`'s fresh StageState, created by a jitted program onto `sharding` (so it
+  may sit on another process's devices); the same values as `init_on_stages` gives it."""
+  key = np.asarray(rng)  # The same host value on every process.
+  init = stage.init(spec)
+  return jax.jit(lambda r: init(init_keys(r)[0]), out_shardings=sharding)(key)
+
+
+def init_scalars_on(sharding, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A fresh TrainState's (step, dropout key) on `sharding`."""
+  fn = lambda r: (jnp.zeros((), jnp.int32), init_keys(r)[1])
+  return jax.jit(fn, out_shardings=(sharding, sharding))(np.asarray(rng))
 
 
 def abstract_stages(stages: Sequence[Stage], specs) -> list[StageState]:

@@ -55,7 +55,8 @@ from ilbp.execution.spmd import program, ticks
 from ilbp.execution.spmd.packing import STAGE_AXIS, PackedState, Packing
 from ilbp.execution.stage import (
   abstract_stages,
-  init_on_stages,
+  init_scalars_on,
+  init_stage_on,
   make_stages,
   split_microbatches,
   target_on_stages,
@@ -145,11 +146,14 @@ class SpmdExecutor:
   # --- State ------------------------------------------------------------------------------
 
   def init_state(self, rng: jax.Array) -> PackedState:
-    """A fresh state: stage k is created on stage k's devices, then packed there."""
-    everywhere = self.packing.everywhere
-    return self.pack_state(
-      init_on_stages(self.stages, self.specs, self.replicated, rng, everywhere)
-    )
+    """A fresh state: stage k is created on stage k's devices and packed there, one stage at
+    a time (a device never holds its stage twice over, as packing a whole TrainState would)."""
+    rows = [
+      self.packing.pack_row(k, init_stage_on(stage, self.specs[k], self.replicated[k], rng))
+      for k, stage in enumerate(self.stages)
+    ]
+    step, dropout_rng = init_scalars_on(self.packing.everywhere, rng)
+    return self.packing.stack_rows(step, dropout_rng, rows)
 
   def state_target(self, rng: jax.Array) -> TrainState:
     """The abstract TrainState a checkpoint restores onto: stage k on its devices (on several

@@ -111,9 +111,15 @@ class Packing:
     if self.multihost and leaf.sharding.device_set == set(self.mesh.devices.flat):
       # Restored on several processes (`state_target`): packed by one program over the mesh.
       return PackedState(step=put(st.step), rng=put(st.rng), **self._global_fns[1](st.stages))
-    rows = [
-      self._pack_fns[k](jax.device_put(st.stages[k], self.replicated[k])) for k in range(self.K)
-    ]
+    rows = [self.pack_row(k, stage) for k, stage in enumerate(st.stages)]
+    return self.stack_rows(put(st.step), put(st.rng), rows)
+
+  def pack_row(self, k: int, stage: StageState) -> dict:
+    """Stage k's StageState (any placement) -> its buffers on its own devices."""
+    return self._pack_fns[k](jax.device_put(stage, self.replicated[k]))
+
+  def stack_rows(self, step: jax.Array, rng: jax.Array, rows: Sequence[dict]) -> PackedState:
+    """Every stage's buffers (`pack_row`) -> the PackedState, each row left where it is."""
 
     def stack(*per_stage):  # One leaf of every stage's buffers -> [K, ...] over 'stage'.
       shards = [s.data[None] for x in per_stage for s in x.addressable_shards]
@@ -122,7 +128,7 @@ class Packing:
         shape, self.rows, shards, dtype=per_stage[0].dtype
       )
 
-    return PackedState(step=put(st.step), rng=put(st.rng), **jax.tree.map(stack, *rows))
+    return PackedState(step=step, rng=rng, **jax.tree.map(stack, *rows))
 
   def unpack(self, ps: PackedState) -> TrainState:
     """PackedState -> the TrainState every executor and checkpoint uses (stage k on stage k's
