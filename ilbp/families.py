@@ -127,14 +127,14 @@ def _resnet(
 def _transformer(
   config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
 ) -> Built:
-  from ilbp.data import text
+  from ilbp.data import text, tokenizers
   from ilbp.models import transformer
 
   m, d = config.model, config.dataset
   if synthetic:
     # A SentencePiece model may come out smaller than asked for; the benchmarks time the size
     # the config asks for.
-    vocab = text.ByteTokenizer.vocab_size if d.tokenizer == "bytes" else d.vocab_size
+    vocab = tokenizers.ByteTokenizer.vocab_size if d.tokenizer == "bytes" else d.vocab_size
     data = synthetic_data.tokens(
       vocab,
       d.seq_len,

@@ -62,9 +62,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ilbp import families, files, placement, timing, trainer
-from ilbp.execution import dataflow, fused, gantt, memory, spmd
+from ilbp.execution import dataflow, fused, gantt, memory
 from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.spmd import ticks
+from ilbp.execution.spmd.executor import SpmdExecutor
 from ilbp.strategy import strategy as parse_strategy
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -122,7 +123,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
         if kind == "fused":
           ex = fused.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
         elif kind == "spmd":
-          ex = spmd.SpmdExecutor(
+          ex = SpmdExecutor(
             *args,
             microbatches=m,
             continuous=mode == "continuous" or is_global,

@@ -44,8 +44,9 @@ from ml_collections import config_flags
 
 import ilbp
 from ilbp import families, interlock, placement, state
-from ilbp.execution import dataflow, spmd
+from ilbp.execution import dataflow
 from ilbp.execution.fused import FusedExecutor
+from ilbp.execution.spmd.executor import SpmdExecutor
 
 _CONFIGS = {
   "resnet": config_flags.DEFINE_config_file(
@@ -110,7 +111,7 @@ def run_case(built, batch, opt, M, strat, D, S) -> tuple[float, bool, float, boo
   start = time.perf_counter()
   args = (built.model, built.task, strat, *opt, built.input_spec)
   fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
-  ex = spmd.SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
+  ex = SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
   rng = jax.random.PRNGKey(1)
   a, b = fused.init_state(rng), ex.init_state(rng)
   for _ in range(3):

@@ -507,5 +507,7 @@ def test_benchmark_config_defaults_and_transformer_variant():
   built = families.build_synthetic(t)
   assert built.model.num_stages == 4 and built.input_spec.shape == (1, 64)
   assert next(built.data.train_batches(0))["inputs"].max() < 1024
+  t.dataset.tokenizer = "bytes"  # Byte tokens: the vocabulary is the tokenizer's own.
+  assert next(families.build_synthetic(t).data.train_batches(0))["inputs"].max() < 258
   with pytest.raises(ValueError, match="resnet, transformer"):
     benchmark.get_config("family=vit")

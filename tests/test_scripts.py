@@ -57,9 +57,10 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
       "--config.model.name=resnet_tiny",
       "--microbatches=2",
       "--strategies=local,global",
-      "--executors=dataflow,fused",
+      "--executors=dataflow,fused,spmd",
       "--chunks=2",
       "--steps_per_chunk=2",
+      "--spmd_steps_per_call=2",
       "--op_repeats=2",
       f"--gantt_dir={tmp_path}",
       f"--json_out={path}",
@@ -69,6 +70,11 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
   rows = json.loads(path.read_text())
   keys = {"executor", "strategy", "stages", "microbatches", "ms_per_step", "predicted_ms_per_step"}
   assert all(keys | {"inflight_microbatches_max"} <= set(r) for r in rows)
+  # Every row carries its executor's memory plan, one entry per stage (fused: one group).
+  assert {r["executor"] for r in rows} == {"dataflow", "fused", "spmd"}
+  for r in rows:
+    groups = 1 if r["executor"] == "fused" else r["stages"]
+    assert len(r["held_bytes_per_stage"]) == groups and min(r["held_bytes_per_stage"]) > 0
   flow = {(r["strategy"], r["mode"]): r for r in rows if r["executor"] == "dataflow"}
   assert set(flow) == {("local", "continuous"), ("local", "flushed"), ("global", "flushed")}
   assert flow["global", "flushed"]["vs_global"] == 1.0
