@@ -5,10 +5,19 @@ back whole, else a fresh initialisation. A damaged step folder (a file truncated
 or a copy cut short) is named in a warning and left in place until the run saves that step
 again. The data position is not saved: batches are a pure function of (seed, step), so
 restoring the step restores the input stream too.
+
+Stages that live on different processes (the spmd executor across hosts) are written without
+gathering: their leaves are `ilbp.state.HostLeaf`s, each written by the one process that holds
+it, in the format of any other array leaf (so every executor reads the checkpoint, on any
+number of processes), and restored by each process straight onto its stages' devices.
+Orbax's own array handler cannot do this: it refuses an array held whole by one process of a
+multi-process job, and one with no shards on a process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -18,10 +27,98 @@ from absl import logging
 from etils import epath
 
 from ilbp import files, rundir
+from ilbp.state import HostLeaf
 
 # Config fields that fix what a checkpoint means: resuming with another value would train a
 # different experiment (or fail to restore), so it needs an explicit override.
 COMPATIBILITY_FIELDS = ("family", "model", "num_stages", "strategy", "combine", "dataset.name")
+
+
+@dataclasses.dataclass
+class _HostLeafRestore(ocp.type_handlers.RestoreArgs):
+  """Restore arguments of a `HostLeaf` target (orbax picks the handler by `restore_type`)."""
+
+  leaf: HostLeaf | None = None
+
+
+class _HostLeafHandler(ocp.type_handlers.NumpyHandler):
+  """Writes a `HostLeaf` from the process that holds it; reads one onto its sharding.
+
+  On disk a HostLeaf is what orbax's numpy handler writes (same files, same metadata), so a
+  checkpoint reads back under any executor, with or without a target. Reads go one leaf at a
+  time, each placed on its devices before the next is read. Orbax looks handlers up by that
+  shared type name, so this handler also reads numpy leaves restored without a target.
+  """
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)  # The values are the caller's own copies.
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+    return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args))]
+
+  async def _write(self, values, infos, args):
+    writes = []
+    for leaf, info, arg in zip(values, infos, args):
+      await info.await_path_creation()
+      if leaf.value is None:
+        continue
+      ocdbt = info.is_ocdbt_checkpoint
+      spec = ocp.type_handlers.get_json_tspec_write(
+        info,
+        use_ocdbt=ocdbt,
+        global_shape=leaf.shape,
+        local_shape=leaf.shape,
+        dtype=leaf.dtype,
+        process_index=jax.process_index() if ocdbt else None,
+        arg=arg,
+      )
+      writes.append(self._open_and_write(leaf.value, spec, info.ts_context))
+    await asyncio.gather(*writes)
+
+  async def deserialize(self, infos, args=None):
+    args = args or [ocp.type_handlers.RestoreArgs()] * len(infos)
+    out = []
+    for info, arg in zip(infos, args):
+      leaf = getattr(arg, "leaf", None)
+      if leaf is None:  # No target (this handler also reads what the numpy handler wrote).
+        out.extend(await super().deserialize([info], [arg]))
+        continue
+      held = [d for d in leaf.sharding.device_set if d.process_index == jax.process_index()]
+      if not held:
+        out.append(
+          jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, [], dtype=leaf.dtype)
+        )
+        continue
+      read = ocp.type_handlers.RestoreArgs(dtype=leaf.dtype)
+      (value,) = await super().deserialize([info], [read])
+      out.append(jax.device_put(value, leaf.sharding))
+    return out
+
+
+def _register() -> None:
+  """Registers the HostLeaf handler. It shares the numpy handler's type name on purpose (the
+  same files), which orbax notes in a warning on every import: muted for this one call."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(HostLeaf, _HostLeafHandler(), override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+_register()
+
+
+def _restore_args(target: Any) -> Any:
+  """Per leaf of a restore target (arrays or abstract arrays with shardings, HostLeafs)."""
+
+  def args(leaf):
+    if isinstance(leaf, HostLeaf):
+      return _HostLeafRestore(restore_type=HostLeaf, dtype=leaf.dtype, leaf=leaf)
+    return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+  return jax.tree.map(args, target)
 
 
 class Checkpointer:
@@ -57,7 +154,7 @@ class Checkpointer:
       self._damaged.discard(step)
     elif step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._manager.save(step, args=ocp.args.PyTreeSave(state), force=True)
 
   def restore_latest(self, target: Any) -> tuple[int | None, Any]:
     """Restores the newest checkpoint that reads back whole onto `target` (as `restore`).
@@ -98,19 +195,23 @@ class Checkpointer:
   def _damaged_at(self, step: int) -> bool:
     """Whether checkpoint `step` fails to read back as saved, with no target to fit."""
     try:
-      self._manager.restore(step, args=ocp.args.StandardRestore())
+      self._manager.restore(step, args=ocp.args.PyTreeRestore())
     except Exception:
       return True
     return False
 
   def restore(self, step: int, target: Any = None) -> Any:
-    """Restores onto `target`'s structure, shapes, dtypes and shardings (use `jax.eval_shape`
-    plus shardings, so no memory is spent on a throw-away initialisation). Without a target
-    the saved tree comes back as nested dicts of arrays (for inspection and tests)."""
+    """Restores onto `target`'s structure, shapes, dtypes and shardings (abstract arrays with
+    shardings, or `HostLeaf`s, so no memory is spent on a throw-away initialisation). Without
+    a target the saved tree comes back as nested dicts of arrays (for inspection and tests)."""
     if target is None:
-      return self._manager.restore(step, args=ocp.args.StandardRestore())
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      return self._manager.restore(step, args=ocp.args.PyTreeRestore())
+    abstract = jax.tree.map(
+      lambda x: x if isinstance(x, HostLeaf) else ocp.utils.to_shape_dtype_struct(x), target
+    )
+    return self._manager.restore(
+      step, args=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract))
+    )
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -11,12 +11,14 @@ clipping clips a stage and its head separately, so no stage ever sees another's 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ilbp.staged import StagedModel
@@ -39,6 +41,31 @@ class StageState:
   params: PyTree
   model_state: PyTree
   opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLeaf:
+  """One leaf of the train state as a checkpoint sees it on the host of one process.
+
+  Stages on different processes are saved and restored without gathering (`ilbp.checkpoint`):
+  saving, `value` is the host copy on the one process that writes the leaf and None on every
+  other; restoring (a target), `value` is None and `sharding` says where the leaf goes.
+
+  Attributes:
+    shape, dtype: the leaf's.
+    value: the host copy to write, or None.
+    sharding: the restore target's placement (restoring only).
+  """
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  value: np.ndarray | None = None
+  sharding: jax.sharding.Sharding | None = None
+
+  @classmethod
+  def target(cls, tree: Any) -> Any:
+    """Abstract arrays with shardings -> HostLeaf restore targets."""
+    return jax.tree.map(lambda a: cls(tuple(a.shape), np.dtype(a.dtype), None, a.sharding), tree)
 
 
 @flax.struct.dataclass

@@ -427,7 +427,7 @@ def _loop(config, run: _Run, st, start: int, checkpointer, writer, jsonl) -> dic
       if do_ckpt or stopping:
         if jsonl:  # A resume recomputes only the steps after this checkpoint: upload the rest.
           jsonl.sync()
-        checkpointer.save(step, executor.unpack_state(st))
+        checkpointer.save(step, executor.checkpoint_state(st))
       if stopping:
         checkpointer.wait()
         raise stop.RunStopped(step, signals.signum)

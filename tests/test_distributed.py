@@ -7,14 +7,17 @@ finds the coordinator. Fused runs data parallel over both; spmd puts one stage o
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from conftest import devices_env
 
-from ilbp import distributed
+from ilbp import checkpoint, distributed
 
 
 def test_plan_off_and_single_process_by_default():
@@ -105,18 +108,23 @@ def _metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_checkpoint_and_resume_on_one(tmp_path):
-  workdir = tmp_path / "run"
-  outs = _finish(_two_processes(workdir, 4))
-  # Process 0 alone writes the console lines and metrics; evaluation counts every test image
-  # once (each process evaluated its own share).
-  assert "Done: 4 steps" in outs[0][0] and "Done:" not in outs[1][0]
-  evals = [r for r in _metrics(workdir) if "eval/count" in r]
-  assert evals and evals[-1]["step"] == 4 and evals[-1]["eval/count"] == 355
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
-  # The checkpoint both processes wrote resumes in one process, which trains on to step 6.
-  stdout, stderr = _binary(workdir, 6).communicate(timeout=300)
-  assert "at step 4." in stdout and "Done: 6 steps" in stdout, stdout[-2000:] + stderr[-2000:]
+def _same_steps_after(step, *workdirs):
+  """The train and eval metrics of every row past `step` agree between the runs (1e-5)."""
+  runs = [[r for r in _metrics(w) if r["step"] > step] for w in workdirs]
+  first = runs[0]
+  assert first, workdirs[0]
+  for other in runs[1:]:
+    assert [r["step"] for r in other] == [r["step"] for r in first]
+    for x, y in zip(first, other):
+      for key, value in x.items():
+        if key.startswith(("train/", "eval/")):
+          assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (x["step"], key)
+
+
+def _resume(workdir, steps, flags=(), devices=1):
+  stdout, stderr = _binary(workdir, steps, flags=flags, devices=devices).communicate(timeout=300)
+  assert f"Done: {steps} steps" in stdout, stdout[-2000:] + stderr[-2000:]
+  return stdout
 
 
 _SPMD = (
@@ -126,25 +134,47 @@ _SPMD = (
 )
 
 
+def test_two_processes_train_checkpoint_and_resume_on_one_or_as_stages(tmp_path):
+  workdir = tmp_path / "run"
+  outs = _finish(_two_processes(workdir, 4))
+  # Process 0 alone writes the console lines and metrics; evaluation counts every test image
+  # once (each process evaluated its own share).
+  assert "Done: 4 steps" in outs[0][0] and "Done:" not in outs[1][0]
+  evals = [r for r in _metrics(workdir) if "eval/count" in r]
+  assert evals and evals[-1]["step"] == 4 and evals[-1]["eval/count"] == 355
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
+  # The checkpoint both processes wrote resumes in one process, which trains on to step 6;
+  # and under spmd on two processes, a stage each, which trains alike.
+  staged = tmp_path / "staged"
+  shutil.copytree(workdir, staged)
+  # (Microbatches as spmd's: a ResNet's BatchNorm statistics are per microbatch.)
+  assert "at step 4." in _resume(workdir, 6, ("--config.execution.microbatches=2",))
+  _finish(_two_processes(staged, 6, _SPMD))
+  _same_steps_after(4, workdir, staged)
+
+
 def test_spmd_stages_on_two_processes_train_like_one_process(tmp_path):
   # Stage 1 on process 0's device, stage 2 on process 1's: activations and cotangents cross
   # processes by ppermute, both processes feed the whole batch (they hold the same data
-  # column), evaluation runs as one program, and the checkpoint is written by both.
+  # column), evaluation runs as one program, and each process writes its own stage's
+  # checkpoint (nothing gathered).
   two, one = tmp_path / "two", tmp_path / "one"
   procs = [*_two_processes(two, 4, _SPMD), _binary(one, 4, flags=_SPMD, devices=2)]
   outs = _finish(procs)
   assert "Done: 4 steps" in outs[0][0] and "Done:" not in outs[1][0]
   # The same training as one process driving both devices, to float rounding.
-  a, b = _metrics(two), _metrics(one)
-  assert [r["step"] for r in a] == [r["step"] for r in b]
-  for x, y in zip(a, b):
-    for key, value in x.items():
-      if key.startswith(("train/", "eval/")):
-        assert y[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (x["step"], key)
-  assert a[-1]["eval/count"] == 355
-  # The two processes' checkpoint resumes in one process, under another executor too.
-  stdout, stderr = _binary(two, 6).communicate(timeout=300)
-  assert "at step 4." in stdout and "Done: 6 steps" in stdout, stdout[-2000:] + stderr[-2000:]
+  _same_steps_after(0, one, two)
+  assert _metrics(two)[-1]["eval/count"] == 355
+  # The same checkpoint too, read back without a target.
+  saved = [checkpoint.Checkpointer(str(w / "checkpoints")).restore(4) for w in (one, two)]
+  for x, y in zip(*(jax.tree.leaves(c) for c in saved), strict=True):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+  # The two processes' checkpoint resumes exactly in one process, under fused and dataflow.
+  other = tmp_path / "dataflow"
+  shutil.copytree(two, other)
+  assert "at step 4." in _resume(two, 6)
+  _resume(other, 6, ("--config.execution.kind=dataflow",), devices=2)
+  _same_steps_after(4, two, other)
 
 
 def test_dataflow_refuses_several_processes(monkeypatch):

@@ -54,7 +54,11 @@ class Executor(Protocol):
     """A TrainState (e.g. restored onto `state_target`) -> the live state."""
 
   def unpack_state(self, st: Any) -> TrainState:
-    """The live state -> a TrainState (what a checkpoint saves)."""
+    """The live state -> a TrainState on this executor's devices."""
+
+  def checkpoint_state(self, st: Any) -> TrainState:
+    """The live state -> what a checkpoint writes: a TrainState of arrays, or of
+    `ilbp.state.HostLeaf`s each written by one process (`ilbp.checkpoint`)."""
 
   def put_batch(self, batch: dict) -> Any:
     """This process's numpy training batch -> what `train_step` takes, on the devices."""
@@ -84,6 +88,9 @@ class TrainStateIsLive:
     return st
 
   def unpack_state(self, st: TrainState) -> TrainState:
+    return st
+
+  def checkpoint_state(self, st: TrainState) -> TrainState:
     return st
 
   def put_batches(self, batches: list[dict]) -> list:

@@ -4,7 +4,9 @@ Stage k's parameters, statistics and optimizer state live in arrays with a leadi
 sharded over 'stage', so row k sits only on stage k's D devices (`PackedState`). Leaves every
 stage has alike are stacked whole; the rest sit in per-dtype flat buffers padded to the widest
 stage (`flat.FlatLayout`). `Packing` converts between that and the `TrainState` every executor
-and checkpoint uses, each stage on its own devices.
+and checkpoint uses, each stage on its own devices: nothing of stage k is ever built on a
+device that does not hold stage k. A checkpoint gets host copies (`host_state`), each stage's
+written by the process that holds it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from collections.abc import Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ilbp.execution.spmd.flat import FlatLayout
-from ilbp.state import StageState, TrainState
+from ilbp.state import HostLeaf, StageState, TrainState
 
 STAGE_AXIS = "stage"
 PARTS = ("params", "model_state", "opt_state")
@@ -55,13 +57,13 @@ class Packing:
 
   def __init__(self, abstract: Sequence[StageState], mesh: Mesh, meshes: Sequence[Mesh]):
     self.K = len(abstract)
+    self.abstract = tuple(abstract)
     self.mesh = mesh
     self.layouts = {p: FlatLayout([getattr(s, p) for s in abstract]) for p in PARTS}
     self.replicated = [NamedSharding(m, P()) for m in meshes]
     self.own = [set(m.devices.flat) for m in meshes]
     self.everywhere = NamedSharding(mesh, P())  # The step and dropout key.
     self.rows = NamedSharding(mesh, P(STAGE_AXIS))
-    self.multihost = jax.process_count() > 1
 
   def sharding(self) -> PackedState:
     """The PackedState of shardings (a program's in and out shardings)."""
@@ -77,24 +79,6 @@ class Packing:
     return StageState(**{p: self.layouts[p].unpack(k, bufs[p]) for p in PARTS})
 
   @functools.cached_property
-  def _global_fns(self):
-    """(gather, pack) over the whole mesh, for several processes: orbax writes only arrays
-    that span processes, and a stage whose devices sit on one host is host-local there."""
-
-    def gather(bufs):
-      row = lambda k: jax.tree.map(lambda b: b[k], bufs)
-      return tuple(self.unpack_stage(k, row(k)) for k in range(self.K))
-
-    def pack(stages):
-      rows = [self.pack_stage(k, stage) for k, stage in enumerate(stages)]
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-
-    return (
-      jax.jit(gather, out_shardings=self.everywhere),
-      jax.jit(pack, out_shardings=self.rows),
-    )
-
-  @functools.cached_property
   def _pack_fns(self):
     pack = lambda k: lambda stage: self.pack_stage(k, stage)
     return [jax.jit(pack(k), out_shardings=self.replicated[k]) for k in range(self.K)]
@@ -107,10 +91,6 @@ class Packing:
   def pack(self, st: TrainState) -> PackedState:
     """TrainState (any placement) -> PackedState; stage k is packed on its own devices."""
     put = lambda x: jax.device_put(x, self.everywhere)  # A no-op for this executor's states.
-    leaf = jax.tree.leaves(st.stages[0])[0]
-    if self.multihost and leaf.sharding.device_set == set(self.mesh.devices.flat):
-      # Restored on several processes (`state_target`): packed by one program over the mesh.
-      return PackedState(step=put(st.step), rng=put(st.rng), **self._global_fns[1](st.stages))
     rows = [self.pack_row(k, stage) for k, stage in enumerate(st.stages)]
     return self.stack_rows(put(st.step), put(st.rng), rows)
 
@@ -131,13 +111,8 @@ class Packing:
     return PackedState(step=step, rng=rng, **jax.tree.map(stack, *rows))
 
   def unpack(self, ps: PackedState) -> TrainState:
-    """PackedState -> the TrainState every executor and checkpoint uses (stage k on stage k's
-    devices; nothing crosses between stages). On several processes every stage's state is
-    gathered onto every device of the mesh instead (for orbax, which writes only arrays that
-    span processes): a save then holds the whole train state on each device for a moment."""
-    if self.multihost:
-      stages = self._global_fns[0]({p: getattr(ps, p) for p in PARTS})
-      return TrainState(step=ps.step, rng=ps.rng, stages=stages)
+    """PackedState -> the TrainState every executor uses, stage k on stage k's devices
+    (nothing crosses between stages; a process gets no shards of stages it does not hold)."""
     stages = []
     for k in range(self.K):
 
@@ -151,3 +126,28 @@ class Packing:
       stages.append(self._unpack_fns[k]({p: jax.tree.map(row, getattr(ps, p)) for p in PARTS}))
     # Step and key stay on every device of the mesh (each process can read them).
     return TrainState(step=ps.step, rng=ps.rng, stages=tuple(stages))
+
+  def host_state(self, ps: PackedState) -> TrainState:
+    """PackedState -> the TrainState a checkpoint writes, as `HostLeaf`s: stage k's leaves
+    hold host copies on the process of stage k's first device (one copy of each of its
+    buffers, the leaves views into it) and None elsewhere; the step and key are written by
+    process 0. Nothing is built on any device, so a save costs each process a host copy of
+    its own stages, as saving any other executor's state does."""
+    me = jax.process_index()
+    host = lambda x: HostLeaf(x.shape, x.dtype, x)
+    absent = lambda a: HostLeaf(tuple(a.shape), np.dtype(a.dtype))
+    stages = []
+    for k in range(self.K):
+      writer = self.mesh.devices[k][0]
+      if writer.process_index != me:
+        stages.append(jax.tree.map(absent, self.abstract[k]))
+        continue
+
+      def row(arr, writer=writer):  # A host copy of row k, from the writer device's shard.
+        (shard,) = [s for s in arr.addressable_shards if s.device == writer]
+        return np.array(shard.data)[0]
+
+      bufs = {p: jax.tree.map(row, getattr(ps, p)) for p in PARTS}
+      stages.append(jax.tree.map(host, self.unpack_stage(k, bufs)))
+    scalar = lambda x: host(np.array(x.addressable_shards[0].data)) if me == 0 else absent(x)
+    return TrainState(step=scalar(ps.step), rng=scalar(ps.rng), stages=tuple(stages))
