@@ -83,7 +83,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _resnet(
-  config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
+  config: ml_collections.ConfigDict,
+  workdir: str | None,
+  shard,
+  synthetic: bool,
+  labels_only: bool = False,
 ) -> Built:
   from ilbp.data import images
   from ilbp.models import resnet
@@ -109,6 +113,7 @@ def _resnet(
       augment=d.augment,
       validation_fraction=d.get("validation_fraction", 0.0),
       shard=shard,
+      labels_only=labels_only,
     )
   model = resnet.make_model(
     m.name,
@@ -125,8 +130,13 @@ def _resnet(
 
 
 def _transformer(
-  config: ml_collections.ConfigDict, workdir: str | None, shard, synthetic: bool
+  config: ml_collections.ConfigDict,
+  workdir: str | None,
+  shard,
+  synthetic: bool,
+  labels_only: bool = False,
 ) -> Built:
+  del labels_only  # A language model's targets are its next tokens: the inputs are read anyway.
   from ilbp.data import text, tokenizers
   from ilbp.models import transformer
 
@@ -216,7 +226,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def build(
-  config: ml_collections.ConfigDict, workdir: str, shard: tuple[int, int] | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  shard: tuple[int, int] | None = None,
+  labels_only: bool = False,
 ) -> Built:
   """Data, staged model, task and input spec for the config's family.
 
@@ -225,9 +238,11 @@ def build(
     workdir: the run directory (caches that belong to the run, e.g. a tokenizer, go there).
     shard: `(index, count)` of the input share this process loads (default: by process;
       `ilbp.execution.factory.input_shard` gives the executor's).
+    labels_only: this process feeds no input (`ilbp.execution.factory.labels_only`): image
+      pipelines decode no image. Text pipelines ignore it (targets are the next tokens).
   """
   validate(config)
-  return _BUILDERS[config.family](config, workdir, shard, synthetic=False)
+  return _BUILDERS[config.family](config, workdir, shard, synthetic=False, labels_only=labels_only)
 
 
 def build_synthetic(config: ml_collections.ConfigDict) -> Built:

@@ -72,6 +72,13 @@ def stage_grid(
   return np.asarray(devices[: num_stages * data_parallel]).reshape(num_stages, data_parallel)
 
 
+def feeds_inputs(grid: np.ndarray, process: int | None = None) -> bool:
+  """Whether the process (default: this one) holds a device of the first stage (row 0 of the
+  [K, D] grid): the only stage that reads the inputs; every stage's head reads the targets."""
+  process = jax.process_index() if process is None else process
+  return any(device.process_index == process for device in grid[0])
+
+
 def input_shard(grid: np.ndarray, process: int | None = None) -> tuple[int, int]:
   """Which part of every batch this process loads, for a [K, D] grid fed replicated over
   stages and split over the D data columns.

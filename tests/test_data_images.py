@@ -211,6 +211,50 @@ def test_digits_process_shares(monkeypatch):
   assert rows([b["image"] for b in take(data.train_batches(0), 22)]) == shares[0][0]
 
 
+def _same_labels_blank_images(full, labels_only, shape):
+  for a, b in zip(full, labels_only, strict=True):
+    assert b.keys() == a.keys()
+    np.testing.assert_array_equal(b["label"], a["label"])
+    if "mask" in a:
+      np.testing.assert_array_equal(b["mask"], a["mask"])
+    assert b["image"].shape == a["image"].shape == (len(a["label"]), *shape)
+    assert b["image"].dtype == np.float32 and not b["image"].any()
+    assert b["image"].base is not None  # A broadcast view of one zero: no memory per batch.
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10"])
+def test_labels_only_gives_the_same_labels_and_decodes_no_image(name, monkeypatch):
+  # A process holding no first stage feeds labels only: the same labels, the same masks, and
+  # zeros (never read) where the images were; a TFDS pipeline never decodes an image.
+  with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES):
+    full = images.get_data(name, batch_size=4, eval_batch_size=3, seed=0)
+    train, evals = take(full.train_batches(2), 3), list(full.eval_batches())
+    decoded = []
+    real_decode = images.tf.io.decode_png
+    decode = lambda *a, **k: decoded.append(1) or real_decode(*a, **k)
+    monkeypatch.setattr(images.tf.io, "decode_png", decode)
+    blank = images.get_data(name, batch_size=4, eval_batch_size=3, seed=0, labels_only=True)
+    _same_labels_blank_images(train, take(blank.train_batches(2), 3), full.image_shape)
+    _same_labels_blank_images(evals, list(blank.eval_batches()), full.image_shape)
+    assert not decoded
+
+
+def test_feeds_inputs_only_where_a_first_stage_device_is():
+  from ilbp import placement
+
+  hosts = [0] * 4 + [1] * 4
+  grid = placement.stage_grid(2, 4, [_Device(h) for h in hosts])
+  assert placement.feeds_inputs(grid, 0) and not placement.feeds_inputs(grid, 1)
+  # A first stage spread over both hosts: both feed inputs.
+  grid = placement.stage_grid(2, 4, [_Device(h) for h in (0, 0, 1, 1, 0, 0, 1, 1)])
+  assert placement.feeds_inputs(grid, 0) and placement.feeds_inputs(grid, 1)
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
 def test_bad_arguments_raise(monkeypatch):
   with pytest.raises(ValueError, match="cifar10, cifar100, imagenet2012, digits"):
     images.get_data("mnist", batch_size=4, seed=0)

@@ -162,7 +162,8 @@ def test_spmd_stages_on_two_processes_train_like_one_process(tmp_path):
   procs = [*_two_processes(two, 4, _SPMD), _binary(one, 4, flags=_SPMD, devices=2)]
   outs = _finish(procs)
   assert "Done: 4 steps" in outs[0][0] and "Done:" not in outs[1][0]
-  # The same training as one process driving both devices, to float rounding.
+  # The same training as one process driving both devices, to float rounding (process 1 holds
+  # no first stage: its input pipeline loads labels only, `factory.labels_only`).
   _same_steps_after(0, one, two)
   assert _metrics(two)[-1]["eval/count"] == 355
   # The same checkpoint too, read back without a target.
@@ -212,6 +213,21 @@ def test_input_shard_of_each_process(hosts, K, D, want):
 
   grid = placement.stage_grid(K, D, [_Device(h) for h in hosts])
   assert {p: placement.input_shard(grid, p) for p in set(hosts)} == want
+
+
+def test_only_processes_without_a_first_stage_load_labels_only(monkeypatch):
+  from experiments.configs import resnet_digits
+  from ilbp import placement
+  from ilbp.execution import base, factory
+
+  config = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
+  grid = np.array([[_Device(0)], [_Device(1)]])  # A stage on each of two processes.
+  monkeypatch.setattr(placement, "stage_grid", lambda K, D, devices=None: grid)
+  for kind, process, want in [("spmd", 0, False), ("spmd", 1, True), ("fused", 1, False)]:
+    config.execution.kind = kind
+    execution = base.ExecutionConfig.from_config(config, num_devices=2)
+    monkeypatch.setattr(jax, "process_index", lambda process=process: process)
+    assert factory.labels_only(execution) is want, (kind, process)
 
 
 def test_input_shard_refuses_ragged_columns():

@@ -165,6 +165,7 @@ def get_data(
   augment: bool = True,
   validation_fraction: float = 0.0,
   shard: tuple[int, int] | None = None,
+  labels_only: bool = False,
 ) -> ImageData:
   """Builds the input pipelines of one image classification dataset.
 
@@ -184,6 +185,10 @@ def get_data(
       data and of every batch (default: `(jax.process_index(), jax.process_count())`; an
       executor whose stages sit on different processes feeds several processes the same
       shard, `ilbp.execution.factory.input_shard`).
+    labels_only: decode no image: batches carry the labels and, as "image", a zero array of
+      the images' shape (a broadcast view, no memory). For a process whose devices hold no
+      first stage (`ilbp.execution.factory.labels_only`): it feeds the labels its heads need
+      and never reads an image.
 
   Returns:
     The `ImageData` of this process.
@@ -216,18 +221,34 @@ def get_data(
       raise ValueError(
         "validation_fraction applies to the TFDS datasets; digits has a fixed train/test split."
       )
-    return _digits(per_batch, per_eval_batch, seed, shard)
-  spec = _TFDS_SPECS[name]
-  return _tfds_data(
-    spec,
-    per_batch,
-    per_eval_batch,
-    seed,
-    image_size or spec.default_size,
-    data_dir,
-    augment,
-    validation_percent,
-    shard,
+    data = _digits(per_batch, per_eval_batch, seed, shard, labels_only)
+  else:
+    data = _tfds_data(
+      _TFDS_SPECS[name],
+      per_batch,
+      per_eval_batch,
+      seed,
+      image_size or _TFDS_SPECS[name].default_size,
+      data_dir,
+      augment,
+      validation_percent,
+      shard,
+      labels_only,
+    )
+  return _blank_images(data) if labels_only else data
+
+
+def _blank_images(data: ImageData) -> ImageData:
+  """`data` with a zero "image" (a broadcast view) added to every batch, which carries labels
+  only (`get_data`'s labels_only)."""
+  blank = lambda n: np.broadcast_to(np.zeros((), np.float32), (n, *data.image_shape))
+  add = lambda batches: ({**b, "image": blank(len(b["label"]))} for b in batches)
+  wrap = lambda fn: None if fn is None else (lambda *args: add(fn(*args)))
+  return dataclasses.replace(
+    data,
+    train_batches=wrap(data.train_batches),
+    eval_batches=wrap(data.eval_batches),
+    validation_batches=wrap(data.validation_batches),
   )
 
 
@@ -272,8 +293,9 @@ def _tfds_data(
   augment: bool,
   validation_percent: int,
   shard: tuple[int, int],
+  labels_only: bool = False,
 ) -> ImageData:
-  """`get_data` for the TFDS datasets."""
+  """`get_data` for the TFDS datasets (labels_only: no image is decoded or kept)."""
   # Prepared data is read as is; CIFAR downloads itself the first time when its source answers.
   # Offline, or for ImageNet's manual download, this fails within seconds saying what to do.
   builder = prepare.prepared_builder(spec.tfds_name, data_dir)
@@ -320,6 +342,8 @@ def _tfds_data(
     return {"image": image, "label": tf.cast(label, tf.int32)}
 
   def train_example(index, example) -> dict:
+    if labels_only:
+      return {"label": tf.cast(example["label"], tf.int32)}
     # One key per example from its position in the global stream (all processes interleaved),
     # so augmentation does not depend on where a run started.
     key = tf.random.experimental.stateless_fold_in(
@@ -355,9 +379,11 @@ def _tfds_data(
     share = encoded(shares[process])
 
     def batches() -> Iterator[dict]:
-      ds = share.map(
-        lambda ex: finish(eval_fn(ex["image"]), ex["label"]), num_parallel_calls=tf.data.AUTOTUNE
-      )
+      if labels_only:
+        example = lambda ex: {"label": tf.cast(ex["label"], tf.int32)}
+      else:
+        example = lambda ex: finish(eval_fn(ex["image"]), ex["label"])
+      ds = share.map(example, num_parallel_calls=tf.data.AUTOTUNE)
       ds = ds.batch(per_eval_batch).prefetch(tf.data.AUTOTUNE).with_options(options)
       num_batches = math.ceil(max(counts) / per_eval_batch)
       return _padded_eval_pass(ds.as_numpy_iterator(), per_eval_batch, num_batches)
@@ -464,7 +490,9 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   return images[~held_out], labels[~held_out], images[held_out], labels[held_out]
 
 
-def _digits(per_batch: int, per_eval_batch: int, seed: int, shard: tuple[int, int]) -> ImageData:
+def _digits(
+  per_batch: int, per_eval_batch: int, seed: int, shard: tuple[int, int], labels_only: bool
+) -> ImageData:
   """`get_data` for scikit-learn's digits, in numpy (the whole dataset is under 1 MB)."""
   train_x, train_y, test_x, test_y = _digits_split()
   mean, std = train_x.mean(), train_x.std()  # One channel; statistics of the train split.
@@ -486,12 +514,16 @@ def _digits(per_batch: int, per_eval_batch: int, seed: int, shard: tuple[int, in
     for step in range(start_step, _INT64_MAX):
       epochs, offsets = np.divmod(np.arange(step * per_batch, (step + 1) * per_batch), num_train)
       index = np.array([order(int(e))[o] for e, o in zip(epochs, offsets)])
-      yield {"image": train_x[index], "label": train_y[index]}
+      yield (
+        {"label": train_y[index]}
+        if labels_only
+        else {"image": train_x[index], "label": train_y[index]}
+      )
 
   def eval_batches() -> Iterator[dict]:
     share = eval_shares[process]
     batches = (
-      {"image": test_x[i], "label": test_y[i]}
+      {"label": test_y[i]} if labels_only else {"image": test_x[i], "label": test_y[i]}
       for i in np.array_split(share, range(per_eval_batch, len(share), per_eval_batch))
     )
     num_batches = math.ceil(max(map(len, eval_shares)) / per_eval_batch)

@@ -30,6 +30,15 @@ def input_shard(execution: ExecutionConfig) -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def labels_only(execution: ExecutionConfig) -> bool:
+  """Whether this process's input pipeline may load labels only: under spmd, a process whose
+  devices hold no first stage never feeds an input (`placement.feeds_inputs`)."""
+  if execution.kind == "spmd":
+    grid = placement.stage_grid(execution.num_stages, execution.data_parallel)
+    return not placement.feeds_inputs(grid)
+  return False
+
+
 def make(
   execution: ExecutionConfig,
   model: StagedModel,
