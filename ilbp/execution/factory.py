@@ -57,6 +57,7 @@ def make(
     *args,
     microbatches=m,
     continuous=execution.continuous,
+    pipeline=execution.schedule,
     data_parallel=execution.data_parallel,
     devices=devices,
   )
