@@ -38,10 +38,12 @@ Measured: `ms/step` is the median over --chunks of (wall time of --steps_per_chu
 steps, blocking only at the end) / steps_per_chunk, after a warm-up chunk; rows are timed
 round-robin, one chunk each per round, so drift on a shared machine hits all rows alike.
 Predicted (dataflow): the cost model `schedule.predict_step` with op costs measured here after
-the timed chunks, each program timed alone (`DataflowExecutor.measure`, once per strategy,
-pooled over strategies), the boundary as latency + bytes / bandwidth, and the shared-core
-slowdown measured on its own (not fitted to any row); for zb the executor's own split. The
-calibration times no training step, so the rows it predicts are apart from it. `in-flight` is
+each round of timed chunks, each program timed alone (`DataflowExecutor.measure`, once per
+strategy and round, medians pooled over rounds and strategies), the boundary as latency +
+bytes / bandwidth, and the shared-core slowdown measured on its own (not fitted to any row);
+for zb the executor's own split. Interleaved with the rounds, the calibration sees the same
+drift on a shared machine as the rows, but times no training step: the rows it predicts are
+apart from it. `in-flight` is
 the most microbatches whose residuals a stage holds at once in that simulation.
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
 the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group,
@@ -99,7 +101,9 @@ _MODES = flags.DEFINE_list(
 )
 _STEPS = flags.DEFINE_integer("steps_per_chunk", 8, "Steps timed together (one block at the end).")
 _CHUNKS = flags.DEFINE_integer("chunks", 5, "Timed chunks per row (median reported).")
-_REPEATS = flags.DEFINE_integer("op_repeats", 10, "Repeats per op when measuring op costs.")
+_REPEATS = flags.DEFINE_integer(
+  "op_repeats", 5, "Repeats per op in each round's calibration of the op costs."
+)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
 _GANTT_DIR = flags.DEFINE_string("gantt_dir", None, "Write the predicted Gantt PNG of each row.")
 
@@ -174,8 +178,15 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
   return rows
 
 
-def time_rows(rows: list[dict], batch: dict, seed: int) -> None:
-  """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin)."""
+def time_rows(rows: list[dict], batch: dict, seed: int) -> dict:
+  """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin), each round
+  followed by one calibration of the cost model (`DataflowExecutor.measure`, once per strategy
+  on its first dataflow row): drift on a shared machine hits the rows and the calibration
+  alike, while the calibration times no training step.
+
+  Returns:
+    {strategy name: one MeasuredCosts per round}.
+  """
   per_call = _SPMD_PER_CALL.value
   if any(row["executor"] == "spmd" for row in rows) and _STEPS.value % per_call:
     raise ValueError(
@@ -200,32 +211,36 @@ def time_rows(rows: list[dict], batch: dict, seed: int) -> None:
         st, metrics = ex.train_step(st, row["batch"])
     return st, metrics
 
+  first = {}
+  for row in rows:
+    if row["executor"] == "dataflow":
+      first.setdefault(row["strategy"], row)
+  samples = {name: [] for name in first}
   for r in range(_CHUNKS.value + 1):
     for row in rows:
       jax.block_until_ready(row["state"])
       (row["state"], _), ms = timing.timed_ms(lambda row=row: chunk(row))
       if r:  # The first round compiles and warms up.
         row["times"].append(ms / _STEPS.value)
+    if r:
+      for name, row in first.items():
+        jax.block_until_ready(row["state"])
+        samples[name].append(row["ex"].measure(row["state"], row["batch"], _REPEATS.value))
+  return samples
 
 
-def measure(rows: list[dict]) -> None:
-  """Op costs for the cost model (`DataflowExecutor.measure`), once per strategy on its first
-  dataflow row, then pooled: the forward, VJP and update programs are the same whatever the
-  strategy, so each stage's cost of them is the median over the strategies (less noise); the
-  loss op (which may also return a cotangent) is each strategy's own; the link and the
-  shared-core slowdown are the medians. Calibration only: no training step is timed here."""
+def measure(rows: list[dict], samples: dict) -> None:
+  """The calibrations of `time_rows` pooled into each dataflow row's MeasuredCosts: the
+  forward, VJP and update programs are the same whatever the strategy, so each stage's cost of
+  them is the median over every round and strategy (less noise); the loss op (which may also
+  return a cotangent) is each strategy's own median over the rounds; the link and the
+  shared-core slowdown are the medians over all."""
   flow = [r for r in rows if r["executor"] == "dataflow"]
-  first = {}
-  for row in flow:
-    first.setdefault(row["strategy"], row)
-  measured = {
-    name: row["ex"].measure(row["state"], row["batch"], repeats=_REPEATS.value)
-    for name, row in first.items()
-  }
-  if not measured:
+  if not samples:
     return
   fields = ("forward", "head", "backward_input", "backward_weight", "update")
-  all_costs = list(measured.values())
+  all_costs = [c for per_round in samples.values() for c in per_round]
+  measured = {name: per_round[0] for name, per_round in samples.items()}
   link = schedule_lib.Link(
     latency=statistics.median(c.link.latency for c in all_costs),
     bandwidth=statistics.median(c.link.bandwidth for c in all_costs),
@@ -237,7 +252,8 @@ def measure(rows: list[dict]) -> None:
       med = lambda field, k=k: statistics.median(getattr(c.stages[k], field) for c in all_costs)
       both = None if cost.backward_both is None else med("backward_both")
       pooled = schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both)
-      stages.append(dataclasses.replace(pooled, head=cost.head))
+      head = statistics.median(c.stages[k].head for c in samples[name])
+      stages.append(dataclasses.replace(pooled, head=head))
     pooled_costs = dataclasses.replace(own, stages=tuple(stages), link=link, slowdown=slowdown)
     for row in flow:
       if row["strategy"] == name:
@@ -368,8 +384,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
     flush=True,
   )
   rows = make_rows(config, built, tx, sched, m)
-  time_rows(rows, batch, seed)
-  measure(rows)
+  measure(rows, time_rows(rows, batch, seed))
   flow = [r for r in rows if r["executor"] == "dataflow"]
   for row in rows:
     predict(row)
