@@ -88,18 +88,20 @@ class StageCost:
         raise ValueError(f"StageCost.{field.name} must be a finite number >= 0, got {v!r}.")
 
 
-# Op costs relative to the stage forward, from one measurement: resnet20 (pool heads, batch 64,
-# M = 8, so 8 examples per microbatch), K = 2, the second stage (which has an input gradient),
-# each dataflow program timed alone on this project's 2-core AMD EPYC box
-# (`DataflowExecutor.measure`, docs/pipeline.md "Cost model"). For when nothing of the model at
-# hand is measured; a prediction worth reporting measures its own (`predict_step`).
+# Op costs relative to the stage forward, from one measurement: `scripts.benchmark_pipeline`
+# (2026-12-05, WORKSPACE.md "Pipeline schedules and the measured cost model"), resnet20 with pool
+# heads, batch 64, M = 8 (8 examples per microbatch), K = 2, the second stage (which has an input
+# gradient), each dataflow program timed alone, medians over 5 calibration rounds, on the
+# project's 2-core AMD EPYC box (loaded by other jobs). The update is once per step. For when
+# nothing of the model at hand is measured; a prediction worth reporting measures its own
+# (`DataflowExecutor.measure`, `predict_step`).
 RELATIVE = {
   "forward": 1.0,
-  "head": 0.1,
-  "backward_input": 1.14,
-  "backward_weight": 1.83,
-  "backward_both": 1.9,
-  "update": 0.1,
+  "head": 0.014,
+  "backward_input": 1.38,
+  "backward_weight": 2.19,
+  "backward_both": 2.32,
+  "update": 0.47,
 }
 
 
