@@ -15,8 +15,10 @@ The model, its split, the batch, the combine rule and the optimizer come from --
 experiment config and `--config.FIELD=VALUE` overrides, as the experiment binaries take them;
 default `experiments/configs/benchmark.py`), fed random batches of the config's shapes
 (`ilbp.families.build_synthetic`). What this benchmark sweeps are its own flags: --stages and
---microbatches (default: the config's K and M), --strategies, --executors and --modes. Every
-(K, M) is timed, measured and predicted on its own, one after the other.
+--microbatches (default: the config's K and M), --strategies, --schedules (pipeline schedules:
+gpipe, 1f1b, zb; a row only where the schedule applies to the strategy, `schedule.applies`, and
+spmd rows for 1f1b only), --executors and --modes. Every (K, M) is timed, measured and
+predicted on its own, one after the other.
 
 Rows: every strategy on every executor. On `dataflow` and `spmd`, a strategy of reach < K runs
 `continuous` (no flush between steps) and `flushed`; global runs flushed — its semantics force
@@ -35,13 +37,17 @@ gradient sums, its padding, in-flight activations; JSON `held_bytes_per_stage` a
 Measured: `ms/step` is the median over --chunks of (wall time of --steps_per_chunk consecutive
 steps, blocking only at the end) / steps_per_chunk, after a warm-up chunk; rows are timed
 round-robin, one chunk each per round, so drift on a shared machine hits all rows alike.
+Predicted (dataflow): the cost model `schedule.predict_step` with op costs measured here after
+each round of timed chunks, each program timed alone (`DataflowExecutor.measure`, once per
+strategy and round, medians pooled over rounds and strategies), the boundary as latency +
+bytes / bandwidth, and the shared-core slowdown measured on its own (not fitted to any row);
+for zb the executor's own split. Interleaved with the rounds, the calibration sees the same
+drift on a shared machine as the rows, but times no training step: the rows it predicts are
+apart from it. `in-flight` is
+the most microbatches whose residuals a stage holds at once in that simulation.
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
 the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group,
 a B op that waits for a cotangent from above paying a recomputed forward).
-Predicted (dataflow): the schedule's simulation (`ilbp.execution.schedule`) with per-op costs
-measured here, each program timed alone (`DataflowExecutor.measure_costs`), and the measured
-activation transfer as the latency between stages. `in-flight` is the most microbatches whose
-residuals a stage holds at once in that simulation.
 
 On CPU, forced devices share the machine's cores: time K = 2 on a 2-core box, and compare
 larger K with the prediction.
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -83,12 +90,20 @@ _EXECUTORS = flags.DEFINE_list("executors", ["dataflow"], "dataflow, spmd and/or
 _SPMD_PER_CALL = flags.DEFINE_integer(
   "spmd_steps_per_call", 8, "spmd: optimizer steps per call (divides --steps_per_chunk)."
 )
+_SCHEDULES = flags.DEFINE_list(
+  "schedules",
+  ["1f1b"],
+  "Pipeline schedules (gpipe, 1f1b, zb); a row only where the schedule applies to the strategy "
+  "(`schedule.applies`); spmd runs 1f1b only.",
+)
 _MODES = flags.DEFINE_list(
   "modes", ["continuous", "flushed"], "Dataflow modes for reach < K (global is always flushed)."
 )
 _STEPS = flags.DEFINE_integer("steps_per_chunk", 8, "Steps timed together (one block at the end).")
 _CHUNKS = flags.DEFINE_integer("chunks", 5, "Timed chunks per row (median reported).")
-_REPEATS = flags.DEFINE_integer("op_repeats", 10, "Repeats per op when measuring op costs.")
+_REPEATS = flags.DEFINE_integer(
+  "op_repeats", 5, "Repeats per op in each round's calibration of the op costs."
+)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Optional path for the rows as a JSON list.")
 _GANTT_DIR = flags.DEFINE_string("gantt_dir", None, "Write the predicted Gantt PNG of each row.")
 
@@ -105,12 +120,20 @@ def counts(values: list[str] | None, default: int, flag: str) -> list[int]:
 
 
 def make_rows(config, built, tx, sched, m: int) -> list[dict]:
-  """One row per (executor, strategy, mode) of one (K, M), each with its executor."""
+  """One row per (executor, strategy, mode, schedule) of one (K, M), each with its executor.
+  A schedule gets a row only where it applies to the strategy (`schedule.applies`: gpipe where
+  a gradient crosses stages, zb where the plan merges both halves of a VJP call); spmd runs
+  1f1b only, fused no pipeline (schedule "-")."""
   k = config.num_stages
   rows = []
   for mode in _MODES.value:
     if mode not in ("continuous", "flushed"):
       raise ValueError(f"--modes: unknown {mode!r}; valid: continuous, flushed.")
+  for name in _SCHEDULES.value:
+    if name not in schedule_lib.SCHEDULES:
+      raise ValueError(
+        f"--schedules: unknown {name!r}; valid: {', '.join(schedule_lib.SCHEDULES)}."
+      )
   for kind in _EXECUTORS.value:
     if kind not in ("dataflow", "fused", "spmd"):
       raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused, spmd.")
@@ -118,7 +141,9 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
       strat = parse_strategy(name, config.combine)
       is_global = strat.reach_for(k) == k
       modes = ["flushed"] if is_global or kind == "fused" else _MODES.value
-      for mode in modes:
+      pipelines = {"fused": ["-"], "spmd": ["1f1b"]}.get(kind, _SCHEDULES.value)
+      pipelines = [p for p in pipelines if p == "-" or schedule_lib.applies(p, strat, k)]
+      for mode, pipeline in itertools.product(modes, pipelines):
         args = (built.model, built.task, strat, tx, sched, built.input_spec)
         if kind == "fused":
           ex = fused.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
@@ -133,15 +158,35 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
           # Global's own dependencies flush every step; dispatching it without a host wait
           # (continuous=True) keeps the baseline free of a per-step block that it does not need.
           ex = dataflow.DataflowExecutor(
-            *args, microbatches=m, continuous=mode == "continuous" or is_global, data_parallel=1
+            *args,
+            microbatches=m,
+            continuous=mode == "continuous" or is_global,
+            pipeline=pipeline,
+            data_parallel=1,
           )
         label = "-" if kind == "fused" else mode
-        rows.append({"executor": kind, "strategy": strat.name, "mode": label, "ex": ex, "s": strat})
+        rows.append(
+          {
+            "executor": kind,
+            "strategy": strat.name,
+            "mode": label,
+            "schedule": pipeline,
+            "ex": ex,
+            "s": strat,
+          }
+        )
   return rows
 
 
-def time_rows(rows: list[dict], batch: dict, seed: int) -> None:
-  """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin)."""
+def time_rows(rows: list[dict], batch: dict, seed: int) -> dict:
+  """Warm-up chunk, then --chunks rounds of one timed chunk per row (round-robin), each round
+  followed by one calibration of the cost model (`DataflowExecutor.measure`, once per strategy
+  on its first dataflow row): drift on a shared machine hits the rows and the calibration
+  alike, while the calibration times no training step.
+
+  Returns:
+    {strategy name: one MeasuredCosts per round}.
+  """
   per_call = _SPMD_PER_CALL.value
   if any(row["executor"] == "spmd" for row in rows) and _STEPS.value % per_call:
     raise ValueError(
@@ -166,40 +211,53 @@ def time_rows(rows: list[dict], batch: dict, seed: int) -> None:
         st, metrics = ex.train_step(st, row["batch"])
     return st, metrics
 
+  first = {}
+  for row in rows:
+    if row["executor"] == "dataflow":
+      first.setdefault(row["strategy"], row)
+  samples = {name: [] for name in first}
   for r in range(_CHUNKS.value + 1):
     for row in rows:
       jax.block_until_ready(row["state"])
       (row["state"], _), ms = timing.timed_ms(lambda row=row: chunk(row))
       if r:  # The first round compiles and warms up.
         row["times"].append(ms / _STEPS.value)
+    if r:
+      for name, row in first.items():
+        jax.block_until_ready(row["state"])
+        samples[name].append(row["ex"].measure(row["state"], row["batch"], _REPEATS.value))
+  return samples
 
 
-def measure(rows: list[dict]) -> None:
-  """Per-op costs of every dataflow row (`measure_costs`), then pooled: the forward, VJP and
-  update programs are the same whatever the strategy, so each stage's cost of them is the
-  median over all rows (less noise); the loss op (which may also return a cotangent) is each
-  row's own."""
+def measure(rows: list[dict], samples: dict) -> None:
+  """The calibrations of `time_rows` pooled into each dataflow row's MeasuredCosts: the
+  forward, VJP and update programs are the same whatever the strategy, so each stage's cost of
+  them is the median over every round and strategy (less noise); the loss op (which may also
+  return a cotangent) is each strategy's own median over the rounds; the link and the
+  shared-core slowdown are the medians over all."""
   flow = [r for r in rows if r["executor"] == "dataflow"]
-  for row in flow:
-    row["costs"], row["transfer_ms"] = row["ex"].measure_costs(
-      row["state"], row["batch"], repeats=_REPEATS.value
-    )
-    row["slowdown"] = row["ex"].measure_slowdown(row["state"], row["batch"])
+  if not samples:
+    return
   fields = ("forward", "head", "backward_input", "backward_weight", "update")
-  pooled = {}
-  for row in flow:
-    pooled[id(row)] = []
-    for k, own in enumerate(row["costs"]):
-      med = lambda field, k=k: statistics.median(getattr(r["costs"][k], field) for r in flow)
-      both = None if own.backward_both is None else med("backward_both")
-      cost = schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both)
-      pooled[id(row)].append(dataclasses.replace(cost, head=own.head))
-  for row in flow:  # Replaced only once every median is taken.
-    row["costs"] = pooled[id(row)]
-  comm = statistics.median(r["transfer_ms"] for r in flow) if flow else 0.0
-  slowdown = statistics.median(r["slowdown"] for r in flow) if flow else 1.0
-  for row in flow:
-    row["transfer_ms"], row["slowdown"] = comm, slowdown
+  all_costs = [c for per_round in samples.values() for c in per_round]
+  measured = {name: per_round[0] for name, per_round in samples.items()}
+  link = schedule_lib.Link(
+    latency=statistics.median(c.link.latency for c in all_costs),
+    bandwidth=statistics.median(c.link.bandwidth for c in all_costs),
+  )
+  slowdown = statistics.median(c.slowdown for c in all_costs)
+  for name, own in measured.items():
+    stages = []
+    for k, cost in enumerate(own.stages):
+      med = lambda field, k=k: statistics.median(getattr(c.stages[k], field) for c in all_costs)
+      both = None if cost.backward_both is None else med("backward_both")
+      pooled = schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both)
+      head = statistics.median(c.stages[k].head for c in samples[name])
+      stages.append(dataclasses.replace(pooled, head=head))
+    pooled_costs = dataclasses.replace(own, stages=tuple(stages), link=link, slowdown=slowdown)
+    for row in flow:
+      if row["strategy"] == name:
+        row["costs"] = pooled_costs
 
 
 def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
@@ -225,17 +283,22 @@ def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
   same = [r for r in flow if r["s"] == row["s"]]
   if not same:
     return
-  costs, comm, slowdown = same[0]["costs"], same[0]["transfer_ms"], same[0]["slowdown"]
-  sched = schedule_lib.build(row["s"], ex.K, ex.M, ex.schedule.continuous, costs=costs)
+  costs = same[0]["costs"]
+  sched = schedule_lib.build(row["s"], ex.K, ex.M, ex.schedule.continuous, costs=costs.stages)
   table = ticks.build(sched, ex.steps_per_call)
+  # Every tick ends with one message over each boundary (the largest activation's).
+  comm = costs.link.seconds(max(costs.boundary_bytes, default=0))
   per_step = lambda slow: (
-    (ticks.predict_time(table, sched, slow) + comm * table.num_ticks) / (ex.steps_per_call)
+    1e3 * (ticks.predict_time(table, sched, slow) + comm * table.num_ticks) / ex.steps_per_call
   )
-  row.update(predicted_ms_per_step=per_step(slowdown), predicted_alone_ms_per_step=per_step(1.0))
+  row.update(
+    predicted_ms_per_step=per_step(costs.slowdown), predicted_alone_ms_per_step=per_step(1.0)
+  )
 
 
 def predict(row: dict) -> None:
-  """Measured op costs -> the schedule's predicted ms per step, in-flight and bubble."""
+  """Measured op costs -> the cost model's ms per step, in-flight and bubble
+  (`schedule.predict_step`, with this executor's own zb split)."""
   ex = row["ex"]
   if row["executor"] == "spmd":
     return
@@ -247,27 +310,34 @@ def predict(row: dict) -> None:
       bubble_fraction=None,
     )
     return
-  alone, comm = row["costs"], row["transfer_ms"]
-  build = lambda costs: schedule_lib.build(
-    row["s"], ex.K, ex.M, continuous=row["mode"] == "continuous", costs=costs, comm=comm
+  costs = row["costs"]
+  p = schedule_lib.predict_step(
+    costs,
+    row["s"],
+    ex.M,
+    schedule=ex.schedule.name,
+    continuous=row["mode"] == "continuous",
+    split=ex.schedule.split or None,
   )
-  # Where stages overlap, ops run `slowdown` times slower than alone (devices sharing cores).
-  sched = build(alone)
-  p = sched.predict(steps=4, slowdown=row["slowdown"])
   row.update(
-    predicted_ms_per_step=p["time_per_step"],
-    predicted_alone_ms_per_step=sched.predict(steps=4)["time_per_step"],
+    predicted_ms_per_step=1e3 * p["seconds_per_step"],
+    predicted_alone_ms_per_step=1e3 * p["seconds_per_step_alone"],
     inflight_microbatches_max=max(p["inflight_max"]),
     inflight_per_stage=p["inflight_max"],
+    predicted_inflight_bytes_per_stage=p["inflight_bytes_per_stage"],
     bubble_fraction=p["bubble_fraction"],
-    op_costs_ms=[dataclasses_asdict(c) for c in alone],
-    transfer_ms=comm,
-    schedule=sched,
+    zb_split=list(ex.schedule.split),
+    op_costs_ms=[dataclasses_asdict(c) for c in costs.stages],
+    link={"latency_ms": 1e3 * costs.link.latency, "bandwidth_bytes_per_s": costs.link.bandwidth},
+    boundary_bytes=list(costs.boundary_bytes),
+    slowdown=costs.slowdown,
+    schedule_obj=p["schedule"],
   )
 
 
 def dataclasses_asdict(cost: schedule_lib.StageCost) -> dict:
-  return {k: v if v is None else round(v, 4) for k, v in dataclasses.asdict(cost).items()}
+  """A StageCost in seconds -> a dict in milliseconds."""
+  return {k: v if v is None else round(1e3 * v, 4) for k, v in dataclasses.asdict(cost).items()}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -276,6 +346,7 @@ def print_table(rows: list[dict]) -> None:
     ("executor", "executor", "s"),
     ("strategy", "strategy", "s"),
     ("mode", "mode", "s"),
+    ("schedule", "schedule", "s"),
     ("ms/step", "ms_per_step", ".1f"),
     ("IQR", "iqr_ms", ".1f"),
     ("vs global", "vs_global", ".3f"),
@@ -293,8 +364,8 @@ def print_table(rows: list[dict]) -> None:
   ]
   widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
   for i, line in enumerate(cells):
-    left = [c.ljust(w) for c, w in zip(line[:3], widths[:3])]
-    print("  ".join(left + [c.rjust(w) for c, w in zip(line[3:], widths[3:])]))
+    left = [c.ljust(w) for c, w in zip(line[:4], widths[:4])]
+    print("  ".join(left + [c.rjust(w) for c, w in zip(line[4:], widths[4:])]))
     if i == 0:
       print("  ".join("-" * w for w in widths))
 
@@ -313,8 +384,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
     flush=True,
   )
   rows = make_rows(config, built, tx, sched, m)
-  time_rows(rows, batch, seed)
-  measure(rows)
+  measure(rows, time_rows(rows, batch, seed))
   flow = [r for r in rows if r["executor"] == "dataflow"]
   for row in rows:
     predict(row)
@@ -323,7 +393,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
   base = {
     r["executor"]: statistics.median(r["times"])
     for r in rows
-    if r["s"].reach_for(k) == k and r["mode"] in ("flushed", "-")
+    if r["s"].reach_for(k) == k and r["mode"] in ("flushed", "-") and r["schedule"] in ("1f1b", "-")
   }
   out = []
   for row in rows:
@@ -337,16 +407,16 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
     )
     if _GANTT_DIR.value and row["executor"] == "dataflow":
       os.makedirs(_GANTT_DIR.value, exist_ok=True)
-      name = f"gantt_{row['strategy']}_{row['mode']}_K{k}_M{m}.png"
+      name = f"gantt_{row['strategy']}_{row['mode']}_{row['schedule']}_K{k}_M{m}.png"
       path = os.path.join(_GANTT_DIR.value, name)
       alone = row["predicted_alone_ms_per_step"]
       title = (
-        f"{row['strategy']} ({row['mode']}), K={k}, M={m}, op costs timed alone: "
-        f"{alone:.1f} ms/step (with shared-core slowdown {pred:.1f}; measured {ms:.1f})"
+        f"{row['strategy']} ({row['mode']}, {row['schedule']}), K={k}, M={m}, op costs timed "
+        f"alone: {alone:.1f} ms/step (with shared-core slowdown {pred:.1f}; measured {ms:.1f})"
       )
-      gantt.gantt(row["schedule"].simulate(3), path, title=title, unit="ms")
+      gantt.gantt(row["schedule_obj"].simulate(3), path, title=title, unit="s")
       row["gantt"] = path
-    drop = ("ex", "s", "state", "batch", "schedule", "costs")
+    drop = ("ex", "s", "state", "batch", "schedule_obj", "costs")
     keep = {key: v for key, v in row.items() if key not in drop}
     held = memory.as_dict(row["ex"].memory(config.batch_size))
     keep.update(
@@ -366,7 +436,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
   print()
   print_table(out)
   print("\nvs global: ms/step over global (flushed, 1F1B) on the same executor.")
-  slow = [r["slowdown"] for r in rows if "slowdown" in r]
+  slow = [r["costs"].slowdown for r in rows if "costs" in r]
   if slow:
     print(
       "pred alone: the schedule with op costs timed alone; predicted: the same with every "

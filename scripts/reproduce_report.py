@@ -15,8 +15,9 @@
                <exp>_<split>_tradeoff.png: output metric vs modelled time per step;
                gantt_K<K>_<strategy>_<combine>.png: the pipeline schedule of each strategy
 
-The modelled time is `ilbp.execution.schedule` with its unit costs (f = 1, b = 1, w = 2, aux
-head 0.25 per stage forward), not a measurement: the runs themselves train one fused program.
+The modelled time is `ilbp.execution.schedule` with `relative_costs` (op-cost ratios of one
+measurement of resnet20 stages, `schedule.RELATIVE`, in units of one stage forward), not a
+measurement of these runs: the runs themselves train one fused program.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _fmt(mean: float, sd: float, kind: str) -> str:
 
 
 def modelled_time(strategy: str, combine: str, num_stages: int, microbatches: int) -> float:
-  """Steady-state time per step of the unit-cost pipeline schedule, in stage forwards."""
+  """Steady-state time per step of the 1F1B pipeline schedule with `relative_costs`, in stage
+  forwards."""
   sched = schedule.build(parse_strategy(strategy, combine), num_stages, microbatches)
   return sched.predict()["time_per_step"]
 
@@ -157,6 +159,7 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
         f"{r['modelled']:.2f} | {vs} |"
       )
     lines.append("")
+  R = schedule.RELATIVE
   lines += [
     "Notes:",
     "- Each cell is the mean ± sample sd over seeds of the final evaluation "
@@ -167,10 +170,11 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
     "- steps/s: the median over each run's logged intervals after the first (which includes "
     "compilation), mean ± sd over seeds; one fused program per step on this host, timed on a "
     "machine that may be shared.",
-    f"- Modelled time/step: `ilbp.execution.schedule` with its unit-cost model (forward 1, "
-    f"input gradient 1, weight gradient 2, aux head 0.25, in units of one stage forward), "
-    f"K stages on K devices, M = {microbatches} microbatches, continuous; the unit-cost model "
-    f"of the schedule, not a measurement.",
+    "- Modelled time/step: `ilbp.execution.schedule` with the relative-cost model (op-cost "
+    "ratios measured on resnet20 stages, `schedule.RELATIVE`: forward 1, input gradient "
+    f"{R['backward_input']}, weight gradient {R['backward_weight']}, both from one call "
+    f"{R['backward_both']}, aux head {R['head']}), K stages on K devices, M = {microbatches} "
+    "microbatches, continuous, 1F1B; a model of the schedule, not a measurement of these runs.",
     "- A strategy shown without a combine rule trains the same under both rules.",
   ]
   if missing:
@@ -303,7 +307,7 @@ def plot_tradeoff(rows: list[dict], microbatches: int, path: str) -> None:
     )
   ax.set_xlabel(
     f"modelled pipeline time per step (units of one stage forward; K={K}, M={microbatches}, "
-    "unit-cost model; lower is faster)"
+    "relative-cost model; lower is faster)"
   )
   better = "higher" if kind == "accuracy" else "lower"
   ax.set_ylabel(f"output head {_axis_label(kind, split)} ({better} is better)")
@@ -339,6 +343,6 @@ def write(out: str, *, suite: str, runs, missing: list[str], microbatches: int =
     gantt.gantt(
       sched.simulate(2),
       written[-1],
-      title=f"{strategy} ({combine}), K={K}, M={microbatches}: unit-cost model, 2 steps",
+      title=f"{strategy} ({combine}), K={K}, M={microbatches}: relative-cost model, 2 steps",
     )
   return written

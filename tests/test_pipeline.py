@@ -32,12 +32,13 @@ COMMON = textwrap.dedent(
   tx, sched = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10,
                                    weight_decay=1e-4)
 
-  def check(model, task, batch, spec, name, combine="furthest", M=4, continuous=True, D=1):
+  def check(model, task, batch, spec, name, combine="furthest", M=4, continuous=True, D=1,
+            pipeline="1f1b"):
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
     fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1])
     flow = dataflow.DataflowExecutor(*args, microbatches=M, continuous=continuous,
-                                     data_parallel=D)
+                                     data_parallel=D, pipeline=pipeline)
     rng = jax.random.PRNGKey(1)
     a, b = fused.init_state(rng), flow.init_state(rng)
     # Stage k's whole state lives on stage k's D devices and nowhere else.
@@ -53,7 +54,9 @@ COMMON = textwrap.dedent(
     assert int(b.step) == 3
     assert_trained_alike(a, b, ma, mb)
     assert_evaluated_alike(*jax.device_get((fused.eval_step(a, batch), flow.eval_step(b, batch))))
-    print("EXACT", model.num_stages, name, combine, M, continuous, D, flush=True)
+    # The first microbatch whose merged VJP calls zb splits (M: none).
+    split = min(flow.schedule.split, default=M)
+    print("EXACT", model.num_stages, name, combine, M, continuous, D, pipeline, split, flush=True)
 
   images, image_spec, rng = image_problem()
   """
@@ -61,16 +64,23 @@ COMMON = textwrap.dedent(
 
 CONV_BN_EVERY_PLAN = textwrap.dedent(
   """
-  seen = set()
+  from ilbp.execution import schedule
+  seen, turn = set(), 0
   for K in (2, 3, 4):
     model = conv_bn_model(K)
     for name in ("local", "pairwise", "3wise", "global"):
       for combine in ("furthest", "sum"):
-        plan = interlock.backward_plan(ilbp.strategy(name, combine), K)
+        strat = ilbp.strategy(name, combine)
+        plan = interlock.backward_plan(strat, K)
         if (K, str(plan)) in seen:  # e.g. K = 2: pairwise and 3wise are global.
           continue
         seen.add((K, str(plan)))
-        check(model, Classification(), images, image_spec, name, combine)
+        # Each plan under one pipeline schedule, in turn among those that apply to it (the
+        # programs are the same; only the order and zb's split VJP calls differ).
+        usable = [p for p in ("gpipe", "zb", "1f1b") if schedule.applies(p, strat, K)]
+        pipeline = usable[turn % len(usable)]
+        turn += len(usable) > 1
+        check(model, Classification(), images, image_spec, name, combine, pipeline=pipeline)
   print("PLANS", len(seen))
   """
 )
@@ -104,6 +114,11 @@ def test_dataflow_equals_fused_for_every_backward_plan_k2_to_4():
   # K=2: local, global×2; K=3: local, pairwise×2, global×2; K=4: local, 3 reaches × 2.
   assert "PLANS 15" in out, out
   assert out.count("EXACT") == 15
+  runs = [line.split() for line in out.splitlines() if line.startswith("EXACT")]
+  pipelines = [r[7] for r in runs]
+  assert pipelines.count("zb") == 4 and pipelines.count("gpipe") == 4, out
+  # zb splits some microbatches' merged VJP calls into two (exactness of the split calls).
+  assert sum(r[7] == "zb" and int(r[8]) < 4 for r in runs) == 3, out
 
 
 def test_dataflow_equals_fused_flushed_data_parallel_resnet_transformer():
@@ -166,6 +181,8 @@ def test_dataflow_resume_equals_uninterrupted_and_resumes_under_fused(tmp_path):
     ({"execution.microbatches": 0}, "microbatches must be >= 1"),
     ({"execution.kind": "dataflow"}, "JAX_NUM_CPU_DEVICES=3"),
     ({"execution.gradients": "autodiff"}, "engine, spec"),
+    ({"execution.schedule": "zero_bubble"}, "valid: gpipe, 1f1b, zb"),
+    ({"execution.kind": "spmd", "execution.schedule": "zb"}, "1F1B only: set schedule='1f1b'"),
     ({"execution.kind": "dataflow", "execution.gradients": "spec"}, "only with"),
     ({"execution.data_parallel": 5}, "devices are visible"),
   ],

@@ -76,7 +76,7 @@ def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
   # Perplexities of different strategies differ even after 4 steps: the gap is defined.
   stdlib = _table_rows(text, "stdlib: test perplexity")
   assert stdlib["local"][5] == "0.00" and stdlib["global (furthest)"][5] == "1.00"
-  assert "unit-cost model" in text and "not a measurement" in text
+  assert "relative-cost model" in text and "not a measurement" in text
   with open(out / "results.csv") as f:
     results = list(csv.DictReader(f))
   assert len(results) == 14 and {r["split"] for r in results} == {"eval"}

@@ -58,6 +58,7 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
       "--microbatches=2",
       "--strategies=local,global",
       "--executors=dataflow,fused,spmd",
+      "--schedules=1f1b,zb",
       "--chunks=2",
       "--steps_per_chunk=2",
       "--spmd_steps_per_call=2",
@@ -68,18 +69,26 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
   )
   assert "vs global" in stdout and "predicted" in stdout
   rows = json.loads(path.read_text())
-  keys = {"executor", "strategy", "stages", "microbatches", "ms_per_step", "predicted_ms_per_step"}
-  assert all(keys | {"inflight_microbatches_max"} <= set(r) for r in rows)
+  keys = {"executor", "strategy", "combine", "schedule", "stages", "microbatches", "ms_per_step"}
+  keys |= {"predicted_ms_per_step", "bubble_fraction", "inflight_microbatches_max"}
+  assert all(keys | {"held_bytes_per_stage"} <= set(r) for r in rows)
   # Every row carries its executor's memory plan, one entry per stage (fused: one group).
   assert {r["executor"] for r in rows} == {"dataflow", "fused", "spmd"}
   for r in rows:
     groups = 1 if r["executor"] == "fused" else r["stages"]
     assert len(r["held_bytes_per_stage"]) == groups and min(r["held_bytes_per_stage"]) > 0
-  flow = {(r["strategy"], r["mode"]): r for r in rows if r["executor"] == "dataflow"}
-  assert set(flow) == {("local", "continuous"), ("local", "flushed"), ("global", "flushed")}
-  assert flow["global", "flushed"]["vs_global"] == 1.0
-  assert flow["local", "continuous"]["inflight_microbatches_max"] == 1
-  assert flow["global", "flushed"]["inflight_microbatches_max"] == 2
+  flow = {(r["strategy"], r["mode"], r["schedule"]): r for r in rows if r["executor"] == "dataflow"}
+  # zb applies to global only (local has no VJP call with both halves); spmd runs 1f1b.
+  assert set(flow) == {
+    ("local", "continuous", "1f1b"),
+    ("local", "flushed", "1f1b"),
+    ("global", "flushed", "1f1b"),
+    ("global", "flushed", "zb"),
+  }
+  assert {r["schedule"] for r in rows if r["executor"] == "spmd"} == {"1f1b"}
+  assert flow["global", "flushed", "1f1b"]["vs_global"] == 1.0
+  assert flow["local", "continuous", "1f1b"]["inflight_microbatches_max"] == 1
+  assert flow["global", "flushed", "zb"]["inflight_microbatches_max"] == 2
   assert all(r["predicted_ms_per_step"] > 0 for r in flow.values())
-  assert (tmp_path / "gantt_local_continuous_K2_M2.png").stat().st_size > 0
+  assert (tmp_path / "gantt_local_continuous_1f1b_K2_M2.png").stat().st_size > 0
   assert {r["strategy"] for r in rows if r["executor"] == "fused"} == {"local", "global"}

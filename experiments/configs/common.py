@@ -89,6 +89,9 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Pipelines: a stage applies its update as soon as its own gradients are complete and starts
   # the next step (exact, no staleness); False flushes every stage at every step.
   c.execution.continuous = True
+  # Pipelines: "1f1b" (one forward, one backward), "gpipe" (all forwards, then all backwards)
+  # or "zb" (ZB-H1: weight-gradient VJPs deferred into the bubble; dataflow only).
+  c.execution.schedule = "1f1b"
   # D: devices per stage for pipelines (K·D in all; None = 1); fused: None = every device.
   c.execution.data_parallel = ml_collections.config_dict.placeholder(int)
   # spmd: optimizer steps per program call, without a flush between them where the strategy

@@ -31,6 +31,9 @@ from ilbp.state import TrainState
 
 KINDS = ("fused", "dataflow", "spmd")
 GRADIENTS = ("engine", "spec")
+# The pipeline schedules; `ilbp.execution.schedule.SCHEDULES` (kept in step by a test: this
+# module does not import the schedule).
+SCHEDULES = ("gpipe", "1f1b", "zb")
 
 
 class Executor(Protocol):
@@ -116,6 +119,8 @@ class ExecutionConfig:
     continuous: pipelines: no global flush between steps.
     steps_per_call: spmd: optimizer steps per program call.
     gradients: "engine" or "spec" (fused only).
+    schedule: pipelines: "gpipe", "1f1b" or "zb" (`ilbp.execution.schedule`); spmd runs 1f1b
+      only; fused runs no pipeline and ignores it.
   """
 
   kind: str
@@ -125,6 +130,7 @@ class ExecutionConfig:
   continuous: bool = True
   steps_per_call: int = 1
   gradients: str = "engine"
+  schedule: str = "1f1b"
 
   @property
   def devices(self) -> list:
@@ -170,6 +176,16 @@ class ExecutionConfig:
         "config.execution.gradients='spec' (jax.grad of the stop_gradient composition) runs "
         "only with config.execution.kind='fused'; pipelines run the engine's per-stage VJPs."
       )
+    schedule = ex.get("schedule", "1f1b")
+    if schedule not in SCHEDULES:
+      raise ValueError(
+        f"Unknown config.execution.schedule={schedule!r}; valid: {', '.join(SCHEDULES)}."
+      )
+    if schedule != "1f1b" and ex.kind == "spmd":
+      raise ValueError(
+        f"config.execution.schedule={schedule!r} runs on kind='dataflow'; the spmd tick table "
+        "is 1F1B only: set schedule='1f1b' or kind='dataflow'."
+      )
     m = ex.microbatches
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
       raise ValueError(f"config.execution.microbatches must be >= 1, got {m}.")
@@ -210,6 +226,7 @@ class ExecutionConfig:
       continuous=bool(ex.continuous),
       steps_per_call=per_call,
       gradients=ex.gradients,
+      schedule=schedule,
     )
 
 

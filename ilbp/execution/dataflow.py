@@ -41,7 +41,7 @@ import optax
 from ilbp import placement
 from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.base import TrainStateIsLive
-from ilbp.execution.memory import DeviceMemory, stage_state_bytes
+from ilbp.execution.memory import DeviceMemory, stage_state_bytes, tree_bytes
 from ilbp.execution.schedule import Backward, Forward, Loss, Update
 from ilbp.execution.stage import (
   Stage,
@@ -117,6 +117,8 @@ class DataflowExecutor(TrainStateIsLive):
     input_spec: the network input's abstract shape (batch 1 is fine).
     microbatches: M per optimizer step.
     continuous: no global flush between steps (exact; see module doc).
+    pipeline: the pipeline schedule, one of `schedule.SCHEDULES` (gpipe, 1f1b, zb;
+      `config.execution.schedule`).
     data_parallel: D devices per stage.
     devices: the devices to use (default all); stage k gets devices k·D .. k·D + D - 1.
   """
@@ -132,6 +134,7 @@ class DataflowExecutor(TrainStateIsLive):
     *,
     microbatches: int = 1,
     continuous: bool = True,
+    pipeline: str = "1f1b",
     data_parallel: int = 1,
     devices=None,
   ):
@@ -141,7 +144,9 @@ class DataflowExecutor(TrainStateIsLive):
     self.meshes = placement.stage_meshes(self.K, data_parallel, devices)
     self.replicated = [placement.replicated(m) for m in self.meshes]
     self.split = [placement.batch_sharding(m) for m in self.meshes]
-    self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
+    self.schedule = schedule_lib.build(
+      strategy, self.K, microbatches, continuous, schedule=pipeline
+    )
     self.order = self.schedule.dispatch_order()
     self.specs = model.input_specs(input_spec)
     self._host_step: int | None = None
@@ -150,7 +155,7 @@ class DataflowExecutor(TrainStateIsLive):
     self._zeros: list = [None] * self.K  # Each stage's zero gradient sums for its next step.
     self.description = (
       f"dataflow: {self.K} stages x {data_parallel} device(s), {microbatches} microbatch(es), "
-      f"{'continuous' if continuous else 'flushed every step'}; per-stage in-flight "
+      f"{'continuous' if continuous else 'flushed every step'}, {pipeline}; per-stage in-flight "
       f"microbatches <= {list(self.schedule.caps)}"
     )
 
@@ -219,7 +224,9 @@ class DataflowExecutor(TrainStateIsLive):
     states = list(st.stages)
     carry = [self._carry(k, states[k]) for k in range(self.K)]
     acts, inbox, vjps, cots, metrics = {}, {}, {}, {}, {}
-    remaining = {(k, m): len(s.plan.ops) for k, s in enumerate(self.stages) for m in range(self.M)}
+    remaining = {
+      (k, m): len(self.schedule.plan_for(k, m)) for k in range(self.K) for m in range(self.M)
+    }
     for op in self.order:
       k, m = op.stage, op.microbatch
       stage, c = self.stages[k], carry[k]
@@ -276,29 +283,51 @@ class DataflowExecutor(TrainStateIsLive):
     self._zeros[k] = None  # Consumed: U hands back the next step's.
     return _Carry(model_state=stage.model_state, grads=dict(zeros), metrics=[])
 
-  def measure_costs(
+  def measure(
     self, st: TrainState, batch: PlacedBatch, repeats: int = 10
-  ) -> tuple[list[schedule_lib.StageCost], float]:
-    """Times every op kind of every stage alone, for the schedule's cost model.
+  ) -> schedule_lib.MeasuredCosts:
+    """Times every op kind of every stage alone, for the cost model (`schedule.predict_step`).
 
     Each program runs on its stage's devices with nothing else in flight, `repeats` times
-    after one warm-up call; the medians, in milliseconds: forward, head (or task loss, with the
-    strategy's cotangent), input-gradient-only, weight-gradient-only and both-halves VJP calls,
-    the update, and one activation transfer between stages.
+    after one warm-up call; the medians: forward, head (or task loss, with the strategy's
+    cotangent), input-gradient-only, weight-gradient-only and both-halves VJP calls, the
+    update. The boundary: a scalar's `device_put` to the next stage (the latency) and the
+    activation's (latency + bytes / bandwidth). The shared-core slowdown: `measure_slowdown`.
+    Costs hold for this executor's microbatch size.
 
     Returns:
-      (K StageCost in ms, median ms of an activation transfer to the next stage).
+      MeasuredCosts, in seconds.
     """
     self._sync(st)
-    costs, transfers, x = [], [], batch.inputs[0]
+    stages, sizes, puts, pings, x = [], [], [], [], batch.inputs[0]
     for k, state in enumerate(st.stages):
       cost, a = self._measure_stage(k, state, x, batch.targets[k][0], repeats)
-      costs.append(cost)
+      stages.append(_seconds(cost))
       if k < self.K - 1:
         put = lambda a=a, k=k: jax.device_put(a, self.split[k + 1])
-        transfers.append(median_ms(put, repeats))
+        tiny = jax.device_put(np.zeros((), np.float32), self.replicated[k])
+        ping = lambda tiny=tiny, k=k: jax.device_put(tiny, self.replicated[k + 1])
+        sizes.append(tree_bytes(a))
+        puts.append(median_ms(put, repeats) / 1e3)
+        pings.append(median_ms(ping, repeats) / 1e3)
         x = put()
-    return costs, statistics.median(transfers) if transfers else 0.0
+    latency = statistics.median(pings) if pings else 0.0
+    rates = [n / (t - latency) for n, t in zip(sizes, puts) if t > latency]
+    rows = jax.tree.leaves(batch.inputs[0])[0].shape[0] // self.meshes[0].size
+    abstract = abstract_stages(self.stages, self.specs)
+    residuals = tuple(
+      stage.residual_bytes(abstract[k], self.specs[k], rows) for k, stage in enumerate(self.stages)
+    )
+    device = self.meshes[0].devices.flat[0]
+    return schedule_lib.MeasuredCosts(
+      stages=tuple(stages),
+      link=schedule_lib.Link(latency, statistics.median(rates) if rates else float("inf")),
+      boundary_bytes=tuple(sizes),
+      residual_bytes=residuals,
+      slowdown=self.measure_slowdown(st, batch, repeats),
+      rows=rows,
+      source=f"{self.K} x {device.device_kind} ({device.platform}), {rows} rows per microbatch",
+    )
 
   def measure_slowdown(self, st: TrainState, batch: PlacedBatch, repeats: int = 10) -> float:
     """How much slower a stage's forward runs while every stage runs its own at the same time.
@@ -354,3 +383,12 @@ class DataflowExecutor(TrainStateIsLive):
       a, sums = _evaluate(self.stages[k], state.params, state.model_state, a, t)
       per_head.append(sums)
     return named_sums(per_head)
+
+
+def _seconds(cost: schedule_lib.StageCost) -> schedule_lib.StageCost:
+  """A StageCost in milliseconds -> in seconds."""
+  scaled = {
+    f.name: None if getattr(cost, f.name) is None else getattr(cost, f.name) / 1e3
+    for f in dataclasses.fields(cost)
+  }
+  return schedule_lib.StageCost(**scaled)

@@ -66,6 +66,7 @@ def make(
     *args,
     microbatches=m,
     continuous=execution.continuous,
+    pipeline=execution.schedule,
     data_parallel=execution.data_parallel,
     devices=devices,
   )

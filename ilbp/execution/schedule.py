@@ -7,21 +7,35 @@ K stages, one device each; M microbatches per optimizer step. Per stage k and mi
   H(k, m)      loss k: aux head (k < K-1) or task   after F(k, m) and H(k, m-1)
                loss; its cotangent w.r.t. a_k if
                a stage uses it
-  B(k, m, op)  one VJP call per `backward_plan`     after F(k, m) and, per loss j in op.losses,
-               op (input-only, weight, or both)     H(k, m) if j == k, else the stage-(k+1) op
+  B(k, m, op)  one VJP call per plan op (input-     after F(k, m) and, per loss j in op.losses,
+               only, weight-only, or both)          H(k, m) if j == k, else the stage-(k+1) op
                                                     of microbatch m that passes j on
   U(k)         stage k's optimizer update           after every H(k, ·) and B(k, ·) of the step
+
+The plan is `backward_plan(strategy, K)`, except under `zb`, which splits every op that returns
+both halves into an input-only op and a weight-only op of the same losses (same sums, two VJP
+calls).
 
 Order (what the executor follows): a list-scheduling simulation in which each stage runs one op
 at a time and, when free, takes the ready op of highest priority: B ops (lowest step, microbatch,
 plan position), then H, then U, then F — F only while fewer than W_k microbatches are in flight
-at stage k (forward done, not all B ops done). W_k is the longest cotangent round trip ending at
-stage k, max over its ops of max(op.losses) - k + 1 (local 1; global K - k: 1F1B's warm-up), so
-residual memory stays bounded. Stages free at the same time choose in stage order.
+at stage k (forward done, not all B ops done). Stages free at the same time choose in stage
+order. The pipeline schedule (`SCHEDULES`) sets W_k and two rules:
 
-Costs are per-op durations (`StageCost`, any one unit); `unit_costs` gives the first-guess units
-of docs/pipeline.md (forward f = 1, input gradient b = 1, weight gradient w = 2). `closed_form`
-is that document's closed-form table, for comparison with the simulation.
+  1f1b   W_k is the longest cotangent round trip ending at stage k, max over its ops of
+         max(op.losses) - k + 1 (local 1; global K - k: 1F1B's warm-up), so residual memory
+         stays bounded; a stage interleaves forwards and backwards.
+  gpipe  all forwards, then all backwards: W_k = M, and every B(k, m) also waits for the
+         stage's last forward F(k, M-1).
+  zb     ZB-H1: W_k as 1f1b (the same peak in flight), merged ops split, and weight-only ops
+         ranked after F: input-gradient ops stay on the critical path, weight-gradient ops
+         fill the stage's idle time (the drain's bubble) before U.
+
+Costs are per-op durations (`StageCost`, any one unit). `predict_step` is the cost model of
+measured costs (`MeasuredCosts`, seconds): time per optimizer step and the schedule's memory.
+`relative_costs` gives ratios of one named measurement, for when nothing of the model at hand is
+measured; `closed_form` is docs/pipeline.md's closed-form table, for comparison with the
+simulation.
 """
 
 from __future__ import annotations
@@ -35,8 +49,11 @@ from ilbp.interlock import BackwardOp, backward_plan
 from ilbp.strategy import Strategy
 from ilbp.strategy import strategy as parse_strategy
 
-# Priority among ready ops; see the module docstring.
-_RANK = {"B": 0, "H": 1, "U": 2, "F": 3}
+# Priority among ready ops; see the module docstring. "W": a weight-only op deferred by `zb`.
+_RANK = {"B": 0, "H": 1, "U": 2, "F": 3, "W": 4}
+
+# The pipeline schedules (`config.execution.schedule`); see the module docstring.
+SCHEDULES = ("gpipe", "1f1b", "zb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +88,25 @@ class StageCost:
         raise ValueError(f"StageCost.{field.name} must be a finite number >= 0, got {v!r}.")
 
 
-def unit_costs(num_stages: int, head: float = 0.25) -> list[StageCost]:
-  """docs/pipeline.md's first-guess units, for when nothing is measured: f = 1, b = 1, w = 2,
-  no update cost.
+# Op costs relative to the stage forward, from one measurement: `scripts.benchmark_pipeline`
+# (2026-12-05, WORKSPACE.md "Pipeline schedules and the measured cost model"), resnet20 with pool
+# heads, batch 64, M = 8 (8 examples per microbatch), K = 2, the second stage (which has an input
+# gradient), each dataflow program timed alone, medians over 5 calibration rounds, on the
+# project's 2-core AMD EPYC box (loaded by other jobs). The update is once per step. For when
+# nothing of the model at hand is measured; a prediction worth reporting measures its own
+# (`DataflowExecutor.measure`, `predict_step`).
+RELATIVE = {
+  "forward": 1.0,
+  "head": 0.014,
+  "backward_input": 1.38,
+  "backward_weight": 2.19,
+  "backward_both": 2.32,
+  "update": 0.47,
+}
+
+
+def relative_costs(num_stages: int, head: float = RELATIVE["head"]) -> list[StageCost]:
+  """`RELATIVE`'s ratios for K equal stages, in units of one stage forward.
 
   Args:
     num_stages: K.
@@ -84,7 +117,18 @@ def unit_costs(num_stages: int, head: float = 0.25) -> list[StageCost]:
     K StageCost.
   """
   _check_int("num_stages", num_stages)
-  return [StageCost(1.0, head if k < num_stages - 1 else 0.0, 1.0, 2.0) for k in range(num_stages)]
+  r = RELATIVE
+  return [
+    StageCost(
+      r["forward"],
+      head if k < num_stages - 1 else 0.0,
+      r["backward_input"],
+      r["backward_weight"],
+      r["update"],
+      r["backward_both"],
+    )
+    for k in range(num_stages)
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +236,12 @@ class Schedule:
       every step ends in a global flush (no stage starts until all stages have updated).
     costs: K StageCost.
     comm: latency added to every dependency between two different stages.
-    plan: `backward_plan(strategy, K)`, as tuples.
+    plan: `backward_plan(strategy, K)`, as tuples; `plan_for` gives a microbatch's.
     caps: W_k, the in-flight microbatch cap of each stage.
+    name: the pipeline schedule, one of `SCHEDULES`.
+    transfer: per boundary b (stages b, b+1), the time a message of data (an activation up, a
+      cotangent down) takes on top of `comm`: its bytes over the link's bandwidth.
+    split: `zb` only (else empty): per stage, the first microbatch whose merged ops are split.
   """
 
   strategy: Strategy
@@ -204,6 +252,16 @@ class Schedule:
   comm: float
   plan: tuple[tuple[BackwardOp, ...], ...]
   caps: tuple[int, ...]
+  name: str = "1f1b"
+  transfer: tuple[float, ...] = ()
+  split: tuple[int, ...] = ()
+
+  def plan_for(self, k: int, m: int) -> tuple[BackwardOp, ...]:
+    """Stage k's VJP calls for microbatch m: `plan[k]`, or under `zb` from microbatch
+    `split[k]` on, `split_plan`'s (merged ops as an input-only and a weight-only call)."""
+    if self.split and m >= self.split[k]:
+      return split_plan([self.plan[k]])[0]
+    return self.plan[k]
 
   def ops(self, step: int = 0) -> list[Op]:
     """Every op of one optimizer step, stage by stage, microbatch by microbatch."""
@@ -211,7 +269,7 @@ class Schedule:
     for k in range(self.num_stages):
       for m in range(self.microbatches):
         out += [Forward(k, m, step), Loss(k, m, step)]
-        out += [Backward(k, m, step, b) for b in self.plan[k]]
+        out += [Backward(k, m, step, b) for b in self.plan_for(k, m)]
       out.append(Update(k, None, step))
     return out
 
@@ -230,26 +288,40 @@ class Schedule:
       # H(k, m-1) too: the head's running statistics are threaded microbatch by microbatch.
       return [Forward(k, m, s)] + ([Loss(k, m - 1, s)] if m > 0 else [])
     if isinstance(op, Backward):
-      deps = [Forward(k, m, s)]
+      last = self.microbatches - 1 if self.name == "gpipe" else m  # gpipe: all forwards first
+      deps = [Forward(k, i, s) for i in sorted({m, last})]
       for j in op.backward.losses:
         if j == k:
           deps.append(Loss(k, m, s))
         else:
           # Exactly one op of stage k+1 passes loss j on: an input-only op or the merged one.
-          (src,) = [b for b in self.plan[k + 1] if j in b.passes]
+          (src,) = [b for b in self.plan_for(k + 1, m) if j in b.passes]
           deps.append(Backward(k + 1, m, s, src))
       return deps
     return [
       op
       for i in range(self.microbatches)
-      for op in [Loss(k, i, s), *(Backward(k, i, s, b) for b in self.plan[k])]
+      for op in [Loss(k, i, s), *(Backward(k, i, s, b) for b in self.plan_for(k, i))]
     ]
 
   def _priority(self, op: Op) -> tuple:
     """Sort key of ready ops on one stage: kind rank, then step, microbatch, plan position."""
-    pos = self.plan[op.stage].index(op.backward) if isinstance(op, Backward) else 0
+    pos = 0
+    if isinstance(op, Backward):
+      pos = self.plan_for(op.stage, op.microbatch).index(op.backward)
     m = -1 if op.microbatch is None else op.microbatch
-    return (_RANK[op.kind], op.step, m, pos)
+    kind = "W" if self.name == "zb" and _weight_only(op) else op.kind
+    return (_RANK[kind], op.step, m, pos)
+
+  def latency(self, src: Op, dst: Op) -> float:
+    """How long after `src` ends `dst` (which depends on it) may start: nothing on one stage;
+    `comm` between stages, plus the data's transfer time for an activation or a cotangent
+    between neighbours."""
+    if src.stage == dst.stage:
+      return 0.0
+    data = src.kind == dst.kind and src.kind in "FB" and abs(src.stage - dst.stage) == 1
+    extra = self.transfer[min(src.stage, dst.stage)] if data and self.transfer else 0.0
+    return self.comm + extra
 
   def duration(self, op: Op) -> float:
     """The op's cost; a B op pays b for an input gradient and w for a weight gradient (or
@@ -294,7 +366,11 @@ class Schedule:
     for op in ops:
       if not waiting[op]:
         ready[op.stage].append(op)
-    backward_left = {(op.stage, op.step, op.microbatch): len(self.plan[op.stage]) for op in ops}
+    backward_left = {
+      (op.stage, op.step, op.microbatch): len(self.plan_for(op.stage, op.microbatch))
+      for op in ops
+      if op.microbatch is not None
+    }
     inflight, inflight_max = [0] * K, [0] * K
     running: list[tuple[Op, float, float] | None] = [None] * K
     slots, t, left = [], 0.0, len(ops)
@@ -310,8 +386,7 @@ class Schedule:
         if not backward_left[key]:
           inflight[k] -= 1
       for user in users[op]:
-        latency = self.comm if user.stage != k else 0.0
-        ready_at[user] = max(ready_at[user], end + latency)
+        ready_at[user] = max(ready_at[user], end + self.latency(op, user))
         waiting[user] -= 1
         if not waiting[user]:
           ready[user.stage].append(user)
@@ -408,6 +483,46 @@ class Schedule:
     }
 
 
+def _weight_only(op: Op) -> bool:
+  """A B op that computes only a weight gradient (nothing for the stage below)."""
+  return isinstance(op, Backward) and bool(op.backward.params) and not op.backward.passes
+
+
+def split_plan(plan: Sequence[Sequence[BackwardOp]]) -> tuple[tuple[BackwardOp, ...], ...]:
+  """`zb`'s plan: every op that returns both halves becomes an input-only op (first: the stage
+  below waits for it) and a weight-only op of the same losses."""
+  out = []
+  for ops in plan:
+    split = []
+    for b in ops:
+      if b.params and b.passes:
+        split.append(dataclasses.replace(b, params=()))
+        split.append(dataclasses.replace(b, passes=()))
+      else:
+        split.append(b)
+    out.append(tuple(split))
+  return tuple(out)
+
+
+def applies(name: str, strategy: Strategy | str, num_stages: int) -> bool:
+  """Whether pipeline schedule `name` differs from 1f1b for this strategy: gpipe wherever a
+  gradient crosses a stage boundary (reach > 1), zb wherever the plan has an op that returns
+  both halves (global; n-wise stages that train with the loss they pass on). 1f1b always."""
+  strategy = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+  _check_schedule(name)
+  if name == "gpipe":
+    return strategy.reach_for(num_stages) > 1
+  if name == "zb":
+    plan = backward_plan(strategy, num_stages)
+    return any(b.params and b.passes for ops in plan for b in ops)
+  return True
+
+
+def _check_schedule(name) -> None:
+  if name not in SCHEDULES:
+    raise ValueError(f"Unknown pipeline schedule {name!r}; valid: {', '.join(SCHEDULES)}.")
+
+
 def _overlap(tl: Timeline, lo: float, hi: float) -> float:
   """Time within [lo, hi] during which at least two stages are busy."""
   events = []
@@ -431,6 +546,9 @@ def build(
   continuous: bool = True,
   costs: Sequence[StageCost] | None = None,
   comm: float = 0.0,
+  schedule: str = "1f1b",
+  transfer: Sequence[float] = (),
+  split: Sequence[int] | None = None,
 ) -> Schedule:
   """The pipeline schedule of one strategy.
 
@@ -441,8 +559,16 @@ def build(
     continuous: whether each stage goes on to the next step after its own update (True) or
       waits for every stage's update (False, a flush). Global training flushes either way: its
       first stage's last backward op is the last op of the step.
-    costs: K StageCost; default `unit_costs(num_stages)`.
+    costs: K StageCost; default `relative_costs(num_stages)`.
     comm: latency >= 0 of every message between two stages, in the costs' unit.
+    schedule: the pipeline schedule, one of `SCHEDULES` (see the module docstring).
+    transfer: empty, or K - 1 times >= 0: a data message's time over boundary b on top of
+      `comm` (its bytes over the bandwidth).
+    split: `zb` only: per stage, the first microbatch whose merged ops are split. None: the
+      split the costs predict fastest, tried from the last microbatch down to the first (the
+      same count j on every stage; no split at all if none is faster). Two VJP calls cost more
+      than one merged call (docs/pipeline.md), so splitting pays only where the stage below
+      would otherwise wait: in the drain, ZB-H1's bubble.
 
   Returns:
     A Schedule.
@@ -455,7 +581,8 @@ def build(
   _check_int("microbatches", microbatches)
   if not isinstance(continuous, bool):
     raise ValueError(f"continuous must be a bool, got {continuous!r}.")
-  costs = unit_costs(num_stages) if costs is None else list(costs)
+  _check_schedule(schedule)
+  costs = relative_costs(num_stages) if costs is None else list(costs)
   if len(costs) != num_stages:
     raise ValueError(f"costs needs one StageCost per stage ({num_stages}), got {len(costs)}.")
   for k, c in enumerate(costs):
@@ -463,11 +590,159 @@ def build(
       raise ValueError(f"costs[{k}] must be a StageCost, got {c!r}.")
   if isinstance(comm, bool) or not isinstance(comm, int | float) or not 0 <= comm < math.inf:
     raise ValueError(f"comm must be a finite number >= 0, got {comm!r}.")
+  transfer = tuple(transfer)
+  if transfer and len(transfer) != num_stages - 1:
+    raise ValueError(f"transfer needs one time per boundary ({num_stages - 1}), got {transfer}.")
+  if not all(isinstance(t, int | float) and 0 <= t < math.inf for t in transfer):
+    raise ValueError(f"transfer must hold finite numbers >= 0, got {transfer}.")
   plan = tuple(tuple(ops) for ops in backward_plan(strategy, num_stages))
-  caps = tuple(max(max(b.losses) - k + 1 for b in ops) for k, ops in enumerate(plan))
-  return Schedule(
-    strategy, num_stages, microbatches, continuous, tuple(costs), float(comm), plan, caps
+  if schedule == "gpipe":
+    caps = (microbatches,) * num_stages
+  else:
+    caps = tuple(max(max(b.losses) - k + 1 for b in ops) for k, ops in enumerate(plan))
+  make = lambda split: Schedule(
+    strategy,
+    num_stages,
+    microbatches,
+    continuous,
+    tuple(costs),
+    float(comm),
+    plan,
+    caps,
+    schedule,
+    tuple(float(t) for t in transfer),
+    tuple(split),
   )
+  if schedule != "zb":
+    if split is not None:
+      raise ValueError(f"split is for schedule='zb' only, got schedule={schedule!r}.")
+    return make(())
+  if split is not None:
+    split = tuple(split)
+    if len(split) != num_stages or not all(isinstance(i, int) and i >= 0 for i in split):
+      raise ValueError(f"split needs one microbatch index >= 0 per stage, got {split}.")
+    return make(split)
+  best, best_time = None, math.inf
+  for j in range(microbatches + 1):  # j microbatches split, the last ones.
+    sched = make((microbatches - j,) * num_stages)
+    tl = sched.simulate(3)
+    t = tl.step_end(2) - tl.step_end(0)
+    if t < best_time - 1e-9 * max(1.0, t):
+      best, best_time = sched, t
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """A boundary between two stages' devices: a message of n bytes takes latency + n /
+  bandwidth (seconds; bytes per second, inf for a free copy)."""
+
+  latency: float
+  bandwidth: float = math.inf
+
+  def seconds(self, nbytes: float) -> float:
+    return self.latency + (nbytes / self.bandwidth if nbytes else 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredCosts:
+  """Op costs of one model at one microbatch size, timed on the devices a run uses
+  (`DataflowExecutor.measure`).
+
+  Attributes:
+    stages: K StageCost in seconds per microbatch (the update once per step), each program
+      timed alone.
+    link: the boundary transfer (`Link`, measured between stages 0 and 1).
+    boundary_bytes: K - 1 bytes per microbatch crossing boundary b (a_b up; its cotangent,
+      the same size, down).
+    residual_bytes: K bytes of VJP residuals one in-flight microbatch holds on stage k.
+    slowdown: how much slower ops run while two or more stages are busy at once (devices
+      that share a host's cores); 1 for independent devices.
+    rows: examples per microbatch per device the costs were timed at; a prediction holds only
+      for that microbatch size.
+    source: what was measured where (model, device, batch), for reports.
+  """
+
+  stages: tuple[StageCost, ...]
+  link: Link
+  boundary_bytes: tuple[int, ...]
+  residual_bytes: tuple[int, ...]
+  slowdown: float = 1.0
+  rows: int = 0
+  source: str = ""
+
+
+def predict_step(
+  costs: MeasuredCosts,
+  strategy: Strategy | str,
+  microbatches: int,
+  schedule: str = "1f1b",
+  continuous: bool = True,
+  split: Sequence[int] | None = None,
+  steps: int = 4,
+) -> dict:
+  """The cost model: seconds per optimizer step and the schedule's memory, from measured costs.
+
+  The strategy (with its combine rule), K = len(costs.stages), M, the pipeline schedule and
+  continuous or flushed steps give every op and its dependencies (`build`); each op lasts its
+  measured cost, each message between neighbouring stages `costs.link.seconds(bytes)` (the
+  activation up, the cotangent down; a flush signal the latency alone), and the list-scheduling
+  simulation over `steps` steps gives the steady-state time per step (`Schedule.predict`).
+
+  Devices that share cores (forced CPU devices on one host) are accounted for by one scalar,
+  `costs.slowdown`: every stretch of the simulated steady state in which two or more stages
+  are busy lasts `slowdown` times as long; a stage alone (a bubble elsewhere) runs at full
+  speed, since idle devices lend their cores. It is calibrated apart from the rows it
+  predicts: `DataflowExecutor.measure_slowdown` times every stage's forward dispatched at once
+  against the slowest stage's alone, never a training step; ops are timed alone the same way.
+  Nothing here is fitted to measured step times. On accelerators slowdown is about 1.
+
+  Args:
+    costs: measured at the microbatch size of the run predicted (`costs.rows`).
+    strategy: a Strategy or a name.
+    microbatches: M.
+    schedule: one of `SCHEDULES`.
+    continuous: as for `build`.
+    split: zb only: as for `build` (None: the split these costs predict fastest).
+    steps: simulated steps (>= 2; the first step's fill is excluded).
+
+  Returns:
+    A dict with seconds_per_step (with the slowdown), seconds_per_step_alone (slowdown 1),
+    makespan_one_step (seconds, one step from an empty pipeline), bubble_fraction,
+    inflight_max (per stage, microbatches whose residuals are held at once),
+    inflight_bytes_per_stage (those residuals' bytes), and schedule (the Schedule).
+  """
+  K = len(costs.stages)
+  if len(costs.boundary_bytes) != K - 1 or len(costs.residual_bytes) != K:
+    raise ValueError(
+      f"MeasuredCosts for {K} stages needs {K - 1} boundary_bytes and {K} residual_bytes, got "
+      f"{len(costs.boundary_bytes)} and {len(costs.residual_bytes)}."
+    )
+  transfer = [costs.link.seconds(b) - costs.link.latency for b in costs.boundary_bytes]
+  sched = build(
+    strategy,
+    K,
+    microbatches,
+    continuous,
+    costs=costs.stages,
+    comm=costs.link.latency,
+    schedule=schedule,
+    transfer=transfer,
+    split=split,
+  )
+  shared = sched.predict(steps, slowdown=costs.slowdown)
+  alone = sched.predict(steps)
+  return {
+    "seconds_per_step": shared["time_per_step"],
+    "seconds_per_step_alone": alone["time_per_step"],
+    "makespan_one_step": shared["makespan_one_step"],
+    "bubble_fraction": shared["bubble_fraction"],
+    "inflight_max": shared["inflight_max"],
+    "inflight_bytes_per_stage": [
+      n * b for n, b in zip(shared["inflight_max"], costs.residual_bytes, strict=True)
+    ],
+    "schedule": sched,
+  }
 
 
 def closed_form(
