@@ -280,7 +280,7 @@ def _setup(config: ml_collections.ConfigDict, execution: ExecutionConfig, workdi
   labels_only = factory.labels_only(execution)
   if labels_only:
     logging.info("This process holds no first stage: its input pipeline loads labels only.")
-  built = families.build(config, workdir, factory.input_shard(execution), labels_only)
+  built = families.build(config, workdir, factory.input_shard(execution), labels_only=labels_only)
   model, data, task = built.model, built.data, built.task
   executor = factory.make(execution, model, task, strategy, tx, schedule, built.input_spec)
   return _Run(strategy, model, data, task, executor, schedule)

@@ -142,8 +142,8 @@ def build_with_batches(edit):
 
   real = families.build
 
-  def build(config, workdir, shard=None):
-    built = real(config, workdir, shard)
+  def build(config, workdir, shard=None, labels_only=False):
+    built = real(config, workdir, shard, labels_only=labels_only)
     source = built.data
 
     def train_batches(start):

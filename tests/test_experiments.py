@@ -363,7 +363,7 @@ def test_warmup_longer_than_the_run_is_clamped_and_logged(tmp_path, monkeypatch,
 
   monkeypatch.setattr(state, "make_optimizer", make_optimizer)
   # Stop once the optimizer exists: the rest of the run is what every other test covers.
-  monkeypatch.setattr(families, "build", lambda *a: _raise(_Built()))
+  monkeypatch.setattr(families, "build", lambda *a, **k: _raise(_Built()))
   with caplog.at_level("WARNING"), pytest.raises(_Built):
     trainer.train_and_evaluate(config, str(tmp_path))
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
