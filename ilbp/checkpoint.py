@@ -22,12 +22,14 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import logging
 from etils import epath
 
 from ilbp import files, rundir
-from ilbp.state import HostLeaf
+from ilbp.state import HostLeaf, Shards
 
 # Config fields that fix what a checkpoint means: resuming with another value would train a
 # different experiment (or fail to restore), so it needs an explicit override.
@@ -61,20 +63,29 @@ class _HostLeafHandler(ocp.type_handlers.NumpyHandler):
     writes = []
     for leaf, info, arg in zip(values, infos, args):
       await info.await_path_creation()
-      if leaf.value is None:
+      if leaf.value is None and not leaf.pieces:
         continue
       ocdbt = info.is_ocdbt_checkpoint
+      local = leaf.shape if not leaf.pieces else (leaf.chunk_rows, *leaf.shape[1:])
       spec = ocp.type_handlers.get_json_tspec_write(
         info,
         use_ocdbt=ocdbt,
         global_shape=leaf.shape,
-        local_shape=leaf.shape,
+        local_shape=local,  # Chunks: a piece's rows, so no two processes write one chunk.
         dtype=leaf.dtype,
         process_index=jax.process_index() if ocdbt else None,
         arg=arg,
       )
-      writes.append(self._open_and_write(leaf.value, spec, info.ts_context))
+      if leaf.pieces:
+        writes.append(self._write_pieces(leaf.pieces, spec, info.ts_context))
+      else:
+        writes.append(self._open_and_write(leaf.value, spec, info.ts_context))
     await asyncio.gather(*writes)
+
+  async def _write_pieces(self, pieces, spec, context):
+    array = await ts.open(ts.Spec(spec), create=True, open=True, context=context)
+    for first, rows in pieces:  # One after another: one open array, no two writes at once.
+      await array[first : first + rows.shape[0]].write(rows)
 
   async def deserialize(self, infos, args=None):
     args = args or [ocp.type_handlers.RestoreArgs()] * len(infos)
@@ -83,6 +94,9 @@ class _HostLeafHandler(ocp.type_handlers.NumpyHandler):
       leaf = getattr(arg, "leaf", None)
       if leaf is None:  # No target (this handler also reads what the numpy handler wrote).
         out.extend(await super().deserialize([info], [arg]))
+        continue
+      if leaf.pieces:
+        out.append(await self._read_pieces(info, leaf))
         continue
       held = [d for d in leaf.sharding.device_set if d.process_index == jax.process_index()]
       if not held:
@@ -94,6 +108,25 @@ class _HostLeafHandler(ocp.type_handlers.NumpyHandler):
       (value,) = await super().deserialize([info], [read])
       out.append(jax.device_put(value, leaf.sharding))
     return out
+
+  async def _read_pieces(self, info, leaf: HostLeaf) -> Shards:
+    """A leaf split by rows: each piece this process holds read from its rows alone."""
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=info.is_ocdbt_checkpoint)
+    array = await ts.open(ts.Spec(spec), open=True, context=info.ts_context)
+    pieces = []
+    for first, end, rows, sharding in leaf.pieces:
+      shape = leaf.shape if first is None else (rows, *leaf.shape[1:])
+      if not any(d.process_index == jax.process_index() for d in sharding.device_set):
+        pieces.append(
+          jax.make_array_from_single_device_arrays(shape, sharding, [], dtype=leaf.dtype)
+        )
+        continue
+      value = await (array if first is None else array[first:end]).read()
+      value = np.asarray(value, leaf.dtype)
+      if first is not None:
+        value = np.pad(value, [(0, rows - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
+      pieces.append(jax.device_put(value, sharding))
+    return Shards(pieces)
 
 
 def _register() -> None:

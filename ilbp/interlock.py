@@ -199,23 +199,29 @@ def loss_step(
   return loss, metrics, head_grads, cot, h_aux
 
 
-def stage_backward(vjp: Callable, op: BackwardOp, arrived: dict[int, PyTree]):
+def stage_backward(
+  vjp: Callable, op: BackwardOp, arrived: dict[int, PyTree], *, keep_input: bool = False
+):
   """Runs one BackwardOp of a stage.
 
   Args:
     vjp: the stage's VJP from `stage_forward`.
     op: from `backward_plan`.
     arrived: loss index -> cotangent with respect to this stage's output; must hold op.losses.
+    keep_input: also return the op's cotangent with respect to the stage input, passed on or
+      not (stage 1's input may be rows of its own table, looked up elsewhere).
 
   Returns:
     `(param_grads, passed)`: θ_k's gradient term (None for an input-only op) and
-    {loss j: cotangent with respect to the stage's input} for the losses in `op.passes`.
+    {loss j: cotangent with respect to the stage's input} for the losses in `op.passes`;
+    with `keep_input`, `(param_grads, passed, that cotangent)`.
   """
   if op.params:
     d_params, d_input = vjp(_tree_sum([arrived[j] for j in op.params]))
   else:
     d_params, d_input = None, vjp(arrived[op.losses[0]])[1]
-  return d_params, {j: d_input for j in op.passes}
+  passed = {j: d_input for j in op.passes}
+  return (d_params, passed, d_input) if keep_input else (d_params, passed)
 
 
 def interlocking_grads(

@@ -51,21 +51,42 @@ class HostLeaf:
   saving, `value` is the host copy on the one process that writes the leaf and None on every
   other; restoring (a target), `value` is None and `sharding` says where the leaf goes.
 
+  A leaf split by rows over processes (a token table split over the stages) has `pieces`:
+  saving, `((first row, host rows), ...)`, the rows this process writes (in chunks of
+  `chunk_rows` rows, the same on every process, so no chunk has two writers); restoring,
+  `((first row, end row, rows, sharding), ...)`, and the leaf comes back as
+  `Shards`: piece i is rows [first, end) zero-padded to `rows` rows
+  on its sharding (first = end = None: the whole leaf).
+
   Attributes:
     shape, dtype: the leaf's.
     value: the host copy to write, or None.
     sharding: the restore target's placement (restoring only).
+    pieces: see above; empty for a leaf written or read whole.
+    chunk_rows: saving pieces, rows per chunk on disk.
   """
 
   shape: tuple[int, ...]
   dtype: np.dtype
   value: np.ndarray | None = None
   sharding: jax.sharding.Sharding | None = None
+  pieces: tuple = ()
+  chunk_rows: int | None = None
 
   @classmethod
   def target(cls, tree: Any) -> Any:
     """Abstract arrays with shardings -> HostLeaf restore targets."""
     return jax.tree.map(lambda a: cls(tuple(a.shape), np.dtype(a.dtype), None, a.sharding), tree)
+
+
+class Shards:
+  """A leaf held in pieces, piece k on stage k's devices (`HostLeaf.pieces` restored).
+
+  Not a pytree node: tree functions see one leaf.
+  """
+
+  def __init__(self, pieces: Sequence[jax.Array]):
+    self.pieces = tuple(pieces)
 
 
 @flax.struct.dataclass
@@ -210,16 +231,28 @@ def make_optimizer(
   return optax.chain(*parts), schedule_fn
 
 
-def _clip_per_module(max_norm: float) -> optax.GradientTransformation:
-  """clip_by_global_norm applied to each top-level subtree ("stage", "head") on its own."""
-  clip = optax.clip_by_global_norm(max_norm)
-  # Every leaf is labelled with its top-level key, so each subtree gets its own global norm.
-  per_module = optax.partition({"stage": clip, "head": clip}, lambda tree: {k: k for k in tree})
-  # Clipping keeps no state: wrapped as stateless, its optimizer state stays the EmptyState that
-  # checkpoints written before optax.partition hold (a partition state would not restore).
-  return optax.stateless(
-    lambda updates, params=None: per_module.update(updates, per_module.init(updates))[0]
-  )
+def _clip_per_module(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """clip_by_global_norm applied to each top-level subtree ("stage", "head") on its own.
+
+  `update` takes one extra argument, `module_norms`: {subtree: its global norm} for a subtree
+  part of which lives elsewhere (a token table split over devices,
+  `ilbp.execution.spmd.vocab`), so every part is clipped by the whole's norm. Without it each
+  subtree's norm is its own, as optax computes it. The state is optax's EmptyState, as
+  checkpoints written before this hold.
+  """
+
+  def update(updates, state, params=None, *, module_norms=None, **extra):
+    del params, extra
+
+    def clip(name, tree):
+      norm = optax.tree.norm(tree) if name not in (module_norms or {}) else module_norms[name]
+      trigger = jnp.squeeze(norm < max_norm)  # optax.clip_by_global_norm's rule.
+      scale = lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+      return jax.tree.map(scale, tree)
+
+    return {name: clip(name, tree) for name, tree in updates.items()}, state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def init_stage_state(

@@ -376,3 +376,37 @@ MEMORY = textwrap.dedent(
 def test_each_device_holds_its_own_stages_state_while_training_and_saving(tmp_path):
   out = run_with_devices(f"import os\nos.environ['TMP_ROOT'] = {str(tmp_path)!r}\n" + MEMORY, 2)
   assert "MEMORY OK" in out, out
+
+
+def test_split_token_table_leaves_no_stage_padded_to_hold_it():
+  import jax
+  import jax.numpy as jnp
+
+  import ilbp
+  from ilbp import state
+  from ilbp.execution.spmd.flat import FlatLayout
+  from ilbp.execution.spmd.vocab import VocabSplit
+  from ilbp.execution.stage import abstract_stages, make_stages
+  from ilbp.models import transformer
+
+  K, d, vocab, length = 2, 16, 1001, 8
+  model = transformer.make_model(vocab_size=vocab, num_layers=2, num_stages=K, d_model=d,
+                                 num_heads=2, d_ff=32, max_len=length)  # fmt: skip
+  tx, _ = state.make_optimizer(name="adamw", learning_rate=1e-3, grad_clip_norm=1.0)
+  specs = model.input_specs(jax.ShapeDtypeStruct((1, length), jnp.int32))
+  stages = abstract_stages(make_stages(model, None, ilbp.strategy("local"), tx), specs)
+  split = VocabSplit(stages[0], model.info["embedding"], K)
+  assert (split.vocab, split.width, split.rows) == (vocab, d, 501)
+  assert [split.bounds(k) for k in range(K)] == [(0, 501), (501, 1001)]
+  # Adam's two moments follow the table; the step counts are copied into every piece.
+  assert len(split.abstract_piece()["moments"]) == 2 and split.abstract_piece()["other"]
+  table = vocab * d * 4
+  padding = lambda trees: FlatLayout(trees).padding_bytes(1)
+  whole = [padding([getattr(s, p) for s in stages]) for p in ("params", "opt_state")]
+  slim = [split.slim(stages[0]), stages[1]]
+  cut = [padding([getattr(s, p) for s in slim]) for p in ("params", "opt_state")]
+  # Whole: stage 2 is padded by the table (params) and its two moments; split: by neither.
+  assert whole[0] - cut[0] == table and whole[1] - cut[1] == 2 * table
+  assert cut[0] < table // 10
+  # Each piece holds half the rows (one zero row in the last), with moments and gradient sums.
+  assert split.padding_bytes(1) == 4 * d * 4 and split.padding_bytes(0) == 0

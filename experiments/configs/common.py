@@ -99,6 +99,9 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.execution.steps_per_call = 1
   # "engine" (per-stage VJPs) or "spec" (jax.grad of the stop_gradient composition; fused only).
   c.execution.gradients = "engine"
+  # spmd: split the Transformer's token table by rows over the stages (each holds 1/K of it
+  # and its optimizer moments) instead of padding every stage's state to stage 1's size.
+  c.execution.vocab_parallel = True
   return c
 
 

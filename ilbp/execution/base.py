@@ -121,6 +121,8 @@ class ExecutionConfig:
     gradients: "engine" or "spec" (fused only).
     schedule: pipelines: "gpipe", "1f1b" or "zb" (`ilbp.execution.schedule`); spmd runs 1f1b
       only; fused runs no pipeline and ignores it.
+    vocab_parallel: spmd: split a model's token table by rows over the stages
+      (`ilbp.execution.spmd.vocab`); the other executors hold it whole on stage 1.
   """
 
   kind: str
@@ -131,6 +133,7 @@ class ExecutionConfig:
   steps_per_call: int = 1
   gradients: str = "engine"
   schedule: str = "1f1b"
+  vocab_parallel: bool = True
 
   @property
   def devices(self) -> list:
@@ -227,6 +230,7 @@ class ExecutionConfig:
       steps_per_call=per_call,
       gradients=ex.gradients,
       schedule=schedule,
+      vocab_parallel=bool(ex.get("vocab_parallel", True)),
     )
 
 

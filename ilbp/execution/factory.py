@@ -61,6 +61,7 @@ def make(
       data_parallel=execution.data_parallel,
       steps_per_call=execution.steps_per_call,
       devices=devices,
+      vocab_parallel=execution.vocab_parallel,
     )
   return DataflowExecutor(
     *args,

@@ -41,6 +41,11 @@ from ilbp.strategy import Strategy
 PyTree = Any
 
 
+def sum_squares(tree: PyTree) -> jax.Array:
+  """The squared global norm of a tree, summed leaf by leaf as `optax.global_norm` sums it."""
+  return sum((jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
+
+
 # --- Microbatches: one meaning for every executor ---------------------------------------------
 
 
@@ -178,7 +183,7 @@ class Stage:
       new_state = state
     return cot, grads, new_state, {"loss": value, **metrics}
 
-  def backward(self, vjp, arrived: dict, grads, op: interlock.BackwardOp):
+  def backward(self, vjp, arrived: dict, grads, op: interlock.BackwardOp, keep_input=False):
     """B: one op of the stage's plan.
 
     Args:
@@ -186,18 +191,20 @@ class Stage:
       arrived: {loss j: cotangent w.r.t. a_k}; holds every loss of `op.losses`.
       grads: the stage's {"stage"} gradient sums so far.
       op: one of `self.plan.ops`.
+      keep_input: also return the cotangent w.r.t. the stage input (`interlock.stage_backward`).
 
     Returns:
-      `(stage gradient sums, {loss j: cotangent w.r.t. a_{k-1}} for the stage below)`.
+      `(stage gradient sums, {loss j: cotangent w.r.t. a_{k-1}} for the stage below)`, and
+      with `keep_input` the input's cotangent third.
     """
-    d_params, passed = interlock.stage_backward(vjp, op, arrived)
+    d_params, passed, d_input = interlock.stage_backward(vjp, op, arrived, keep_input=True)
     if d_params is not None:
       # The barrier keeps XLA:CPU from fusing the weight-gradient dots into the update of the
       # sums (in the SPMD program's flat buffers that made one op 16.6 ms instead of 2.1).
       grads = jax.tree.map(jnp.add, grads, jax.lax.optimization_barrier(d_params))
-    return grads, passed
+    return (grads, passed, d_input) if keep_input else (grads, passed)
 
-  def update(self, stage: StageState, sums: PyTree, head_metrics: dict, step):
+  def update(self, stage: StageState, sums: PyTree, head_metrics: dict, step, elsewhere=None):
     """U: the optimizer update with the mean of the gradient sums over M microbatches.
 
     Args:
@@ -205,17 +212,26 @@ class Stage:
       sums: {"stage", "head"} gradient sums over the step's microbatches.
       head_metrics: the stage's loss metrics, already averaged over the microbatches.
       step: the step being completed (stage 0 reports its learning rate).
+      elsewhere: {"grad", "param"}: squared norms of the part of this stage's "stage"
+        parameters held on other devices (its mean gradient; its parameters after their own
+        update this step), or None. The clip and the norms reported are then the whole's
+        (`ilbp.execution.spmd.vocab`: a token table split over the stages).
 
     Returns:
       `(new stage state, metrics)`: head{k+1}/..., gradient and parameter norms, and
       `learning_rate` on stage 0 when `lr` is given.
     """
     grads = jax.tree.map(lambda g: g / self.microbatches, sums)
-    updates, opt_state = self.optimizer.update(grads, stage.opt_state, stage.params)
+    norm, extra = lambda part, tree: optax.global_norm(tree), {}
+    if elsewhere is not None:
+      norm = lambda part, tree: jnp.sqrt(sum_squares(tree) + elsewhere[part])
+      extra = {"module_norms": {"stage": norm("grad", grads["stage"])}}
+    optimizer = optax.with_extra_args_support(self.optimizer)
+    updates, opt_state = optimizer.update(grads, stage.opt_state, stage.params, **extra)
     params = optax.apply_updates(stage.params, updates)
     metrics = {f"head{self.k + 1}/{name}": v for name, v in head_metrics.items()}
-    for prefix, tree in (("grad_norm", grads), ("param_norm", params)):
-      metrics[f"{prefix}/stage{self.k + 1}"] = optax.global_norm(tree["stage"])
+    for prefix, part, tree in (("grad_norm", "grad", grads), ("param_norm", "param", params)):
+      metrics[f"{prefix}/stage{self.k + 1}"] = norm(part, tree["stage"])
       if self.has_head:
         metrics[f"{prefix}/head{self.k + 1}"] = optax.global_norm(tree["head"])
     stage = stage.replace(params=params, opt_state=opt_state)
@@ -290,12 +306,14 @@ def init_on_stages(
   return TrainState(step=step, rng=dropout_rng, stages=tuple(states))
 
 
-def init_stage_on(stage: Stage, spec, sharding, rng: jax.Array) -> StageState:
+def init_stage_on(stage: Stage, spec, sharding, rng: jax.Array, then=None) -> StageState:
   """Stage `stage.k`'s fresh StageState, created by a jitted program onto `sharding` (so it
-  may sit on another process's devices); the same values as `init_on_stages` gives it."""
+  may sit on another process's devices); the same values as `init_on_stages` gives it.
+  `then`, given, is applied to it inside the program (what is not kept is never made)."""
   key = np.asarray(rng)  # The same host value on every process.
   init = stage.init(spec)
-  return jax.jit(lambda r: init(init_keys(r)[0]), out_shardings=sharding)(key)
+  then = then or (lambda st: st)
+  return jax.jit(lambda r: then(init(init_keys(r)[0])), out_shardings=sharding)(key)
 
 
 def init_scalars_on(sharding, rng: jax.Array) -> tuple[jax.Array, jax.Array]:

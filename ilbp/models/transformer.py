@@ -4,6 +4,7 @@ The network is the usual stack (token embedding, L causal self-attention + GELU-
 final LayerNorm, unembedding) split depthwise into groups of consecutive blocks:
 
   stage 1      int32 tokens [B, L] -> embedding (+ learned positions) -> blocks -> [B, L, d]
+               (or the tokens' rows of the embedding, [B, L, d], looked up by the caller)
   stage k      [B, L, d] -> blocks -> [B, L, d]
   stage K      [B, L, d] -> blocks -> final LayerNorm -> Dense(vocab) -> float32 [B, L, vocab]
   head k<K     [B, L, d] -> (one extra block if head="block") -> LayerNorm -> Dense(vocab)
@@ -217,19 +218,28 @@ class Stage(nn.Module):
 
   def _embed(self, tokens: jax.Array, train: bool) -> jax.Array:
     cfg = self.config
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"Stage 1 expects integer tokens [B, L], got {tokens.dtype}{tokens.shape}.")
+    looked_up = tokens.ndim == 3 and jnp.issubdtype(tokens.dtype, jnp.floating)
+    if not looked_up and (tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer)):
+      raise ValueError(
+        f"Stage 1 expects integer tokens [B, L] (or their rows of its embedding table, "
+        f"[B, L, d_model]), got {tokens.dtype}{tokens.shape}."
+      )
     length = tokens.shape[1]
     if length > cfg.max_len:
       raise ValueError(f"Sequence length {length} exceeds max_len={cfg.max_len}.")
-    x = nn.Embed(
-      cfg.vocab_size,
-      cfg.d_model,
-      dtype=cfg.dtype,
-      param_dtype=jnp.float32,
-      embedding_init=_embed_init,
-      name="embed",
-    )(tokens)
+    if looked_up:
+      # The caller looked the tokens up in this stage's table (a vocabulary-parallel table
+      # split over devices): the same values nn.Embed gives, cast as it casts them.
+      x = tokens.astype(cfg.dtype)
+    else:
+      x = nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=jnp.float32,
+        embedding_init=_embed_init,
+        name="embed",
+      )(tokens)
     if cfg.positions == "learned":
       table = self.param("pos_embed", _posemb_init, (cfg.max_len, cfg.d_model), jnp.float32)
       x = x + table[:length].astype(cfg.dtype)
@@ -417,5 +427,8 @@ def make_model(
     "head_params": readout_params + (block_p if extra_block else 0),
     "head_flops_per_token": readout_flops + (block_f if extra_block else 0),
     "stage_flops_per_token": tuple(stage_flops),
+    # Stage 1's token table: a caller may look tokens up itself and give stage 1 the rows
+    # (`Stage._embed`), e.g. to split the table over devices (ilbp.execution.spmd.vocab).
+    "embedding": ("stage", "embed", "embedding"),
   }
   return StagedModel(stages, heads, info)

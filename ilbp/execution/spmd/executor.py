@@ -54,6 +54,7 @@ from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.memory import DeviceMemory
 from ilbp.execution.spmd import program, ticks
 from ilbp.execution.spmd.packing import STAGE_AXIS, PackedState, Packing
+from ilbp.execution.spmd.vocab import VocabSplit
 from ilbp.execution.stage import (
   abstract_stages,
   init_scalars_on,
@@ -63,7 +64,7 @@ from ilbp.execution.stage import (
   target_on_stages,
 )
 from ilbp.staged import StagedModel
-from ilbp.state import HostLeaf, TrainState
+from ilbp.state import TrainState
 from ilbp.strategy import Strategy
 
 
@@ -102,6 +103,8 @@ class SpmdExecutor:
     data_parallel: D devices per stage.
     steps_per_call: optimizer steps one `train_steps` call runs in one scan.
     devices: the devices to use (default all); stage k gets devices k·D .. k·D + D - 1.
+    vocab_parallel: split stage 1's token table by rows over the K stages (`vocab.py`) when
+      the model names one (`StagedModel.info["embedding"]`) and K > 1.
 
   Attributes:
     input_shard: `(index, count)`, the share of each batch this process feeds
@@ -122,6 +125,7 @@ class SpmdExecutor:
     data_parallel: int = 1,
     steps_per_call: int = 1,
     devices=None,
+    vocab_parallel: bool = True,
   ):
     self.task = task
     self.K, self.M, self.D = model.num_stages, microbatches, data_parallel
@@ -136,14 +140,19 @@ class SpmdExecutor:
     self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
     self.specs = model.input_specs(input_spec)
     abstract = abstract_stages(self.stages, self.specs)
-    self.packing = Packing(abstract, self.mesh, self.meshes)
+    table = model.info.get("embedding")
+    self.vocab = (
+      VocabSplit(abstract[0], table, self.K) if vocab_parallel and table and self.K > 1 else None
+    )
+    self.packing = Packing(abstract, self.mesh, self.meshes, self.vocab)
     self.spec = program.ProgramSpec(
       stages=self.stages,
       schedule=self.schedule,
       layouts=self.packing.layouts,
-      abstract=tuple(abstract),
+      abstract=self.packing.held,
       specs=tuple(self.specs),
       mesh=self.mesh,
+      vocab=self.vocab,
     )
     self._programs: dict = {}
     self._eval_programs: dict = {}
@@ -151,26 +160,42 @@ class SpmdExecutor:
       f"spmd: one program over a ('stage', 'data') mesh of {self.K} x {self.D} devices, "
       f"{microbatches} microbatch(es), {steps_per_call} step(s) per call, "
       f"{'continuous' if continuous else 'flushed every step'}"
+      + (
+        f", token table split over the stages ({self.vocab.rows} of {self.vocab.vocab} rows each)"
+        if self.vocab
+        else ""
+      )
     )
 
   # --- State ------------------------------------------------------------------------------
 
   def init_state(self, rng: jax.Array) -> PackedState:
     """A fresh state: stage k is created on stage k's devices and packed there, one stage at
-    a time (a device never holds its stage twice over, as packing a whole TrainState would)."""
-    rows = [
-      self.packing.pack_row(k, init_stage_on(stage, self.specs[k], self.replicated[k], rng))
-      for k, stage in enumerate(self.stages)
-    ]
+    a time (a device never holds its stage twice over, as packing a whole TrainState would).
+    A split table: each stage's piece is made on its own devices (the slice of stage 1's
+    initial state; XLA makes the whole table inside that program and keeps the rows)."""
+    rows = []
+    for k, stage in enumerate(self.stages):
+      if k == 0 and self.vocab:
+        slim = lambda st: self.packing.pack_stage(0, st)
+        rows.append(init_stage_on(stage, self.specs[0], self.replicated[0], rng, slim))
+      else:
+        init = init_stage_on(stage, self.specs[k], self.replicated[k], rng)
+        rows.append(self.packing.pack_row(k, init))
+    pieces = None
+    if self.vocab:
+      piece = lambda k: lambda st: self.vocab.piece(st, k)
+      at = lambda k: (self.stages[0], self.specs[0], self.replicated[k], rng, piece(k))
+      pieces = [init_stage_on(*at(k)) for k in range(self.K)]
     step, dropout_rng = init_scalars_on(self.packing.everywhere, rng)
-    return self.packing.stack_rows(step, dropout_rng, rows)
+    return self.packing.stack_rows(step, dropout_rng, rows, pieces)
 
   def state_target(self, rng: jax.Array) -> TrainState:
     """The TrainState a checkpoint restores onto, as `HostLeaf` targets: stage k read by the
     processes that hold its devices, straight onto them (on any number of processes)."""
     everywhere = self.packing.everywhere
     abstract = target_on_stages(self.stages, self.specs, self.replicated, rng, everywhere)
-    return HostLeaf.target(abstract)
+    return self.packing.target(abstract)
 
   def pack_state(self, st: TrainState) -> PackedState:
     """TrainState (any placement) -> PackedState (`Packing.pack`)."""
@@ -188,20 +213,23 @@ class SpmdExecutor:
   def padding(self, batch_size: int, steps_per_call: int | None = None) -> dict:
     """What padding costs, in bytes per device: per stage, the flat state buffers' zeros
     (params, statistics, optimizer state, gradient sums; the stacked leaves, counted apart,
-    have none) and the stored-input and cotangent slots' zeros; per boundary, the message
-    (padded to nothing: each boundary has its own size)."""
+    have none), a split table's zero rows, and the stored-input and cotangent slots' zeros;
+    per boundary, the message (padded to nothing: each boundary has its own size)."""
     table = ticks.build(self.schedule, steps_per_call or self.steps_per_call)
-    spec = self.spec
+    spec, vocab = self.spec, self.vocab
     item = np.dtype(spec.act_dtype).itemsize
     rows = batch_size // (self.M * self.D)
     layouts = [*spec.layouts.values(), spec.layouts["params"]]  # + gradient sums
     slots = table.x_slots + table.cot_slots + 2  # + one spare each
     features, sizes = spec.features, spec.sizes
     return {
-      "state_bytes_per_stage": sum(lay.bytes() for lay in layouts),
+      "state_bytes_per_stage": sum(lay.bytes() for lay in layouts)
+      + (vocab.piece_bytes() if vocab else 0),
       "stacked_bytes_per_stage": sum(lay.stacked_bytes() for lay in layouts),
+      "vocab_bytes_per_stage": vocab.piece_bytes() if vocab else 0,
       "state_padding_bytes_per_stage": [
-        sum(lay.padding_bytes(k) for lay in layouts) for k in range(self.K)
+        sum(lay.padding_bytes(k) for lay in layouts) + (vocab.padding_bytes(k) if vocab else 0)
+        for k in range(self.K)
       ],
       "slots": {"inputs": table.x_slots, "cotangents": table.cot_slots},
       "slot_bytes_per_stage": slots * rows * features * item,
@@ -210,16 +238,24 @@ class SpmdExecutor:
       ],
       "message_bytes_per_boundary": [rows * sizes[b + 1] * item for b in range(self.K - 1)],
       "message_padding_bytes_per_boundary": [0] * (self.K - 1),
+      # A split table: the tokens' rows looked up and their cotangent, every tick.
+      "lookup_bytes": 2 * rows * int(np.prod(self.specs[0].shape[1:])) * vocab.width * 4
+      if vocab
+      else 0,
       "ticks_per_call": table.num_ticks,
     }
 
   def memory(self, batch_size: int) -> list[DeviceMemory]:
     """Per stage, what each of its devices holds (`padding`): its row of the packed state and
-    gradient sums (flat buffers padded to the widest stage, plus the stacked leaves), and the
-    stored-input and cotangent slots plus one microbatch's residuals (B re-runs F)."""
+    gradient sums (flat buffers padded to the widest stage, plus the stacked leaves, plus its
+    piece of a split table), and the stored-input and cotangent slots plus one microbatch's
+    residuals (B re-runs F) and a split table's looked-up rows."""
     pad = self.padding(batch_size)
     rows = batch_size // (self.M * self.D)
     abstract = self.spec.abstract
+    specs = list(self.specs)
+    if self.vocab:
+      specs[0] = self.vocab.input_spec(specs[0])
     return [
       DeviceMemory(
         label=f"stage {k + 1}",
@@ -227,7 +263,8 @@ class SpmdExecutor:
         state_bytes=pad["state_bytes_per_stage"],
         padding_bytes=pad["state_padding_bytes_per_stage"][k],
         inflight_bytes=pad["slot_bytes_per_stage"]
-        + stage.residual_bytes(abstract[k], self.specs[k], rows),
+        + pad["lookup_bytes"]
+        + stage.residual_bytes(abstract[k], specs[k], rows),
       )
       for k, stage in enumerate(self.stages)
     ]
@@ -277,7 +314,7 @@ class SpmdExecutor:
       )
       self._eval_programs[rows] = (compiled, names)
     fn, names = self._eval_programs[rows]
-    out = fn(st.params, st.model_state, inputs, targets)
+    out = fn(st.params, st.model_state, st.vocab, inputs, targets)
     return program.sums_by_head(out, names, self.K)
 
   def lower(self, st: PackedState, batch: tuple):

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -28,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 from ilbp.execution.schedule import Schedule
 from ilbp.execution.spmd.flat import FlatLayout
 from ilbp.execution.spmd.ticks import TickTable, own_ops
-from ilbp.execution.stage import Stage, Where, named_sums
+from ilbp.execution.spmd.vocab import VocabSplit
+from ilbp.execution.stage import Stage, Where, named_sums, sum_squares
 from ilbp.state import StageState
 
 PyTree = Any
@@ -45,6 +47,7 @@ class ProgramSpec:
     abstract: every stage's StageState as shapes and dtypes.
     specs: stage k's input (a_{k-1}) shape and dtype, batch 1.
     mesh: the ('stage', 'data') mesh.
+    vocab: stage 1's token table split over the stages (`vocab.py`), or None.
   """
 
   stages: tuple[Stage, ...]
@@ -53,6 +56,7 @@ class ProgramSpec:
   abstract: tuple[StageState, ...]
   specs: tuple[jax.ShapeDtypeStruct, ...]
   mesh: Mesh
+  vocab: VocabSplit | None = None
 
   def __post_init__(self):
     inner = self.specs[1:]  # a_1 .. a_{K-1}: what crosses a boundary (and is stored).
@@ -155,6 +159,10 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     return lax.dynamic_update_slice(buf, value, (slot, slot * 0, slot * 0))  # one int type
 
   messages = functools.partial(spec.messages, rows)
+  vs = spec.vocab
+  # The cotangent w.r.t. stage 1's looked-up rows, out of the switch (a scalar: no table split).
+  rows_shape = (rows, *spec.specs[0].shape[1:], vs.width) if vs else ()
+  no_rows = lambda: jnp.zeros(rows_shape, jnp.float32)
 
   def make_branch(kind, step0, rng, inputs, targets):
     k, forward, backward = kind
@@ -166,10 +174,13 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
       step = step0 + s
       params = lp.unpack(k, carry["params"])
       state = lm.unpack(k, carry["model_state"])
-      x = _index(inputs, s, m) if k == 0 else read(carry["xs"], mine["x_slot"], k)
+      if k == 0:  # The tokens, or (a split table) their rows, looked up at the tick's start.
+        x = carry["rows"] if vs else _index(inputs, s, m)
+      else:
+        x = read(carry["xs"], mine["x_slot"], k)
       where = Where(rng, step, m)
       a, vjp, new_stage = stage.forward(params["stage"], state["stage"], where, x)
-      up, down = messages(), messages()
+      up, down, d_rows = messages(), messages(), no_rows()
       if forward:
         sums = lp.unpack(k, carry["grads"], "head")
         cot, sums, new_head, metrics = stage.loss(
@@ -195,12 +206,14 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
         }
       for i in backward:
         sums = lp.unpack(k, carry["grads"], "stage")
-        sums, passed = stage.backward(vjp, arrived, sums, plan[k][i])
+        sums, passed, d_x = stage.backward(vjp, arrived, sums, plan[k][i], keep_input=True)
         if plan[k][i].params:
           carry["grads"] = lp.write(k, carry["grads"], "stage", sums)
+          if k == 0 and vs:
+            d_rows = d_x.astype(jnp.float32)
         for cot in passed.values():
           down[k - 1] = cot.astype(act_dtype)
-      return carry, tuple(up), tuple(down)
+      return carry, tuple(up), tuple(down), d_rows
 
     return branch
 
@@ -214,7 +227,10 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
       opt_state=lo.unpack(k, carry["opt_state"]),
     )
     means = {n: carry["msums"][i] / spec.microbatches for i, n in enumerate(head_names)}
-    new, metrics = stages[k].update(stage, lp.unpack(k, carry["grads"]), means, step)
+    # Stage 1 with a split table: the clip and its norms count the table's pieces.
+    elsewhere = {"grad": carry["vnorms"][0], "param": carry["vnorms"][1]} if vs and not k else None
+    sums = lp.unpack(k, carry["grads"])
+    new, metrics = stages[k].update(stage, sums, means, step, elsewhere)
     carry["params"] = lp.pack(k, new.params)
     carry["opt_state"] = lo.pack(k, new.opt_state)
     carry["grads"] = lp.zeros()
@@ -226,9 +242,36 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
 
   def idle(carry, mine):
     del mine
-    return dict(carry), tuple(messages()), tuple(messages())
+    return dict(carry), tuple(messages()), tuple(messages()), no_rows()
 
-  def body(step0, rng, params, model_state, opt_state, inputs, targets):
+  def update_pieces(carry, fields):
+    """A split table on stage 1's update tick: every stage updates its rows with stage 1's
+    optimizer, under the whole table's clip norm; the pieces' squared norms go to stage 1's
+    own update (`vocab.py`)."""
+    stage, u0 = lax.axis_index("stage"), fields["update"][0] > 0
+    scale = lambda tree: jax.tree.map(lambda g: g / spec.microbatches, tree)
+    rest = lax.cond(
+      u0 & (stage == 0),
+      lambda: sum_squares(scale(lp.unpack(0, carry["grads"], "stage"))),
+      lambda: jnp.zeros((), jnp.float32),
+    )
+    grads = scale(carry["vgrads"])
+    rest, grad_sq = lax.psum(jnp.stack([rest, sum_squares(grads)]), "stage")
+    norm = jnp.sqrt(rest + grad_sq)
+
+    def update(piece):
+      g, p, o = vs.trees(piece, grads)
+      optimizer = optax.with_extra_args_support(stages[0].optimizer)
+      updates, o = optimizer.update(g, o, p, module_norms={"stage": norm})
+      return vs.from_trees(optax.apply_updates(p, updates), o)
+
+    carry["vocab"] = lax.cond(u0, update, lambda piece: piece, carry["vocab"])
+    carry["vgrads"] = jnp.where(u0, jnp.zeros_like(carry["vgrads"]), carry["vgrads"])
+    param_sq = lax.psum(sum_squares(carry["vocab"]["table"]), "stage")
+    carry["vnorms"] = jnp.stack([grad_sq, param_sq])
+    return carry
+
+  def body(step0, rng, params, model_state, opt_state, vocab, inputs, targets):
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     carry = {
       "params": first(params),
@@ -240,13 +283,25 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
       "msums": jnp.zeros((len(head_names),), jnp.float32),
       "metrics": jnp.zeros((num_steps, width), jnp.float32),
     }
+    if vs:
+      carry["vocab"] = first(vocab)
+      carry["vgrads"] = jnp.zeros((vs.rows, vs.width), vs.dtype)
+      carry["rows"] = no_rows()
+      carry["vnorms"] = jnp.zeros((2,), jnp.float32)
     stage = lax.axis_index("stage")
     branches = [idle] + [make_branch(kd, step0, rng, inputs, targets) for kd in table.kinds]
     updates = [lambda carry, s: dict(carry)] + [make_update(k, step0) for k in range(K)]
 
     def tick(carry, fields):
       mine = {name: v[stage] for name, v in fields.items()}
-      carry, up, down = lax.switch(mine["branch"], branches, carry, mine)
+      if vs:  # The rows of the tokens stage 1 works on this tick, on every stage.
+        tokens = _index(inputs, fields["step"][0], fields["microbatch"][0])
+        carry["rows"] = vs.lookup(carry["vocab"]["table"], tokens)
+      carry, up, down, d_rows = lax.switch(mine["branch"], branches, carry, mine)
+      if vs:  # Stage 1's weight-gradient op's cotangent w.r.t. the rows, into every piece.
+        d_rows = lax.psum(d_rows, "stage")
+        carry["vgrads"] = vs.add_grads(carry["vgrads"], tokens, d_rows)
+        carry = update_pieces(carry, fields)
       # U(k) when the group completes the step's gradients (a branch per stage, not per kind).
       carry = lax.switch(mine["update"] * (stage + 1), updates, carry, mine["step"])
       # Compute first, then the collectives: a collective scheduled mid-tick serialises stages.
@@ -263,27 +318,32 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     fields = {name: jnp.asarray(v) for name, v in table.fields.items()}
     carry, _ = lax.scan(tick, carry, fields)
     again = lambda tree: jax.tree.map(lambda x: x[None], tree)
-    out = (carry["params"], carry["model_state"], carry["opt_state"], carry["metrics"])
+    pieces = carry["vocab"] if vs else {}
+    out = (carry["params"], carry["model_state"], carry["opt_state"], pieces, carry["metrics"])
     return again(out)
 
   def call(st, inputs, targets):
     mapped = jax.shard_map(
       body,
       mesh=spec.mesh,
-      in_specs=(P(), P(), P("stage"), P("stage"), P("stage"), P(), P()),
+      in_specs=(P(), P(), P("stage"), P("stage"), P("stage"), P("stage"), P(), P()),
       out_specs=P("stage"),
       axis_names={"stage"},
       check_vma=False,
     )
-    params, model_state, opt_state, metrics = mapped(
-      st.step, st.rng, st.params, st.model_state, st.opt_state, inputs, targets
+    params, model_state, opt_state, vocab, metrics = mapped(
+      st.step, st.rng, st.params, st.model_state, st.opt_state, st.vocab, inputs, targets
     )
     out = {}
     for k, names in enumerate(stage_names):
       for i, name in enumerate(names):
         out[name] = metrics[k, 0, i] if num_steps == 1 else metrics[k, :, i]
     new = st.replace(
-      step=st.step + num_steps, params=params, model_state=model_state, opt_state=opt_state
+      step=st.step + num_steps,
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      vocab=vocab,
     )
     return new, out
 
@@ -310,12 +370,15 @@ def make_eval(spec: ProgramSpec, inputs, targets) -> Callable:
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   # Every head's sums have the names of stage 1's (one task; a branch stacks them by name).
   first = spec.abstract[0]
+  x = abstract(inputs)
+  if spec.vocab:  # Stage 1 takes the tokens' rows.
+    x = jax.ShapeDtypeStruct((*x.shape, spec.vocab.width), jnp.float32)
   names = sorted(
     jax.eval_shape(
       lambda p, s, x, t: stages[0].evaluate(p, s, x, t)[1],
       first.params,
       first.model_state,
-      abstract(inputs),
+      x,
       abstract(targets),
     )
   )
@@ -339,9 +402,11 @@ def make_eval(spec: ProgramSpec, inputs, targets) -> Callable:
 
   branches = [idle] + [make_branch(k) for k in range(K)]
 
-  def body(params, model_state, inputs, targets):
+  def body(params, model_state, vocab, inputs, targets):
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     params, model_state = first(params), first(model_state)
+    if spec.vocab:  # Stage 1 takes the tokens' rows of the split table (`vocab.py`).
+      inputs = spec.vocab.lookup(first(vocab)["table"], inputs)
     stage = lax.axis_index("stage")
     arrived, total = tuple(messages()), jnp.zeros((len(names),), jnp.float32)
     for t in range(K):
@@ -356,15 +421,15 @@ def make_eval(spec: ProgramSpec, inputs, targets) -> Callable:
         arrived = tuple(arrived)
     return total[None]
 
-  def call(params, model_state, inputs, targets):
+  def call(params, model_state, vocab, inputs, targets):
     return jax.shard_map(
       body,
       mesh=spec.mesh,
-      in_specs=(P("stage"), P("stage"), P(), P()),
+      in_specs=(P("stage"), P("stage"), P("stage"), P(), P()),
       out_specs=P("stage"),
       axis_names={"stage"},
       check_vma=False,
-    )(params, model_state, inputs, targets)
+    )(params, model_state, vocab, inputs, targets)
 
   return call, names
 
