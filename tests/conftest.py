@@ -142,8 +142,8 @@ def build_with_batches(edit):
 
   real = families.build
 
-  def build(config, workdir, shard=None):
-    built = real(config, workdir, shard)
+  def build(config, workdir, shard=None, labels_only=False):
+    built = real(config, workdir, shard, labels_only)
     source = built.data
 
     def train_batches(start):
@@ -176,6 +176,17 @@ def crash_after(num_batches: int):
   real = families.build
   families.build = build_with_batches(preempt_at(num_batches))
   return real
+
+
+def with_overrides(config, **overrides):
+  """`config` with dotted fields set: with_overrides(c, **{"execution.microbatches": 2})."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
 
 
 def checkpoint_params(workdir: str, step: int | None = None) -> list:
