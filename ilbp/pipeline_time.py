@@ -234,6 +234,27 @@ class Clock:
     return self.segments[-1]["seconds_per_step"]
 
 
+def load_or_measure(
+  config: ml_collections.ConfigDict, workdir: str, measure_fn
+) -> tuple[schedule_lib.MeasuredCosts, bool, dict]:
+  """The workdir's cached op costs when their key matches `config`, else `measure_fn()`.
+
+  Returns:
+    (the costs, whether they were measured now, the cache file's content with them: write it
+    with `write`).
+  """
+  key = cache_key(config, describe_layout(config))
+  data = read(workdir) or {"version": _VERSION, "segments": []}
+  costs = cached_costs(workdir, key)
+  if costs is not None:
+    return costs, False, data
+  t0 = time.perf_counter()
+  costs = measure_fn()
+  data["measure_seconds"] = time.perf_counter() - t0
+  data["key"], data["costs"] = key, costs_to_json(costs)
+  return costs, True, data
+
+
 def start(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -241,8 +262,8 @@ def start(
   measure_fn,
   strategy: Any,
 ) -> Clock | None:
-  """Reads or measures the op costs, predicts seconds per step, and records the segment that
-  starts at `step` (the restored step; 0 for a fresh run) in the workdir's cache.
+  """Reads or measures the op costs (`load_or_measure`), predicts seconds per step, and records
+  the segment that starts at `step` (the restored step; 0 for a fresh run) in the cache.
 
   Args:
     config: the run's config.
@@ -263,15 +284,7 @@ def start(
       "the one-host dataflow executor."
     )
     return None
-  key = cache_key(config, describe_layout(config))
-  data = read(workdir) or {"version": _VERSION, "segments": []}
-  costs = cached_costs(workdir, key)
-  measured = costs is None
-  if measured:
-    t0 = time.perf_counter()
-    costs = measure_fn()
-    data["measure_seconds"] = time.perf_counter() - t0
-    data["key"], data["costs"] = key, costs_to_json(costs)
+  costs, measured, data = load_or_measure(config, workdir, measure_fn)
   pred = schedule_lib.predict_step(costs, strategy, s.microbatches, s.schedule, s.continuous)
   # Segments past the restored step were written by a session whose steps are redone now.
   segments = [seg for seg in data.get("segments", []) if seg["step"] < step]
@@ -286,8 +299,7 @@ def start(
   if not segments or segments[-1]["seconds_per_step"] != segment["seconds_per_step"]:
     segments.append(segment)
   data["segments"] = segments
-  if jax.process_index() == 0:
-    write(workdir, data)
+  write(workdir, data)
   prediction = {k: v for k, v in pred.items() if k != "schedule"}
   return Clock(tuple(segments), prediction, measured)
 

@@ -203,6 +203,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train(config, workdir, run)
 
 
+def measure_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Measures the op costs behind pipeline/seconds into `workdir`/pipeline_costs.json without
+  training (reused when the file there still matches the config): what `scripts.reproduce`
+  runs once per experiment, to plan equal-time budgets and to hand every run the same costs.
+
+  Returns:
+    The cache file's content ("key", "costs", ...) and "measured": whether it measured now.
+
+  Raises:
+    rundir.RunRefused: a bad config, or one that measures nothing (config.pipeline_time.measure
+      is False, K = 1, or a multi-process job).
+  """
+  with _refusals():
+    execution = validate(config)
+    families.check_workdir(config, workdir)
+    if pipeline_time.settings(config) is None or jax.process_count() > 1:
+      raise ValueError(
+        "Nothing to measure: config.pipeline_time.measure is False, config.num_stages is 1 or "
+        "this is a multi-process job. Set --config.pipeline_time.measure=True on one process "
+        "with K >= 2."
+      )
+  with rundir.prepared(workdir), workdir_lock.hold(workdir):
+    with _refusals():
+      run = _setup(config, execution, workdir)
+    st = run.executor.init_state(jax.random.PRNGKey(config.seed))
+    batches = run.data.train_batches(0)
+    measure = lambda: pipeline_time.measure(config, run, next(batches), st)
+    _, measured, data = pipeline_time.load_or_measure(config, workdir, measure)
+    pipeline_time.write(workdir, data)
+  return {**data, "measured": measured}
+
+
 @contextlib.contextmanager
 def _refusals():
   """A ValueError while the config is checked and the run built means it cannot start."""

@@ -18,6 +18,8 @@ import time
 import pytest
 
 from experiments import suites
+from ilbp.execution import schedule
+from ilbp.strategy import strategy as parse_strategy
 from scripts import gradient_alignment, reproduce, reproduce_report
 
 QUICK_ROWS = [
@@ -260,3 +262,50 @@ def test_summary_names_the_selected_runs_and_their_time():
   assert "42 runs" in quick.wall and "14 runs" in quick.smoke_wall
   line = reproduce.summary(quick, smoke[:3], len(smoke), smoke=True)
   assert line.startswith("suite quick (smoke): 3 of 14 runs; ") and quick.smoke_wall in line
+
+
+# Op costs of 4 equal stages (seconds): global's merged backward and local's weight-only one
+# make local the fastest per step, global (sum) the slowest.
+_STAGE = schedule.StageCost(1e-3, 2e-5, 1.4e-3, 2.2e-3, 5e-4, 2.3e-3)
+COSTS = schedule.MeasuredCosts(
+  stages=(_STAGE,) * 4,
+  link=schedule.Link(1e-4, 1e9),
+  boundary_bytes=(4096,) * 3,
+  residual_bytes=(10_000,) * 4,
+  rows=8,
+  source="test",
+)
+
+
+def test_time_budget_gives_faster_strategies_proportionally_more_steps():
+  by_steps = reproduce.plan(COSTS, 4, 8, 150, "steps")
+  by_time = reproduce.plan(COSTS, 4, 8, 150, "time")
+  assert list(by_time) == [(s, c) for s, c, _ in suites.variants(4)]
+  assert {p.steps for p in by_steps.values()} == {150}
+  glob = by_time["global", "furthest"]
+  assert glob.steps == 150 and glob.label == "global (furthest)"
+  total = 150 * glob.seconds_per_step
+  for p in by_time.values():
+    # Rounded down: never more modelled time than global's, and less than one step short.
+    assert p.steps == math.floor(total / p.seconds_per_step + 1e-6)
+    assert p.steps * p.seconds_per_step <= total * (1 + 1e-9)
+    assert p.seconds_per_step == by_steps[p.strategy, p.combine].seconds_per_step
+    # Each strategy's schedule is the fastest that applies to it.
+    strategy = parse_strategy(p.strategy, p.combine)
+    for name in schedule.SCHEDULES:
+      if schedule.applies(name, strategy, 4):
+        t = schedule.predict_step(COSTS, strategy, 8, name)["seconds_per_step"]
+        assert p.seconds_per_step <= t
+  assert by_time["local", "furthest"].steps > 150 > by_time["global", "sum"].steps
+  assert by_time["local", "furthest"].label == "local"
+  assert "global (furthest)    " in reproduce.render_plan("x", by_time, "time", 4, 8, "test")
+  with pytest.raises(ValueError, match="budget must be 'steps' or 'time'"):
+    reproduce.plan(COSTS, 4, 8, 150, "wall")
+
+
+def test_a_suite_dir_keeps_its_budget(tmp_path):
+  assert reproduce.check_budget(str(tmp_path), "time") == {}
+  (tmp_path / reproduce.PLAN_FILE).write_text(json.dumps({"budget": "steps", "runs": {"a": []}}))
+  assert reproduce.check_budget(str(tmp_path), "steps") == {"a": []}
+  with pytest.raises(ValueError, match=r"--budget=steps; .* Use another --out"):
+    reproduce.check_budget(str(tmp_path), "time")
