@@ -132,6 +132,37 @@ def test_interrupted_run_resumes_from_its_checkpoint(smoke_dir):
   assert (workdir / reproduce.DONE_FILE).exists() and (workdir / "checkpoints" / "6").exists()
 
 
+def test_time_budget_trains_the_planned_steps_from_the_suites_costs(smoke_dir, tmp_path):
+  out, _, _ = smoke_dir
+  # The smoke suite's measured costs (and compiled programs): nothing is measured again.
+  shutil.copytree(out / reproduce.COSTS_DIR, tmp_path / reproduce.COSTS_DIR)
+  args = ["--suite=quick", "--smoke", f"--out={tmp_path}", f"--compilation_cache={out}/jax_cache"]
+  stdout = _reproduce(*args, "--only=digits-local-s0", "--budget=time")
+  assert "plan for digits (--budget=time" in stdout and "[1/1] digits-local-s0: training" in stdout
+  costs = pipeline_time.read(tmp_path / reproduce.COSTS_DIR / "digits")
+  assert costs == pipeline_time.read(out / reproduce.COSTS_DIR / "digits")
+  parts = reproduce.plan(pipeline_time.costs_from_json(costs["costs"]), 4, 8, 6, "time")
+  local, glob = parts["local", "furthest"], parts["global", "furthest"]
+  assert local.steps > 6 == glob.steps  # runlocal digits: 6 steps.
+  planned = json.loads((tmp_path / reproduce.PLAN_FILE).read_text())
+  expected = ["pipeline_time.schedule=1f1b", f"total_steps={local.steps}"]
+  assert planned["runs"]["digits-local-s0"] == expected
+  workdir = tmp_path / "digits-local-s0"
+  assert "op costs from pipeline_costs.json" in (workdir / reproduce.LOG_FILE).read_text()
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = rows[-1]
+  assert last["step"] == local.steps
+  assert last["pipeline/seconds"] == local.steps * local.seconds_per_step
+  assert last["pipeline/seconds"] <= 6 * glob.seconds_per_step
+  # The DIR keeps its budget.
+  refused = subprocess.run(
+    [sys.executable, "-m", "scripts.reproduce", *args, "--budget=steps"],
+    capture_output=True,
+    text=True,
+  )
+  assert refused.returncode != 0 and "Use another --out" in refused.stderr
+
+
 def test_gradient_alignment_of_a_smoke_run(smoke_dir):
   out, _, _ = smoke_dir
   result = gradient_alignment.alignment(
