@@ -47,6 +47,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Processes in the job (default: $JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
+flags.DEFINE_bool(
+  "measure_pipeline_only",
+  False,
+  "Measure the op costs behind pipeline/seconds into WORKDIR/pipeline_costs.json (reused when "
+  "it still matches the config) and exit without training (`ilbp.pipeline_time`).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -143,6 +149,11 @@ def main_for(family: str):
       joined,
     )
     try:
+      if FLAGS.measure_pipeline_only:
+        measured = trainer.measure_pipeline(config, FLAGS.workdir)
+        how = "measured" if measured["measured"] else "already there"
+        print(f"Op costs {how}: {FLAGS.workdir}/pipeline_costs.json", flush=True)
+        return
       trainer.train_and_evaluate(config, FLAGS.workdir)
     # Errors whose message is the whole story: no traceback.
     except (rundir.RunRefused, trainer.NonFiniteLossError, workdir_lock.WorkdirInUseError) as error:

@@ -10,6 +10,9 @@ intervals. Outputs in `workdir`:
                      dataset's test split) and, when the data holds a validation split out of
                      train, val/head{k}/...; one series in step order, also across resumes
   events.out.*       TensorBoard (clu metric writers)
+  pipeline_costs.json  the op costs measured at the first start (reused on resume) behind
+                     metrics.jsonl's pipeline/seconds, the modelled time of the steps so far on
+                     a K-device pipeline (`ilbp.pipeline_time`; config.pipeline_time)
   checkpoints/       orbax checkpoints of the TrainState
   run.lock           held by the live run (`ilbp.workdir_lock`): a second run on it refuses
 
@@ -27,6 +30,7 @@ how a step runs or where arrays live (`ilbp.execution`: it talks to the `Executo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -41,7 +45,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from ilbp import checkpoint as ckpt
-from ilbp import families, rundir, state, stop, workdir_lock
+from ilbp import families, pipeline_time, rundir, state, stop, workdir_lock
 from ilbp.execution import factory, memory
 from ilbp.execution.base import ExecutionConfig
 from ilbp.strategy import strategy as parse_strategy
@@ -74,6 +78,7 @@ def validate(config: ml_collections.ConfigDict) -> ExecutionConfig:
     )
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate must be > 0, got {config.learning_rate}.")
+  pipeline_time.settings(config)
   return ExecutionConfig.from_config(config)
 
 
@@ -198,6 +203,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train(config, workdir, run)
 
 
+def measure_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Measures the op costs behind pipeline/seconds into `workdir`/pipeline_costs.json without
+  training (reused when the file there still matches the config): what `scripts.reproduce`
+  runs once per experiment, to plan equal-time budgets and to hand every run the same costs.
+
+  Returns:
+    The cache file's content ("key", "costs", ...) and "measured": whether it measured now.
+
+  Raises:
+    rundir.RunRefused: a bad config, or one that measures nothing (config.pipeline_time.measure
+      is False, K = 1, or a multi-process job).
+  """
+  with _refusals():
+    execution = validate(config)
+    families.check_workdir(config, workdir)
+    if pipeline_time.settings(config) is None or jax.process_count() > 1:
+      raise ValueError(
+        "Nothing to measure: config.pipeline_time.measure is False, config.num_stages is 1 or "
+        "this is a multi-process job. Set --config.pipeline_time.measure=True on one process "
+        "with K >= 2."
+      )
+  with rundir.prepared(workdir), workdir_lock.hold(workdir):
+    with _refusals():
+      run = _setup(config, execution, workdir)
+    st = run.executor.init_state(jax.random.PRNGKey(config.seed))
+    batches = run.data.train_batches(0)
+    measure = lambda: pipeline_time.measure(config, run, next(batches), st)
+    _, measured, data = pipeline_time.load_or_measure(config, workdir, measure)
+    pipeline_time.write(workdir, data)
+  return {**data, "measured": measured}
+
+
 @contextlib.contextmanager
 def _refusals():
   """A ValueError while the config is checked and the run built means it cannot start."""
@@ -269,6 +306,9 @@ class _Run(NamedTuple):
   task: Any
   executor: Any
   schedule: Any
+  optimizer: Any
+  input_spec: Any
+  workdir: str
 
 
 def _setup(config: ml_collections.ConfigDict, execution: ExecutionConfig, workdir: str) -> _Run:
@@ -283,7 +323,7 @@ def _setup(config: ml_collections.ConfigDict, execution: ExecutionConfig, workdi
   built = families.build(config, workdir, factory.input_shard(execution), labels_only=labels_only)
   model, data, task = built.model, built.data, built.task
   executor = factory.make(execution, model, task, strategy, tx, schedule, built.input_spec)
-  return _Run(strategy, model, data, task, executor, schedule)
+  return _Run(strategy, model, data, task, executor, schedule, tx, built.input_spec, workdir)
 
 
 def _model_line(config: ml_collections.ConfigDict, run: _Run) -> str:
@@ -326,9 +366,14 @@ def _note_changes(config: ml_collections.ConfigDict, run: _Run, changes: dict, s
   return f" Config changed since the last session ({rundir.HISTORY_FILE}): {shown}."
 
 
-def _log_train(writer, step: int, pending: list, config, num_stages: int, rate=None) -> None:
-  """Writes the mean train metrics of `pending` at `step` and prints the console line."""
+def _log_train(
+  writer, step: int, pending: list, config, num_stages: int, rate=None, clock=None
+) -> None:
+  """Writes the mean train metrics of `pending` at `step` (and the modelled pipeline time when
+  `clock` is given) and prints the console line."""
   scalars = _mean_metrics(pending)
+  if clock is not None:
+    scalars[pipeline_time.METRIC] = clock.seconds(step)
   writer.write_scalars(step, scalars)
   _console(
     f"[train] step {step}/{config.total_steps}: loss "
@@ -340,6 +385,7 @@ def _log_train(writer, step: int, pending: list, config, num_stages: int, rate=N
       if rate
       else ""
     )
+    + (f" | pipeline {scalars[pipeline_time.METRIC]:.2f} s modelled" if clock else "")
   )
 
 
@@ -379,6 +425,31 @@ def _train(config: ml_collections.ConfigDict, workdir: str, run: _Run) -> dict:
       writer.close()
 
 
+def _pipeline_clock(config, run: _Run, st, start: int, batches):
+  """The run's modelled pipeline clock (`ilbp.pipeline_time`; None when off, K = 1 or nothing
+  is left to train), its op costs measured on the first batch when the workdir's cache does not
+  match; returns (clock, the batches with that one still first)."""
+  if pipeline_time.settings(config) is None or start >= config.total_steps:
+    return None, batches
+  first = []
+
+  def measure():
+    first.append(next(batches))
+    return pipeline_time.measure(config, run, first[0], st)
+
+  clock = pipeline_time.start(config, run.workdir, start, measure, run.strategy)
+  if clock is None:
+    return None, batches
+  s, p = pipeline_time.settings(config), clock.prediction
+  _console(
+    f"pipeline time: modelled on {run.model.num_stages} devices, M={s.microbatches}, "
+    f"{s.schedule}: {1e3 * clock.seconds_per_step:.2f} ms/step, bubble "
+    f"{p['bubble_fraction']:.2f}, in flight {p['inflight_max']} microbatches; op costs "
+    + ("measured now" if clock.measured else f"from {pipeline_time.COSTS_FILE}")
+  )
+  return clock, itertools.chain(first, batches)
+
+
 def _loop(config, run: _Run, st, start: int, checkpointer, writer, jsonl) -> dict:
   """Steps start+1..total_steps of `_train`; stops early, with a checkpoint, on a signal."""
   model, data, task, executor = run.model, run.data, run.task, run.executor
@@ -390,6 +461,7 @@ def _loop(config, run: _Run, st, start: int, checkpointer, writer, jsonl) -> dic
   )
   progress(start)
   batches = data.train_batches(start)
+  clock, batches = _pipeline_clock(config, run, st, start, batches)
   pending: list[tuple[int, dict]] = []
   last_eval: dict = {}
   t0, calls = time.time(), 0
@@ -408,7 +480,7 @@ def _loop(config, run: _Run, st, start: int, checkpointer, writer, jsonl) -> dic
       reported = progress(step)
       if do_log:
         rate = jsonl.last.get("steps_per_sec") if jsonl and reported else None
-        _log_train(writer, step, pending, config, model.num_stages, rate)
+        _log_train(writer, step, pending, config, model.num_stages, rate, clock)
         pending = []
       if do_eval:
         with progress.timed("eval"):
@@ -425,7 +497,7 @@ def _loop(config, run: _Run, st, start: int, checkpointer, writer, jsonl) -> dic
       if stopping and pending:  # Log the steps since the last line: none is lost.
         pending = jax.device_get(pending)
         _check_finite(pending)
-        _log_train(writer, step, pending, config, model.num_stages)
+        _log_train(writer, step, pending, config, model.num_stages, clock=clock)
         writer.flush()
       if do_ckpt or stopping:
         if jsonl:  # A resume recomputes only the steps after this checkpoint: upload the rest.

@@ -34,6 +34,19 @@ writes the table from what has finished when it runs out of runs, so the last ho
 writes the complete one (or run `--report_only` anywhere afterwards). Within one host the
 trainer's `run.lock` also refuses a second live run on a workdir.
 
+**Time on the x-axis.** Every run logs `pipeline/seconds`, its modelled pipeline time so far on
+K devices at M = `--pipeline_microbatches` (`ilbp.pipeline_time`). Before training, the op costs
+of each experiment are measured once (`--measure_pipeline_only` of its binary, under global's
+config, into `DIR/pipeline_costs/<experiment>/`; reused while they match) and copied into every
+run's workdir, so all strategies of an experiment are timed by the same costs and no run
+measures again. The plan printed before training gives each strategy its pipeline schedule (the
+fastest of gpipe, 1f1b and zb that applies to it, by `schedule.predict_step` with those costs),
+its predicted time per step and its steps. `--budget=steps`: every strategy trains the suite's
+step count. `--budget=time`: every strategy trains for global's modelled time at the suite's
+step count, T = steps × t_global, so a strategy predicted at t_s per step takes
+floor(T / t_s) steps (rounded down: never more time than global). The plan is kept in
+`DIR/plan.json`; a DIR trained under one budget refuses the other (use another --out).
+
 Outputs: `DIR/table.md`, `DIR/results.csv`, `DIR/runs.csv` and `DIR/plots/*.png`
 (`scripts.reproduce_report` describes them).
 """
@@ -42,7 +55,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib
 import json
+import math
 import os
 import secrets
 import socket
@@ -52,8 +67,10 @@ import time
 
 from absl import app, flags
 
-from experiments.suites import SUITES, Run, Suite, suite_runs
-from ilbp import files, workdir_lock
+from experiments.suites import SUITES, Run, Suite, suite_runs, variants
+from ilbp import files, pipeline_time, workdir_lock
+from ilbp.execution import schedule
+from ilbp.strategy import strategy as parse_strategy
 from scripts import reproduce_report
 
 FLAGS = flags.FLAGS
@@ -72,6 +89,16 @@ flags.DEFINE_float("heartbeat_s", 60.0, "How often a live run refreshes its clai
 flags.DEFINE_float("stale_after_s", 900.0, "A claim whose heartbeat is older is taken over.")
 flags.DEFINE_float("claim_settle_s", 2.0, "Wait before reading a new claim back (multi-host).")
 flags.DEFINE_integer("pipeline_microbatches", 8, "M for the modelled pipeline time per step.")
+flags.DEFINE_enum(
+  "budget",
+  "steps",
+  ["steps", "time"],
+  "steps: every strategy trains the suite's step count. time: every strategy trains for "
+  "global's modelled pipeline time at the suite's step count (T = steps x global's predicted "
+  "s/step, K devices, M = --pipeline_microbatches, each strategy's fastest schedule), so a "
+  "strategy predicted at t_s s/step trains floor(T / t_s) steps (rounded down, never more "
+  "time than global). The plan is printed before training.",
+)
 flags.DEFINE_string(
   "compilation_cache",
   "{out}/jax_cache",
@@ -82,6 +109,8 @@ flags.DEFINE_string(
 DONE_FILE = "DONE"
 CLAIM_FILE = "claim.json"
 LOG_FILE = "reproduce.log"
+PLAN_FILE = "plan.json"
+COSTS_DIR = "pipeline_costs"
 
 
 def select(runs: list[Run], patterns: list[str]) -> list[Run]:
@@ -167,6 +196,191 @@ class Claim:
     held = _read_json(self.path)
     if held and held.get("token") == self.me["token"]:
       os.remove(self.path)
+
+
+# --- the plan: each strategy's schedule and steps from the cost model --------------------------
+
+
+def pipeline_overrides(microbatches: int) -> tuple[str, ...]:
+  """What every run gets: pipeline/seconds on, modelled at M = `microbatches`."""
+  return ("pipeline_time.measure=True", f"pipeline_time.microbatches={microbatches}")
+
+
+def suite_config(run: Run):
+  """The run's experiment config as the binary builds it (its --config argument), before the
+  --config.FIELD overrides."""
+  module = run.experiment.config.removesuffix(".py").replace("/", ".")
+  arg = f"strategy={run.strategy},stages={run.experiment.stages},combine={run.combine}"
+  return importlib.import_module(module).get_config(arg + (",runlocal=1" if run.smoke else ""))
+
+
+def suite_steps(run: Run) -> int:
+  """The step count the suite trains `run` for: its overrides' total_steps, else the config's."""
+  overrides = run.experiment.smoke_overrides if run.smoke else run.experiment.overrides
+  for item in reversed((*overrides, *run.extra)):
+    field, _, value = item.partition("=")
+    if field == "total_steps":
+      return int(value)
+  return int(suite_config(run).total_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+  """One strategy variant's part of the plan."""
+
+  strategy: str
+  combine: str
+  label: str  # Its table row: "pairwise (sum)", or "local" where the rule changes nothing.
+  schedule: str  # The fastest pipeline schedule that applies to it.
+  seconds_per_step: float  # `schedule.predict_step` at that schedule.
+  steps: int
+
+
+def plan(
+  costs: schedule.MeasuredCosts,
+  num_stages: int,
+  microbatches: int,
+  steps: int,
+  budget: str,
+  continuous: bool = True,
+) -> dict[tuple[str, str], Planned]:
+  """Every strategy variant's schedule, predicted time per step and steps.
+
+  Args:
+    costs: the experiment's measured op costs.
+    num_stages: K.
+    microbatches: M of the modelled pipeline.
+    steps: the suite's step count.
+    budget: "steps" (every variant trains `steps`) or "time" (every variant trains for global's
+      modelled time T = steps x t_global: floor(T / t_s) steps, at least 1).
+    continuous: continuous (True) or flushed steps.
+
+  Returns:
+    {(strategy, combine): Planned}, in `suites.variants` order; global under the furthest rule
+    is the budget's reference.
+  """
+  if budget not in ("steps", "time"):
+    raise ValueError(f"budget must be 'steps' or 'time', got {budget!r}.")
+  out = {}
+  for name, combine, matters in variants(num_stages):
+    strategy = parse_strategy(name, combine)
+    times = {
+      sched: schedule.predict_step(costs, strategy, microbatches, sched, continuous)[
+        "seconds_per_step"
+      ]
+      for sched in schedule.SCHEDULES
+      if schedule.applies(sched, strategy, num_stages)
+    }
+    best = min(times, key=times.get)
+    label = f"{name} ({combine})" if matters else name
+    out[name, combine] = Planned(name, combine, label, best, times[best], steps)
+  if budget == "time":
+    total = steps * out["global", "furthest"].seconds_per_step
+    for key, p in out.items():
+      # The tolerance keeps global's own floor(steps * t / t) at `steps`.
+      n = max(1, math.floor(total / p.seconds_per_step * (1 + 1e-9)))
+      out[key] = dataclasses.replace(p, steps=n)
+  return out
+
+
+def plan_overrides(planned: Planned, budget: str) -> tuple[str, ...]:
+  """The --config overrides a run gets from its part of the plan."""
+  extra = (f"pipeline_time.schedule={planned.schedule}",)
+  return (*extra, f"total_steps={planned.steps}") if budget == "time" else extra
+
+
+def measure_costs(run: Run, out: str, env: dict, attempts: int = 60) -> dict:
+  """The op costs of `run`'s experiment, measured once into DIR/pipeline_costs/<experiment>
+  by its binary (`--measure_pipeline_only`; reused while they match); another host measuring
+  there at the same time is waited for.
+
+  Returns:
+    The cache file's content (`ilbp.pipeline_time`).
+
+  Raises:
+    RuntimeError: the measurement failed, with the end of its output.
+  """
+  workdir = os.path.join(out, COSTS_DIR, run.experiment.label)
+  args = [a for a in run.args(out) if not a.startswith("--workdir=")]
+  args += [f"--workdir={workdir}", "--measure_pipeline_only"]
+  for _ in range(attempts):
+    proc = subprocess.run(
+      [sys.executable, *args], cwd=_ROOT, env=env, capture_output=True, text=True
+    )
+    if proc.returncode == 0 or "in use" not in proc.stderr:
+      break
+    time.sleep(5)
+  if proc.returncode:
+    raise RuntimeError(
+      f"Measuring the op costs of {run.experiment.label} failed (exit {proc.returncode}): "
+      f"{(proc.stdout + proc.stderr)[-2000:]}"
+    )
+  return pipeline_time.read(workdir)
+
+
+def seed_costs(workdir: str, measured: dict) -> None:
+  """Gives a run's workdir the experiment's costs (its own segments, if any, kept)."""
+  os.makedirs(workdir, exist_ok=True)
+  data = pipeline_time.read(workdir) or {"version": measured["version"], "segments": []}
+  if data.get("key") == measured["key"] and data.get("costs") == measured["costs"]:
+    return
+  data |= {"key": measured["key"], "costs": measured["costs"], "copied_from": COSTS_DIR}
+  pipeline_time.write(workdir, data)
+
+
+def check_budget(out: str, budget: str) -> dict:
+  """DIR/plan.json's runs ({} when none); refuses a DIR planned under the other budget."""
+  saved = _read_json(os.path.join(out, PLAN_FILE)) or {"budget": budget, "runs": {}}
+  if saved["budget"] != budget:
+    raise ValueError(
+      f"--out={out} holds runs trained under --budget={saved['budget']}; their step counts "
+      f"differ from --budget={budget}'s. Use another --out, or --budget={saved['budget']}."
+    )
+  return saved["runs"]
+
+
+def make_plan(runs: list[Run], out: str, budget: str, microbatches: int, env: dict) -> dict:
+  """Measures each selected experiment's costs, seeds its runs' workdirs, prints the plan and
+  returns {run name: its plan overrides}, also written to DIR/plan.json."""
+  overrides = check_budget(out, budget)
+  for label in dict.fromkeys(r.experiment.label for r in runs):
+    members = [r for r in runs if r.experiment.label == label]
+    # Measured under global's config: its costs are the budget's reference.
+    reference = dataclasses.replace(members[0], strategy="global", combine="furthest")
+    measured = measure_costs(reference, out, env)
+    costs = pipeline_time.costs_from_json(measured["costs"])
+    K = reference.experiment.stages
+    steps = suite_steps(reference)
+    continuous = bool(suite_config(reference).execution.continuous)
+    parts = plan(costs, K, microbatches, steps, budget, continuous)
+    print(render_plan(label, parts, budget, K, microbatches, costs.source))
+    for run in members:
+      seed_costs(os.path.join(out, run.name), measured)
+      overrides[run.name] = list(plan_overrides(parts[run.strategy, run.combine], budget))
+  _write_json(os.path.join(out, PLAN_FILE), {"budget": budget, "runs": overrides})
+  return overrides
+
+
+def render_plan(label, parts: dict, budget: str, K: int, M: int, source: str) -> str:
+  """The plan of one experiment, a few lines for the console."""
+  lines = [
+    f"plan for {label} (--budget={budget}; modelled on K={K} devices, M={M}; op costs: {source}):",
+    f"  {'strategy':<20} {'schedule':<8} {'ms/step':>9} {'steps':>6} {'modelled s':>11}",
+  ]
+  for p in parts.values():
+    lines.append(
+      f"  {p.label:<20} {p.schedule:<8} {1e3 * p.seconds_per_step:>9.2f} {p.steps:>6} "
+      f"{p.steps * p.seconds_per_step:>11.3f}"
+    )
+  return "\n".join(lines)
+
+
+def with_plan(runs: list[Run], overrides: dict) -> list[Run]:
+  """The runs with their plan's overrides (runs without a plan unchanged)."""
+  return [
+    dataclasses.replace(r, extra=(*r.extra, *overrides[r.name])) if r.name in overrides else r
+    for r in runs
+  ]
 
 
 # --- running -------------------------------------------------------------------------------
@@ -297,16 +511,28 @@ def main(argv):
   suite = SUITES[FLAGS.suite]
   out = FLAGS.out or "DIR"
   seeds = [int(s) for s in FLAGS.seeds]
-  all_runs = suite_runs(suite, smoke=FLAGS.smoke, seeds=seeds, extra=FLAGS.set)
+  extra = [*FLAGS.set, *pipeline_overrides(FLAGS.pipeline_microbatches)]
+  all_runs = suite_runs(suite, smoke=FLAGS.smoke, seeds=seeds, extra=extra)
   runs = select(all_runs, FLAGS.only)
   print(summary(suite, runs, len(all_runs), FLAGS.smoke))
   if FLAGS.dry_run:
     for run in runs:
       print(f"{run.name}\n  {run.command(out)}")
+    planned = "pipeline_time.schedule" + (" and total_steps" if FLAGS.budget == "time" else "")
+    print(f"  (and --config.{planned} from the plan, made from measured op costs at the start)")
     return
   out = os.path.abspath(out)  # The runs start in the repository root.
   os.makedirs(out, exist_ok=True)
   failed = []
+  try:
+    planned = check_budget(out, FLAGS.budget)
+    if not FLAGS.report_only:
+      env = child_env(FLAGS.compilation_cache.replace("{out}", out))
+      planned = make_plan(runs, out, FLAGS.budget, FLAGS.pipeline_microbatches, env)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  all_runs = with_plan(all_runs, planned)
+  runs = with_plan(runs, planned)
   if not FLAGS.report_only:
     failed = execute(
       runs,

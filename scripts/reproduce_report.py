@@ -7,17 +7,26 @@
                mean ± sd over them of every head's final accuracy or perplexity, the gap
                recovered at the output
                ((m - local) / (global - local), 0 = local, 1 = global, whichever direction is
-               better), training steps/s, and the modelled pipeline time per step on K devices
+               better), training steps/s, and the modelled pipeline time per step on K devices;
+               where the runs logged pipeline/seconds (`ilbp.pipeline_time`), also the schedule
+               each strategy was modelled on, its time per step from its measured op costs, the
+               speed-up retained ((t_global - t_s) / (t_global - t_local), 1 = local's speed,
+               0 = global's), the modelled time at which its output first reached global's and
+               local's final output quality, and the bytes each stage holds in flight
   results.csv  the same numbers, one row per (experiment, split, strategy, combine); `seeds`
                is, as in table.md, how many seeds the mean and sd are over
   runs.csv     every run's own final metrics (one row per run and split), naming its seed
-  plots/       <exp>_<split>_heads.png: each head's metric vs step, mean with a ±1 sd band;
+  plots/       <exp>_<split>_heads.png: each head's metric vs modelled pipeline time
+               (pipeline/seconds; vs step for runs without it), mean with a ±1 sd band;
                <exp>_<split>_tradeoff.png: output metric vs modelled time per step;
                gantt_K<K>_<strategy>_<combine>.png: the pipeline schedule of each strategy
 
-The modelled time is `ilbp.execution.schedule` with `relative_costs` (op-cost ratios of one
-measurement of resnet20 stages, `schedule.RELATIVE`, in units of one stage forward), not a
-measurement of these runs: the runs themselves train one fused program.
+Two models of time. "modelled time/step" is `ilbp.execution.schedule` with `relative_costs`
+(op-cost ratios of one measurement of resnet20 stages, `schedule.RELATIVE`, in units of one
+stage forward) under 1F1B. pipeline/seconds and the columns beside it come from each run's own
+`pipeline_costs.json`: op costs of the run's model measured on this host (the dataflow
+executor's programs, each timed alone), under the schedule the run was modelled on. Neither is
+a measurement of these runs' wall time: the runs themselves train one fused program.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import math
 import os
 import statistics
 
-from ilbp import results
+from ilbp import pipeline_time, results
 from ilbp.execution import gantt, schedule
 from ilbp.strategy import strategy as parse_strategy
 
@@ -57,6 +66,55 @@ def modelled_time(strategy: str, combine: str, num_stages: int, microbatches: in
   return sched.predict()["time_per_step"]
 
 
+def pipeline_model(workdir: str, strategy: str, combine: str) -> dict | None:
+  """A run's modelled pipeline, from its pipeline_costs.json (None without one): the schedule,
+  M and seconds per step of its last session, and the bytes of residuals each stage holds in
+  flight under that schedule (`schedule.predict_step`)."""
+  data = pipeline_time.read(workdir)
+  if not data or not data.get("segments") or "costs" not in data:
+    return None
+  seg = data["segments"][-1]
+  costs = pipeline_time.costs_from_json(data["costs"])
+  pred = schedule.predict_step(
+    costs, parse_strategy(strategy, combine), seg["microbatches"], seg["schedule"],
+    seg["continuous"],
+  )  # fmt: skip
+  return {
+    "schedule": seg["schedule"],
+    "microbatches": seg["microbatches"],
+    "seconds_per_step": seg["seconds_per_step"],
+    "inflight_bytes": pred["inflight_bytes_per_stage"],
+  }
+
+
+def mean_curve(row: dict, k: int) -> list[tuple[int, float, float, float | None]]:
+  """Head k's (1-based) metric over the steps evaluated in every seed: (step, mean, sd,
+  modelled pipeline seconds there, or None where a run did not log them)."""
+  by_seed = [dict(c) for c in row["curves"].values()]
+  steps = sorted(set.intersection(*(set(c) for c in by_seed))) if by_seed else []
+  out = []
+  for step in steps:
+    values = [c[step][k - 1] for c in by_seed if c[step][k - 1] is not None]
+    if not values:
+      continue
+    times = [t.get(step) for t in row["times"].values()]
+    time = statistics.fmean(times) if times and None not in times else None
+    out.append((step, *_mean_sd(values), time))
+  return out
+
+
+def time_to_reach(row: dict, target: float) -> float | None:
+  """The modelled pipeline seconds at which the output head's mean first reached `target`
+  (at least it for accuracy, at most for perplexity); None when never, or without times."""
+  if math.isnan(target):
+    return None
+  sign = 1.0 if row["kind"] == "accuracy" else -1.0
+  for _, mean, _, time in mean_curve(row, row["stages"]):
+    if sign * (mean - target) >= -1e-12 * max(1.0, abs(target)):
+      return time
+  return None
+
+
 def aggregate(runs, out: str, microbatches: int) -> list[dict]:
   """One dict per (experiment, split, variant) with per-head means and sds over seeds.
 
@@ -69,7 +127,9 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
     Rows in run order, each with experiment, split, variant, strategy, combine, kind, stages,
     seeds (the list of them), head{k} (mean, sd) and per_seed lists, output (mean, sd), gap,
     steps_per_sec, modelled, modelled_vs_global, curves ({seed: [(step, [value of each
-    head])]}).
+    head])]}), times ({seed: {step: pipeline/seconds}}, empty for runs without them),
+    pipeline (`pipeline_model` of its first seed, or None), speedup_retained,
+    time_to_global and time_to_local (None where not reached or not modelled).
   """
   groups: dict[tuple, list] = {}
   for run in runs:
@@ -83,6 +143,7 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
     kind = results.metric_kind(finals[0])
     rates = [results.throughput(rows) for _, rows in members]
     model = modelled_time(run0.strategy, run0.combine, K, microbatches)
+    pipeline = pipeline_model(os.path.join(out, run0.name), run0.strategy, run0.combine)
     for split in results.SPLITS:
       if not any(f"{split}/head1/{kind}" in f for f in finals):
         continue
@@ -99,7 +160,9 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
         "steps": max((rows[-1]["step"] for _, rows in members if rows), default=0),
         "steps_per_sec": _mean_sd(rates),
         "modelled": model,
+        "pipeline": pipeline,
         "curves": {},
+        "times": {},
       }
       for k in range(1, K + 1):
         values = [f.get(f"{split}/head{k}/{kind}", math.nan) for f in finals]
@@ -113,6 +176,9 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
           for r in rows
           if key in r
         ]
+        row["times"][run.seed] = {
+          r["step"]: r[pipeline_time.METRIC] for r in rows if pipeline_time.METRIC in r
+        }
       table.append(row)
   for row in table:
     same = [r for r in table if (r["experiment"], r["split"]) == (row["experiment"], row["split"])]
@@ -124,6 +190,11 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
     gap = (row["output"][0] - local["output"][0]) / denom if ok else math.nan
     row["gap"] = gap + 0.0  # Local's own gap is 0, not -0.
     row["modelled_vs_global"] = row["modelled"] / glob["modelled"] if glob else math.nan
+    t = lambda r: r["pipeline"]["seconds_per_step"] if r and r["pipeline"] else math.nan
+    span = t(glob) - t(local)
+    row["speedup_retained"] = (t(glob) - t(row)) / span if span else math.nan
+    row["time_to_global"] = time_to_reach(row, glob["output"][0]) if glob else None
+    row["time_to_local"] = time_to_reach(row, local["output"][0]) if local else None
   return table
 
 
@@ -142,11 +213,21 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
       "",
     ]
     heads = [f"head {k}" + (" (output)" if k == K else "") for k in range(1, K + 1)]
+    timed = any(r["pipeline"] for r in rows)
+    extra = [
+      "schedule",
+      "ms/step (measured costs)",
+      "speed-up retained",
+      "T to global's output (s)",
+      "T to local's output (s)",
+      "in flight MB per stage",
+    ]
     lines.append(
       f"| strategy | seeds | {' | '.join(heads)} | gap recovered | steps/s "
       f"| modelled time/step (K={K}, M={microbatches}) | vs global |"
+      + ("".join(f" {c} |" for c in extra) if timed else "")
     )
-    lines.append("|---" * (len(heads) + 6) + "|")
+    lines.append("|---" * (len(heads) + 6 + (len(extra) if timed else 0)) + "|")
     for r in rows:
       cells = [_fmt(*r[f"head{k}"], kind) for k in range(1, K + 1)]
       sps = r["steps_per_sec"]
@@ -157,6 +238,7 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
         f"| {r['variant']} | {len(r['seeds'])} | {' | '.join(cells)} | "
         f"{gap} | {_fmt(*sps, 'steps/s')} | "
         f"{r['modelled']:.2f} | {vs} |"
+        + ("".join(f" {c} |" for c in _timed_cells(r)) if timed else "")
       )
     lines.append("")
   R = schedule.RELATIVE
@@ -177,9 +259,41 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
     "microbatches, continuous, 1F1B; a model of the schedule, not a measurement of these runs.",
     "- A strategy shown without a combine rule trains the same under both rules.",
   ]
+  if any(r["pipeline"] for r in table):
+    lines += [
+      "- schedule … in flight: each run's own modelled pipeline (`ilbp.pipeline_time`, "
+      "pipeline_costs.json in its workdir): op costs of its model measured on this host, each "
+      "program timed alone, K devices, M = its config's pipeline_time.microbatches, the "
+      "schedule named (the fastest that applies to the strategy, under `scripts.reproduce`; "
+      "global's is the strongest global baseline). ms/step is its prediction; pipeline/seconds "
+      "(the x-axis of the curves) is that times the steps.",
+      "- Speed-up retained = (t_global − t_s) / (t_global − t_local) on those ms/step: 1 = as "
+      "fast as local, 0 = as slow as global (furthest rule).",
+      "- T to global's / local's output: the modelled pipeline seconds at which the mean over "
+      "seeds of the output head first reached the final mean of global (furthest) / local, at "
+      "the steps evaluated in every seed; — = not reached.",
+      "- In flight: the residual bytes each stage holds at the schedule's peak (microbatches in "
+      "flight × one microbatch's VJP residuals), stage 1 first.",
+    ]
   if missing:
     lines.append(f"- Not finished (left out above): {', '.join(missing)}.")
   return "\n".join(lines) + "\n"
+
+
+def _timed_cells(r: dict) -> list[str]:
+  """The table cells of a row's own modelled pipeline (— where it has none)."""
+  p = r["pipeline"]
+  if not p:
+    return ["—"] * 6
+  fmt = lambda v: "—" if v is None or math.isnan(v) else f"{v:.2f}"
+  return [
+    p["schedule"],
+    f"{1e3 * p['seconds_per_step']:.2f}",
+    fmt(r["speedup_retained"]),
+    fmt(r["time_to_global"]),
+    fmt(r["time_to_local"]),
+    "/".join(f"{b / 1e6:.2f}" for b in p["inflight_bytes"]),
+  ]
 
 
 def write_csv(table: list[dict], path: str) -> None:
@@ -188,6 +302,8 @@ def write_csv(table: list[dict], path: str) -> None:
   fields += [f"head{k}_{s}" for k in range(1, K + 1) for s in ("mean", "sd")]
   fields += ["output_mean", "output_sd", "gap_recovered", "steps_per_sec_mean"]
   fields += ["steps_per_sec_sd", "modelled_time_per_step", "modelled_vs_global"]
+  fields += ["schedule", "pipeline_seconds_per_step", "speedup_retained", "time_to_global"]
+  fields += ["time_to_local", "inflight_bytes_per_stage"]
   with open(path, "w", newline="") as f:
     w = csv.DictWriter(f, fields)
     w.writeheader()
@@ -200,6 +316,11 @@ def write_csv(table: list[dict], path: str) -> None:
       row["steps_per_sec_mean"], row["steps_per_sec_sd"] = r["steps_per_sec"]
       row |= {"gap_recovered": r["gap"], "modelled_time_per_step": r["modelled"]}
       row["modelled_vs_global"] = r["modelled_vs_global"]
+      p = r["pipeline"]
+      if p:
+        row |= {"schedule": p["schedule"], "pipeline_seconds_per_step": p["seconds_per_step"]}
+        row["inflight_bytes_per_stage"] = "/".join(str(b) for b in p["inflight_bytes"])
+      row |= {key: r[key] for key in ("speedup_retained", "time_to_global", "time_to_local")}
       w.writerow(row)
 
 
@@ -224,7 +345,8 @@ def _axis_label(kind: str, split: str) -> str:
 
 
 def plot_curves(rows: list[dict], path: str) -> None:
-  """Each head's metric vs step, one line per strategy: mean over seeds, band ±1 sd."""
+  """Each head's metric vs modelled pipeline time (vs step when a run has no pipeline/seconds),
+  one line per strategy: mean over seeds, band ±1 sd."""
   curves_figure(rows).savefig(path, format="png")
 
 
@@ -237,18 +359,17 @@ def curves_figure(rows: list[dict]):
   scale = 100.0 if kind == "accuracy" else 1.0
   fig = Figure(figsize=(4.2 * K, 4.2), dpi=110)
   axes = fig.subplots(1, K, squeeze=False)[0]
+  # Time on the x-axis when every point of every curve has it (evaluated in every seed).
+  timed = all(t is not None for r in rows for k in range(K) for *_, t in mean_curve(r, k + 1))
   for i, r in enumerate(rows):
     colour = f"C{i % 10}"
-    by_seed = [dict(c) for c in r["curves"].values()]
-    steps = sorted(set.intersection(*(set(c) for c in by_seed)))  # Evaluated in every seed.
     for k, ax in enumerate(axes):
-      per_step = [[c[step][k] for c in by_seed if c[step][k] is not None] for step in steps]
-      points = [(step, *_mean_sd(vals)) for step, vals in zip(steps, per_step) if vals]
+      points = mean_curve(r, k + 1)
       if not points:
         continue
-      xs = [step for step, _, _ in points]
-      mean = [scale * m for _, m, _ in points]
-      sd = [scale * (0.0 if math.isnan(s) else s) for _, _, s in points]
+      xs = [time if timed else step for step, _, _, time in points]
+      mean = [scale * m for _, m, _, _ in points]
+      sd = [scale * (0.0 if math.isnan(s) else s) for _, _, s, _ in points]
       ax.plot(xs, mean, color=colour, marker="o", markersize=3, label=r["variant"])
       ax.fill_between(
         xs,
@@ -258,10 +379,15 @@ def curves_figure(rows: list[dict]):
         alpha=0.18,
         linewidth=0,
       )
+  pipelines = [r["pipeline"] for r in rows if r["pipeline"]]
+  m = pipelines[0]["microbatches"] if pipelines else "?"
   for k, ax in enumerate(axes):
     ax.set_title(f"head {k + 1}" + (" (output)" if k + 1 == K else ""))
-    ax.set_xlabel("training step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Steps are whole: no 2.5 ticks.
+    if timed:
+      ax.set_xlabel(f"modelled pipeline time (s; K={K} devices, M={m})")
+    else:
+      ax.set_xlabel("training step")
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Steps are whole: no 2.5 ticks.
     ax.set_ylabel(_axis_label(kind, split))
     ax.grid(alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
@@ -269,7 +395,8 @@ def curves_figure(rows: list[dict]):
   seeds = max(len(r["seeds"]) for r in rows)
   better = "higher" if kind == "accuracy" else "lower"
   fig.suptitle(
-    f"{rows[0]['experiment']}: {_axis_label(kind, split)} per head vs step ({better} is better; "
+    f"{rows[0]['experiment']}: {_axis_label(kind, split)} per head vs "
+    f"{'modelled time' if timed else 'step'} ({better} is better; "
     f"line: mean over {seeds} seed(s), band: ±1 sd)"
   )
   fig.tight_layout(rect=(0, 0.1, 1, 1))  # Room for the legend below.

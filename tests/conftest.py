@@ -178,6 +178,17 @@ def crash_after(num_batches: int):
   return real
 
 
+def with_overrides(config, **overrides):
+  """`config` with dotted fields set: with_overrides(c, **{"execution.microbatches": 2})."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
 def checkpoint_params(workdir: str, step: int | None = None) -> list:
   """Every stage's params in the checkpoint of `step` (default: the newest) of `workdir`."""
   from ilbp.checkpoint import Checkpointer

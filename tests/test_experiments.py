@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from clu import metric_writers
-from conftest import Preempted, build_with_batches, checkpoint_params, preempt_at
+from conftest import Preempted, build_with_batches, checkpoint_params, preempt_at, with_overrides
 
 from experiments.configs import (
   common,
@@ -46,13 +46,7 @@ def _metrics(workdir):
 
 def _tiny(module, arg, **overrides):
   config = module.get_config(arg + ",runlocal=1")
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return with_overrides(config, **overrides)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

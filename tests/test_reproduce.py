@@ -18,6 +18,9 @@ import time
 import pytest
 
 from experiments import suites
+from ilbp import pipeline_time
+from ilbp.execution import schedule
+from ilbp.strategy import strategy as parse_strategy
 from scripts import gradient_alignment, reproduce, reproduce_report
 
 QUICK_ROWS = [
@@ -67,16 +70,27 @@ def test_smoke_suite_writes_table_csv_and_every_plot(smoke_dir):
     rows = _table_rows(text, section)
     assert list(rows) == QUICK_ROWS
     for name, cells in rows.items():
-      # seeds, 4 heads, gap recovered, steps/s, modelled time, vs global: all numbers.
+      # seeds, 4 heads, gap recovered, steps/s, modelled time, vs global: all numbers; then
+      # the schedule, measured-cost ms/step and speed-up retained, and 4 stages' MB in flight.
       assert cells[0] == "1"
-      for value in cells[1:5] + cells[6:]:
+      for value in cells[1:5] + cells[6:9] + cells[10:12]:
         float(value)
       assert cells[4] != "—", name
-    assert float(rows["local"][-1]) < 1.0 == float(rows["global (furthest)"][-1])
+      assert cells[9] in schedule.SCHEDULES and len(cells[14].split("/")) == 4
+    assert float(rows["local"][8]) < 1.0 == float(rows["global (furthest)"][8])
+    assert rows["local"][11] == "1.00" and rows["global (furthest)"][11] == "0.00"
+  # One measurement per experiment, before training; every run read it and logged the time.
+  assert stdout.count("plan for ") == 2 and "--budget=steps" in stdout
+  for run in suites.suite_runs(suites.SUITES["quick"], smoke=True):
+    log = (out / run.name / reproduce.LOG_FILE).read_text()
+    assert "op costs from pipeline_costs.json" in log, run.name
+    metrics = [json.loads(x) for x in (out / run.name / "metrics.jsonl").read_text().splitlines()]
+    assert all("pipeline/seconds" in r for r in metrics if "train/head1/loss" in r), run.name
   # Perplexities of different strategies differ even after 4 steps: the gap is defined.
   stdlib = _table_rows(text, "stdlib: test perplexity")
   assert stdlib["local"][5] == "0.00" and stdlib["global (furthest)"][5] == "1.00"
   assert "relative-cost model" in text and "not a measurement" in text
+  assert "Speed-up retained" in text
   with open(out / "results.csv") as f:
     results = list(csv.DictReader(f))
   assert len(results) == 14 and {r["split"] for r in results} == {"eval"}
@@ -116,6 +130,37 @@ def test_interrupted_run_resumes_from_its_checkpoint(smoke_dir):
   log = (workdir / reproduce.LOG_FILE).read_text()
   assert "at step 3." in log.split("$ python")[-1]  # "Resumed from …/checkpoints at step 3."
   assert (workdir / reproduce.DONE_FILE).exists() and (workdir / "checkpoints" / "6").exists()
+
+
+def test_time_budget_trains_the_planned_steps_from_the_suites_costs(smoke_dir, tmp_path):
+  out, _, _ = smoke_dir
+  # The smoke suite's measured costs (and compiled programs): nothing is measured again.
+  shutil.copytree(out / reproduce.COSTS_DIR, tmp_path / reproduce.COSTS_DIR)
+  args = ["--suite=quick", "--smoke", f"--out={tmp_path}", f"--compilation_cache={out}/jax_cache"]
+  stdout = _reproduce(*args, "--only=digits-local-s0", "--budget=time")
+  assert "plan for digits (--budget=time" in stdout and "[1/1] digits-local-s0: training" in stdout
+  costs = pipeline_time.read(tmp_path / reproduce.COSTS_DIR / "digits")
+  assert costs == pipeline_time.read(out / reproduce.COSTS_DIR / "digits")
+  parts = reproduce.plan(pipeline_time.costs_from_json(costs["costs"]), 4, 8, 6, "time")
+  local, glob = parts["local", "furthest"], parts["global", "furthest"]
+  assert local.steps > 6 == glob.steps  # runlocal digits: 6 steps.
+  planned = json.loads((tmp_path / reproduce.PLAN_FILE).read_text())
+  expected = ["pipeline_time.schedule=1f1b", f"total_steps={local.steps}"]
+  assert planned["runs"]["digits-local-s0"] == expected
+  workdir = tmp_path / "digits-local-s0"
+  assert "op costs from pipeline_costs.json" in (workdir / reproduce.LOG_FILE).read_text()
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = rows[-1]
+  assert last["step"] == local.steps
+  assert last["pipeline/seconds"] == local.steps * local.seconds_per_step
+  assert last["pipeline/seconds"] <= 6 * glob.seconds_per_step
+  # The DIR keeps its budget.
+  refused = subprocess.run(
+    [sys.executable, "-m", "scripts.reproduce", *args, "--budget=steps"],
+    capture_output=True,
+    text=True,
+  )
+  assert refused.returncode != 0 and "Use another --out" in refused.stderr
 
 
 def test_gradient_alignment_of_a_smoke_run(smoke_dir):
@@ -260,3 +305,105 @@ def test_summary_names_the_selected_runs_and_their_time():
   assert "42 runs" in quick.wall and "14 runs" in quick.smoke_wall
   line = reproduce.summary(quick, smoke[:3], len(smoke), smoke=True)
   assert line.startswith("suite quick (smoke): 3 of 14 runs; ") and quick.smoke_wall in line
+
+
+# Op costs of 4 equal stages (seconds): global's merged backward and local's weight-only one
+# make local the fastest per step, global (sum) the slowest.
+_STAGE = schedule.StageCost(1e-3, 2e-5, 1.4e-3, 2.2e-3, 5e-4, 2.3e-3)
+COSTS = schedule.MeasuredCosts(
+  stages=(_STAGE,) * 4,
+  link=schedule.Link(1e-4, 1e9),
+  boundary_bytes=(4096,) * 3,
+  residual_bytes=(10_000,) * 4,
+  rows=8,
+  source="test",
+)
+
+
+def test_time_budget_gives_faster_strategies_proportionally_more_steps():
+  by_steps = reproduce.plan(COSTS, 4, 8, 150, "steps")
+  by_time = reproduce.plan(COSTS, 4, 8, 150, "time")
+  assert list(by_time) == [(s, c) for s, c, _ in suites.variants(4)]
+  assert {p.steps for p in by_steps.values()} == {150}
+  glob = by_time["global", "furthest"]
+  assert glob.steps == 150 and glob.label == "global (furthest)"
+  total = 150 * glob.seconds_per_step
+  for p in by_time.values():
+    # Rounded down: never more modelled time than global's, and less than one step short.
+    assert p.steps == math.floor(total / p.seconds_per_step + 1e-6)
+    assert p.steps * p.seconds_per_step <= total * (1 + 1e-9)
+    assert p.seconds_per_step == by_steps[p.strategy, p.combine].seconds_per_step
+    # Each strategy's schedule is the fastest that applies to it.
+    strategy = parse_strategy(p.strategy, p.combine)
+    for name in schedule.SCHEDULES:
+      if schedule.applies(name, strategy, 4):
+        t = schedule.predict_step(COSTS, strategy, 8, name)["seconds_per_step"]
+        assert p.seconds_per_step <= t
+  assert by_time["local", "furthest"].steps > 150 > by_time["global", "sum"].steps
+  assert by_time["local", "furthest"].label == "local"
+  assert "global (furthest)    " in reproduce.render_plan("x", by_time, "time", 4, 8, "test")
+  with pytest.raises(ValueError, match="budget must be 'steps' or 'time'"):
+    reproduce.plan(COSTS, 4, 8, 150, "wall")
+
+
+def test_a_suite_dir_keeps_its_budget(tmp_path):
+  assert reproduce.check_budget(str(tmp_path), "time") == {}
+  (tmp_path / reproduce.PLAN_FILE).write_text(json.dumps({"budget": "steps", "runs": {"a": []}}))
+  assert reproduce.check_budget(str(tmp_path), "steps") == {"a": []}
+  with pytest.raises(ValueError, match=r"--budget=steps; .* Use another --out"):
+    reproduce.check_budget(str(tmp_path), "time")
+
+
+def test_report_puts_time_on_the_x_axis(tmp_path):
+  # Accuracy, K = 4, one seed; evaluated at steps 10, 20 and 40, rising linearly to the final.
+  runs = suites.suite_runs(suites.SUITES["quick"], seeds=[0])
+  output = {"local": 0.3, "global (furthest)": 0.9, "pairwise (sum)": 0.6}
+  chosen = [r for r in runs if r.experiment.label == "digits" and r.variant in output]
+  parts = reproduce.plan(COSTS, 4, 8, 40, "steps")
+  for r in chosen:
+    finals = {f"eval/head{k}/accuracy": output[r.variant] for k in (1, 2, 3, 4)}
+    _fake_run(tmp_path, r, finals, steps=(10, 20, 40))
+    planned = parts[r.strategy, r.combine]
+    reproduce.seed_costs(str(tmp_path / r.name), {"version": 1, **_cache_of(COSTS)})
+    seg = {"step": 0, "seconds_per_step": planned.seconds_per_step, "schedule": planned.schedule}
+    cache = pipeline_time.read(tmp_path / r.name)
+    cache["segments"] = [seg | {"microbatches": 8, "continuous": True}]
+    pipeline_time.write(tmp_path / r.name, cache)
+    path = tmp_path / r.name / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for row in rows:
+      row["pipeline/seconds"] = row["step"] * planned.seconds_per_step
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+  table = reproduce_report.aggregate(chosen, str(tmp_path), microbatches=8)
+  by = {r["variant"]: r for r in table}
+  t = {r.variant: parts[r.strategy, r.combine].seconds_per_step for r in chosen}
+  assert by["global (furthest)"]["pipeline"]["schedule"] == parts["global", "furthest"].schedule
+  assert by["local"]["speedup_retained"] == 1.0 and by["global (furthest)"]["speedup_retained"] == 0
+  expected = (t["global (furthest)"] - t["pairwise (sum)"]) / (t["global (furthest)"] - t["local"])
+  assert by["pairwise (sum)"]["speedup_retained"] == pytest.approx(expected)
+  # Global reaches its own final 90 % at step 40, local's 30 % at step 20 (45 %; 22.5 % at 10);
+  # pairwise reaches 30 % at step 20; local never reaches 90 %.
+  assert by["global (furthest)"]["time_to_global"] == pytest.approx(40 * t["global (furthest)"])
+  assert by["global (furthest)"]["time_to_local"] == pytest.approx(20 * t["global (furthest)"])
+  assert by["pairwise (sum)"]["time_to_local"] == pytest.approx(20 * t["pairwise (sum)"])
+  assert by["local"]["time_to_global"] is None
+  assert by["local"]["time_to_local"] == pytest.approx(40 * t["local"])
+  inflight = by["global (furthest)"]["pipeline"]["inflight_bytes"]
+  assert inflight == [n * 10_000 for n in (4, 3, 2, 1)]  # 1F1B's warm-up, 10 kB a microbatch.
+  for ax in reproduce_report.curves_figure(list(by.values())).axes:
+    assert ax.get_xlabel().startswith("modelled pipeline time (s; K=4 devices, M=8)")
+    assert max(x for line in ax.get_lines() for x in line.get_xdata()) == pytest.approx(
+      40 * max(t.values())
+    )
+  text = reproduce_report.markdown(table, "t", [], 8)
+  assert f"| {parts['global', 'furthest'].schedule} |" in text and "Speed-up retained" in text
+  assert "| 0.04/0.03/0.02/0.01 |" in text
+  reproduce_report.write_csv(table, tmp_path / "results.csv")
+  with open(tmp_path / "results.csv") as f:
+    csv_rows = {r["strategy"]: r for r in csv.DictReader(f)}
+  assert csv_rows["local"]["speedup_retained"] == "1.0"
+  assert csv_rows["global"]["inflight_bytes_per_stage"] == "40000/30000/20000/10000"
+
+
+def _cache_of(costs) -> dict:
+  return {"key": {}, "costs": pipeline_time.costs_to_json(costs)}

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import Preempted, build_with_batches, preempt_at
+from conftest import Preempted, build_with_batches, preempt_at, with_overrides
 
 from experiments.configs import resnet_digits
 from ilbp import families, rundir, trainer
@@ -21,13 +21,7 @@ CONFIG = "experiments/configs/resnet_digits.py:strategy=pairwise,stages=2,runloc
 
 def _tiny(**overrides):
   config = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return with_overrides(config, **overrides)
 
 
 def _binary(*args):

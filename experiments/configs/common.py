@@ -102,6 +102,19 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # spmd: split the Transformer's token table by rows over the stages (each holds 1/K of it
   # and its optimizer moments) instead of padding every stage's state to stage 1's size.
   c.execution.vocab_parallel = True
+
+  # The modelled pipeline time (`ilbp.pipeline_time`): per-stage op costs measured once at the
+  # start (cached in the workdir: a resume reuses them) and pipeline/seconds, the modelled time
+  # of the steps so far on K devices, logged next to each step. K = 1 measures nothing. Off
+  # under runlocal (tests and smoke runs): measuring compiles ~6 more programs per stage, about
+  # 10 s on a 2-core CPU (`scripts.reproduce` turns it on for its smoke runs).
+  c.pipeline_time = ml_collections.ConfigDict()
+  c.pipeline_time.measure = not args.get("runlocal", False)  # False: no pipeline/seconds.
+  # M of the modelled pipeline; None = execution.microbatches.
+  c.pipeline_time.microbatches = ml_collections.config_dict.placeholder(int)
+  # Its schedule ("gpipe", "1f1b", "zb"); None = execution.schedule.
+  c.pipeline_time.schedule = ml_collections.config_dict.placeholder(str)
+  c.pipeline_time.repeats = 3  # Timed calls per op (their median).
   return c
 
 

@@ -284,7 +284,7 @@ class DataflowExecutor(TrainStateIsLive):
     return _Carry(model_state=stage.model_state, grads=dict(zeros), metrics=[])
 
   def measure(
-    self, st: TrainState, batch: PlacedBatch, repeats: int = 10
+    self, st: TrainState, batch: PlacedBatch, repeats: int = 10, slowdown: bool = True
   ) -> schedule_lib.MeasuredCosts:
     """Times every op kind of every stage alone, for the cost model (`schedule.predict_step`).
 
@@ -292,8 +292,9 @@ class DataflowExecutor(TrainStateIsLive):
     after one warm-up call; the medians: forward, head (or task loss, with the strategy's
     cotangent), input-gradient-only, weight-gradient-only and both-halves VJP calls, the
     update. The boundary: a scalar's `device_put` to the next stage (the latency) and the
-    activation's (latency + bytes / bandwidth). The shared-core slowdown: `measure_slowdown`.
-    Costs hold for this executor's microbatch size.
+    activation's (latency + bytes / bandwidth). The shared-core slowdown: `measure_slowdown`,
+    or 1 with `slowdown=False` (stages that share one device: timed together they would only
+    queue). Costs hold for this executor's microbatch size.
 
     Returns:
       MeasuredCosts, in seconds.
@@ -324,7 +325,7 @@ class DataflowExecutor(TrainStateIsLive):
       link=schedule_lib.Link(latency, statistics.median(rates) if rates else float("inf")),
       boundary_bytes=tuple(sizes),
       residual_bytes=residuals,
-      slowdown=self.measure_slowdown(st, batch, repeats),
+      slowdown=self.measure_slowdown(st, batch, repeats) if slowdown else 1.0,
       rows=rows,
       source=f"{self.K} x {device.device_kind} ({device.platform}), {rows} rows per microbatch",
     )
