@@ -1,6 +1,8 @@
 """The suites `scripts.reproduce` trains: which experiments, strategy variants and seeds.
 
 `quick`: the offline stdlib Transformer and digits ResNet, K = 4, 3 seeds, on a 2-core CPU.
+`frontier`: the stdlib Transformer alone at its config's 400 steps, evaluated every 50, for
+equal-time comparisons (`--budget=time`, docs/frontier.md).
 `cifar10` and `cifar100`: the authors' recipe, 3 seeds. `imagenet` and `lm1b`: 1 seed, at
 accelerator scale. Every suite trains local, pairwise, 3wise and global under both combine rules
 wherever the two rules give a different backward plan (`ilbp.interlock.backward_plan`; local is
@@ -165,6 +167,28 @@ SUITES = {
       "run; digits 300 steps: 17-27 s)",
       smoke_wall="2-3 min for its 14 runs at --jobs=2, measured in the test suite (runlocal "
       "configs, a few steps each: mostly start-up and compiling)",
+    ),
+    Suite(
+      "frontier",
+      "this 2-core CPU box, offline; meant for --budget=time (docs/frontier.md)",
+      (
+        Experiment(
+          "stdlib",
+          "experiments.transformer",
+          _STDLIB,
+          4,
+          overrides=(
+            # The config's 400 steps and warm-up 40; evaluated often enough to draw curves.
+            "eval_every_steps=50",
+            "checkpoint_every_steps=100",
+            "log_every_steps=25",
+            "dataset.cache_dir={out}/data_cache",
+          ),
+          smoke_overrides=("dataset.cache_dir={out}/data_cache",),
+        ),
+      ),
+      (0, 1, 2),
+      wall="WALL",
     ),
     *(
       Suite(
