@@ -182,7 +182,7 @@ def test_dataflow_resume_equals_uninterrupted_and_resumes_under_fused(tmp_path):
     ({"execution.kind": "dataflow"}, "JAX_NUM_CPU_DEVICES=3"),
     ({"execution.gradients": "autodiff"}, "engine, spec"),
     ({"execution.schedule": "zero_bubble"}, "valid: gpipe, 1f1b, zb"),
-    ({"execution.kind": "spmd", "execution.schedule": "zb"}, "1F1B only: set schedule='1f1b'"),
+    ({"execution.kind": "dataflow", "execution.remat": True}, "remat=True is for kind='spmd'"),
     ({"execution.kind": "dataflow", "execution.gradients": "spec"}, "only with"),
     ({"execution.data_parallel": 5}, "devices are visible"),
   ],

@@ -21,7 +21,7 @@ from ilbp.execution import schedule
 from ilbp.execution.spmd import ticks
 
 CASES = [
-  (name, combine, K, continuous)
+  (name, combine, K, continuous, pipeline, remat)
   for name, combine in [
     ("local", "furthest"),
     ("pairwise", "furthest"),
@@ -32,20 +32,27 @@ CASES = [
   ]
   for K in (2, 4)
   for continuous in (True, False)
+  for pipeline, remat in (("1f1b", True), ("1f1b", False), ("gpipe", False), ("zb", False))
+  # Stored residuals and the other schedules: at K = 4, continuous (global flushes anyway).
+  if (pipeline, remat) == ("1f1b", True) or (K == 4 and continuous)
+  if schedule.applies(pipeline, name, K)
 ]
 
 
-@pytest.mark.parametrize("name, combine, K, continuous", CASES)
-def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous):
-  sched = schedule.build(ilbp.strategy(name, combine), K, 4, continuous)
+@pytest.mark.parametrize("name, combine, K, continuous, pipeline, remat", CASES)
+def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous, pipeline, remat):
+  # zb splits the last two microbatches' merged ops (the others run merged).
+  split = [2] * K if pipeline == "zb" else None
+  sched = schedule.build(ilbp.strategy(name, combine), K, 4, continuous, schedule=pipeline,
+                         split=split)  # fmt: skip
   steps = 2
-  table = ticks.build(sched, steps)
+  table = ticks.build(sched, steps, remat=remat)
   tick_of = {}
   for (t, k), g in table.groups.items():
     assert g.stage == k
     ops = [schedule.Forward(k, g.microbatch, g.step), schedule.Loss(k, g.microbatch, g.step)]
     ops = ops if g.forward else []
-    ops += [schedule.Backward(k, g.microbatch, g.step, sched.plan[k][i]) for i in g.backward]
+    ops += [schedule.Backward(k, g.microbatch, g.step, b) for b in g.backward]
     ops += [schedule.Update(k, None, g.step)] if g.update else []
     for op in ops:
       assert op not in tick_of, op
@@ -80,7 +87,26 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
     for slot in range(table.x_slots):
       held = sorted(v for key, v in spans.items() if key[:2] == (k, slot))
       assert all(a[1] < b[0] for a, b in itertools.pairwise(held)), (k, slot, held)
-  assert table.x_slots <= max(sched.caps) + 1 < 4 * steps
+  assert table.x_slots <= max(sched.caps) + 1
+  # Stored residuals (no remat): every B op in a group of its own reads the slot its forward
+  # wrote, and no slot holds two live microbatches; under remat nothing is stored.
+  spans = {}
+  for (t, k), g in table.groups.items():
+    if g.forward and int(f["res_store"][t, k]) < table.res_slots:
+      spans[k, int(f["res_store"][t, k]), g.step, g.microbatch] = [t, t]
+  for (t, k), g in table.groups.items():
+    if not g.forward:
+      if remat:
+        assert int(f["res_slot"][t, k]) == table.res_slots == 0
+        continue
+      key = (k, int(f["res_slot"][t, k]), g.step, g.microbatch)
+      assert key in spans and spans[key][0] < t, (key, t)
+      spans[key][1] = max(spans[key][1], t)
+  for k in range(K):
+    for slot in range(table.res_slots):
+      held = sorted(v for key, v in spans.items() if key[:2] == (k, slot))
+      assert all(a[1] < b[0] for a, b in itertools.pairwise(held)), (k, slot, held)
+  assert table.res_slots <= max(sched.caps)
 
 
 def test_flat_layout_packs_adds_and_writes_subtrees():
@@ -204,12 +230,14 @@ COMMON = textwrap.dedent(
   tx, sched = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10,
                                    weight_decay=1e-4)
 
-  def check(model, task, batch, spec, name, combine="furthest", M=4, D=1, S=1, evaluate=False):
+  def check(model, task, batch, spec, name, combine="furthest", M=4, D=1, S=1, evaluate=False,
+            pipeline="1f1b", remat=False):
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
     # The reference splits each microbatch over the same D devices (the same reductions).
     fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
-    ex = SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S)
+    ex = SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S,
+                      pipeline=pipeline, remat=remat)
     rng = jax.random.PRNGKey(1)
     a, b = fused.init_state(rng), ex.init_state(rng)
     # Stage k's packed row lives on stage k's D devices only; so does its unpacked state.
@@ -234,7 +262,7 @@ COMMON = textwrap.dedent(
     assert_trained_alike(a, bt, ma, mb)
     if evaluate:  # Compiles K + 1 more programs: once is enough.
       assert_evaluated_alike(*jax.device_get((fused.eval_step(a, batch), ex.eval_step(b, batch))))
-    print("EXACT", model.num_stages, name, combine, M, D, S, flush=True)
+    print("EXACT", model.num_stages, name, combine, M, D, S, pipeline, remat, flush=True)
 
   images, image_spec, rng = image_problem()
   """
@@ -243,13 +271,16 @@ COMMON = textwrap.dedent(
 COVERING = textwrap.dedent(
   """
   # K = 4 on the conv + BatchNorm model: every reach and both combine rules between them;
-  # 3 steps per call for local and 3wise, so stages run into the next step without a flush.
+  # 3 steps per call for local and 3wise, so stages run into the next step without a flush;
+  # every pipeline schedule (zb splits 3wise's last microbatch), B ops reading the residuals
+  # their forward stored.
   model = conv_bn_model(4)
-  for name, combine, S in (("local", "furthest", 3), ("pairwise", "sum", 1),
-                           ("3wise", "furthest", 3)):
-    check(model, Classification(), images, image_spec, name, combine, S=S)
-  # K = 2, D = 2, 3 steps per call: the real ResNet family (conv heads with BatchNorm; at
-  # K = 2 pairwise is global: every stage but the last recomputes), computed in float64
+  for name, combine, S, pipeline in (("local", "furthest", 3, "1f1b"),
+                                     ("pairwise", "sum", 1, "gpipe"),
+                                     ("3wise", "furthest", 3, "zb")):
+    check(model, Classification(), images, image_spec, name, combine, S=S, pipeline=pipeline)
+  # K = 2, D = 2, 3 steps per call, remat: the real ResNet family (conv heads with BatchNorm;
+  # at K = 2 pairwise is global: every stage but the last recomputes), computed in float64
   # (parameters stay float32): in float32 a reduction order's last bits flip the ReLUs of
   # near-zero pre-activations, and through the conv heads that moves gradients by up to 1e-1
   # of a tensor within 3 steps, even between fused on 1 and on 2 devices ...
@@ -258,7 +289,7 @@ COVERING = textwrap.dedent(
                             head="conv", input_shape=(8, 8, 3), dtype=jnp.float64)
     wide = {"image": images["image"].astype(np.float64), "label": images["label"]}
     wide_spec = jax.ShapeDtypeStruct(image_spec.shape, jnp.float64)
-    check(net, Classification(), wide, wide_spec, "pairwise", "furthest", D=2, S=3)
+    check(net, Classification(), wide, wide_spec, "pairwise", "furthest", D=2, S=3, remat=True)
   # ... and the Transformer with dropout and token weights (K = 4, D = 2, 3 steps per call;
   # global with "sum": every head's loss reaches back to stage 1).
   lm = transformer.make_model(vocab_size=37, num_layers=4, num_stages=4, d_model=16,
@@ -327,7 +358,7 @@ def test_spmd_checkpoint_resumes_under_fused_and_back(tmp_path):
 
 MEMORY = textwrap.dedent(
   """
-  import os
+  import dataclasses, os
   import jax
   from experiments.configs import transformer_stdlib
   from ilbp import checkpoint, families, trainer
@@ -347,6 +378,20 @@ MEMORY = textwrap.dedent(
                       tx, lr, built.input_spec)
     plan = ex.memory(c.batch_size)
     print(kind, memory.describe(plan))
+    if kind == "spmd":  # Pairwise at K = 2 is global: stage 1's B op waits for stage 2.
+      stored = ex.padding(c.batch_size)
+      again = factory.make(dataclasses.replace(execution, remat=True), built.model, built.task,
+                           parse_strategy(c.strategy, c.combine), tx, lr, built.input_spec)
+      remat = again.padding(c.batch_size)
+      # Stored residuals: a slot per microbatch in flight (2) and the spare; remat: none.
+      assert stored["slots"]["residuals"] == 2 and stored["residual_bytes_per_stage"] > 0
+      assert remat["slots"]["residuals"] == 0 == remat["residual_bytes_per_stage"]
+      # Stage 2 stores none (its backward follows its forward) yet holds stage 1's buffers.
+      assert stored["residual_padding_bytes_per_stage"] == [0, stored["residual_bytes_per_stage"]]
+      held = [row.inflight_bytes for row in again.memory(c.batch_size)]
+      assert [row.inflight_bytes for row in plan] == [
+        h + stored["residual_bytes_per_stage"] for h in held
+      ]
     st = ex.init_state(jax.random.PRNGKey(0))
     batches = built.data.train_batches(0)
     st, _ = ex.train_step(st, ex.put_batch(next(batches)))

@@ -90,7 +90,7 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # the next step (exact, no staleness); False flushes every stage at every step.
   c.execution.continuous = True
   # Pipelines: "1f1b" (one forward, one backward), "gpipe" (all forwards, then all backwards)
-  # or "zb" (ZB-H1: weight-gradient VJPs deferred into the bubble; dataflow only).
+  # or "zb" (ZB-H1: weight-gradient VJPs deferred into the bubble).
   c.execution.schedule = "1f1b"
   # D: devices per stage for pipelines (K·D in all; None = 1); fused: None = every device.
   c.execution.data_parallel = ml_collections.config_dict.placeholder(int)
@@ -102,6 +102,9 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # spmd: split the Transformer's token table by rows over the stages (each holds 1/K of it
   # and its optimizer moments) instead of padding every stage's state to stage 1's size.
   c.execution.vocab_parallel = True
+  # spmd: a backward that waits for a cotangent from above re-runs its forward (True: holds
+  # only the stage input per in-flight microbatch) or reads the residuals the forward stored.
+  c.execution.remat = False
 
   # The modelled pipeline time (`ilbp.pipeline_time`): per-stage op costs measured once at the
   # start (cached in the workdir: a resume reuses them) and pipeline/seconds, the modelled time

@@ -119,10 +119,12 @@ class ExecutionConfig:
     continuous: pipelines: no global flush between steps.
     steps_per_call: spmd: optimizer steps per program call.
     gradients: "engine" or "spec" (fused only).
-    schedule: pipelines: "gpipe", "1f1b" or "zb" (`ilbp.execution.schedule`); spmd runs 1f1b
-      only; fused runs no pipeline and ignores it.
+    schedule: pipelines: "gpipe", "1f1b" or "zb" (`ilbp.execution.schedule`); fused runs no
+      pipeline and ignores it.
     vocab_parallel: spmd: split a model's token table by rows over the stages
       (`ilbp.execution.spmd.vocab`); the other executors hold it whole on stage 1.
+    remat: spmd: a B op that waits for a cotangent from above re-runs its forward instead of
+      reading the residuals the forward stored (less memory, one more forward per such op).
   """
 
   kind: str
@@ -134,6 +136,7 @@ class ExecutionConfig:
   gradients: str = "engine"
   schedule: str = "1f1b"
   vocab_parallel: bool = True
+  remat: bool = False
 
   @property
   def devices(self) -> list:
@@ -184,10 +187,14 @@ class ExecutionConfig:
       raise ValueError(
         f"Unknown config.execution.schedule={schedule!r}; valid: {', '.join(SCHEDULES)}."
       )
-    if schedule != "1f1b" and ex.kind == "spmd":
+    remat = ex.get("remat", False)
+    if not isinstance(remat, bool):
+      raise ValueError(f"config.execution.remat must be True or False, got {remat!r}.")
+    if remat and ex.kind != "spmd":
       raise ValueError(
-        f"config.execution.schedule={schedule!r} runs on kind='dataflow'; the spmd tick table "
-        "is 1F1B only: set schedule='1f1b' or kind='dataflow'."
+        f"config.execution.remat=True is for kind='spmd' (got {ex.kind!r}): the dataflow "
+        "executor keeps every in-flight microbatch's residuals, fused runs no pipeline; set "
+        "remat=False."
       )
     m = ex.microbatches
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
@@ -231,6 +238,7 @@ class ExecutionConfig:
       gradients=ex.gradients,
       schedule=schedule,
       vocab_parallel=bool(ex.get("vocab_parallel", True)),
+      remat=remat,
     )
 
 

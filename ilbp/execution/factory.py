@@ -62,6 +62,8 @@ def make(
       steps_per_call=execution.steps_per_call,
       devices=devices,
       vocab_parallel=execution.vocab_parallel,
+      pipeline=execution.schedule,
+      remat=execution.remat,
     )
   return DataflowExecutor(
     *args,

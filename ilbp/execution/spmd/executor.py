@@ -24,8 +24,11 @@ Transformer's embedding, heads, unembedding and extra blocks) in per-dtype flat 
 to the widest stage (`flat.FlatLayout`). The trainer and checkpoints see the same `TrainState`
 as every executor: `pack_state` / `unpack_state` convert, each stage on its own devices
 (`packing.py`).
-In-flight microbatches keep their stage *input* (in slots sized by the in-flight count); a B op that
-waits for a cotangent from above recomputes the forward under `jax.vjp` (its BatchNorm
+The pipeline schedule is any of `schedule.SCHEDULES` (gpipe, 1f1b, zb), laid out on ticks.
+In-flight microbatches keep their stage *input* and, by default, the VJP residuals of their
+forward (`residuals.py`; slots sized by the in-flight count), so a B op that waits for a
+cotangent from above runs the backward alone, as the dataflow executor does. With `remat` it
+recomputes the forward under `jax.vjp` instead (holding the input only; its BatchNorm
 statistics are discarded: running averages move only on the forward). `steps_per_call`
 optimizer steps run in one call, each stage applying its own update inside the scan; the
 pipeline is empty at the start and end of each call. Evaluation is one program too
@@ -105,6 +108,9 @@ class SpmdExecutor:
     devices: the devices to use (default all); stage k gets devices k·D .. k·D + D - 1.
     vocab_parallel: split stage 1's token table by rows over the K stages (`vocab.py`) when
       the model names one (`StagedModel.info["embedding"]`) and K > 1.
+    pipeline: the pipeline schedule, one of `schedule.SCHEDULES`.
+    remat: a B op that waits for a cotangent from above re-runs its forward (less memory:
+      only the stage input is held) instead of reading the residuals the forward stored.
 
   Attributes:
     input_shard: `(index, count)`, the share of each batch this process feeds
@@ -126,6 +132,8 @@ class SpmdExecutor:
     steps_per_call: int = 1,
     devices=None,
     vocab_parallel: bool = True,
+    pipeline: str = "1f1b",
+    remat: bool = False,
   ):
     self.task = task
     self.K, self.M, self.D = model.num_stages, microbatches, data_parallel
@@ -137,7 +145,10 @@ class SpmdExecutor:
     self.replicated = [placement.replicated(m) for m in self.meshes]
     self._compiler_options = _compiler_options(grid.flat[0].platform)
     self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
-    self.schedule = schedule_lib.build(strategy, self.K, microbatches, continuous)
+    self.schedule = schedule_lib.build(
+      strategy, self.K, microbatches, continuous, schedule=pipeline
+    )
+    self.remat = remat
     self.specs = model.input_specs(input_spec)
     abstract = abstract_stages(self.stages, self.specs)
     table = model.info.get("embedding")
@@ -159,7 +170,8 @@ class SpmdExecutor:
     self.description = (
       f"spmd: one program over a ('stage', 'data') mesh of {self.K} x {self.D} devices, "
       f"{microbatches} microbatch(es), {steps_per_call} step(s) per call, "
-      f"{'continuous' if continuous else 'flushed every step'}"
+      f"{'continuous' if continuous else 'flushed every step'}, {pipeline}, "
+      f"{'remat (B re-runs F)' if remat else 'residuals stored'}"
       + (
         f", token table split over the stages ({self.vocab.rows} of {self.vocab.vocab} rows each)"
         if self.vocab
@@ -213,15 +225,20 @@ class SpmdExecutor:
   def padding(self, batch_size: int, steps_per_call: int | None = None) -> dict:
     """What padding costs, in bytes per device: per stage, the flat state buffers' zeros
     (params, statistics, optimizer state, gradient sums; the stacked leaves, counted apart,
-    have none), a split table's zero rows, and the stored-input and cotangent slots' zeros;
-    per boundary, the message (padded to nothing: each boundary has its own size)."""
-    table = ticks.build(self.schedule, steps_per_call or self.steps_per_call)
+    have none), a split table's zero rows, and the stored-input, cotangent and residual
+    slots' zeros; per boundary, the message (padded to nothing: each boundary has its own
+    size)."""
+    table = self.table(steps_per_call or self.steps_per_call)
     spec, vocab = self.spec, self.vocab
     item = np.dtype(spec.act_dtype).itemsize
     rows = batch_size // (self.M * self.D)
     layouts = [*spec.layouts.values(), spec.layouts["params"]]  # + gradient sums
     slots = table.x_slots + table.cot_slots + 2  # + one spare each
     features, sizes = spec.features, spec.sizes
+    res = program.stored_residuals(spec, table, rows)
+    res_slots = table.res_slots + 1 if res.widths else 0
+    out = program.output_spec(spec, rows)
+    out_size, out_item = int(np.prod(out.shape[1:])), np.dtype(out.dtype).itemsize
     return {
       "state_bytes_per_stage": sum(lay.bytes() for lay in layouts)
       + (vocab.piece_bytes() if vocab else 0),
@@ -231,7 +248,11 @@ class SpmdExecutor:
         sum(lay.padding_bytes(k) for lay in layouts) + (vocab.padding_bytes(k) if vocab else 0)
         for k in range(self.K)
       ],
-      "slots": {"inputs": table.x_slots, "cotangents": table.cot_slots},
+      "slots": {
+        "inputs": table.x_slots,
+        "cotangents": table.cot_slots,
+        "residuals": table.res_slots,
+      },
       "slot_bytes_per_stage": slots * rows * features * item,
       "slot_padding_bytes_per_stage": [
         slots * rows * (features - (sizes[k] if k else features)) * item for k in range(self.K)
@@ -242,14 +263,24 @@ class SpmdExecutor:
       "lookup_bytes": 2 * rows * int(np.prod(self.specs[0].shape[1:])) * vocab.width * 4
       if vocab
       else 0,
+      # Without remat: the residual slots (and the spare), padded to the widest stage's.
+      "residual_bytes_per_stage": res_slots * res.slot_bytes(),
+      "residual_padding_bytes_per_stage": [
+        res_slots * (res.slot_bytes() - res.slot_bytes(k)) for k in range(self.K)
+      ],
+      # gpipe: the last stage's own loss's cotangent w.r.t. its logits, held per microbatch.
+      "output_cotangent_bytes": (table.cot_slots + 1) * rows * out_size * out_item
+      if program.keeps_own(spec)[-1]
+      else 0,
       "ticks_per_call": table.num_ticks,
     }
 
   def memory(self, batch_size: int) -> list[DeviceMemory]:
     """Per stage, what each of its devices holds (`padding`): its row of the packed state and
     gradient sums (flat buffers padded to the widest stage, plus the stacked leaves, plus its
-    piece of a split table), and the stored-input and cotangent slots plus one microbatch's
-    residuals (B re-runs F) and a split table's looked-up rows."""
+    piece of a split table), and the stored-input, cotangent and residual slots (the
+    residuals: without remat) plus one microbatch's residuals (the op running; under remat a
+    B op's recompute) and a split table's looked-up rows."""
     pad = self.padding(batch_size)
     rows = batch_size // (self.M * self.D)
     abstract = self.spec.abstract
@@ -263,6 +294,8 @@ class SpmdExecutor:
         state_bytes=pad["state_bytes_per_stage"],
         padding_bytes=pad["state_padding_bytes_per_stage"][k],
         inflight_bytes=pad["slot_bytes_per_stage"]
+        + pad["residual_bytes_per_stage"]
+        + pad["output_cotangent_bytes"]
         + pad["lookup_bytes"]
         + stage.residual_bytes(abstract[k], specs[k], rows),
       )
@@ -322,11 +355,15 @@ class SpmdExecutor:
     inputs, targets = batch
     return self._program(inputs, targets).lower(st, inputs, targets)
 
+  def table(self, steps: int) -> ticks.TickTable:
+    """The tick table of a call of `steps` optimizer steps."""
+    return ticks.build(self.schedule, steps, remat=self.remat)
+
   def _program(self, inputs, targets):
     """The jitted program for calls of as many steps as `inputs` holds (built once)."""
     num = jax.tree.leaves(inputs)[0].shape[0]
     if num not in self._programs:
-      table = ticks.build(self.schedule, num)
+      table = self.table(num)
       fn = program.make(self.spec, table, num, inputs, targets)
       state = self.packing.sharding()
       data = NamedSharding(self.mesh, P(None, None, placement.DATA_AXIS))

@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from ilbp.execution.schedule import Schedule
 from ilbp.execution.spmd.flat import FlatLayout
-from ilbp.execution.spmd.ticks import TickTable, own_ops
+from ilbp.execution.spmd.residuals import Residuals
+from ilbp.execution.spmd.ticks import TickTable, is_own
 from ilbp.execution.spmd.vocab import VocabSplit
 from ilbp.execution.stage import Stage, Where, named_sums, sum_squares
 from ilbp.state import StageState
@@ -126,6 +127,61 @@ def metric_names(spec: ProgramSpec, inputs, targets) -> tuple[list[str], list[li
   return head, per_stage
 
 
+def input_specs(spec: ProgramSpec, rows: int, inputs=None) -> list:
+  """Stage k's input inside the program, for `rows` examples: stage 1's tokens (or, with a
+  split table, their rows), the other stages' activation as read from a slot. `inputs`: the
+  call's input arrays ([S, M, rows, ...]), for stage 1's exact shapes and dtypes."""
+  first = jax.ShapeDtypeStruct((rows, *spec.specs[0].shape[1:]), spec.specs[0].dtype)
+  if spec.vocab:
+    first = jax.ShapeDtypeStruct((*first.shape, spec.vocab.width), jnp.float32)
+  elif inputs is not None:
+    first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), inputs)
+  act = lambda k: jax.ShapeDtypeStruct(spec.act_shape(rows, k), spec.act_dtype)
+  return [first, *(act(k) for k in range(1, spec.num_stages))]
+
+
+def output_spec(spec: ProgramSpec, rows: int) -> jax.ShapeDtypeStruct:
+  """The last stage's output (the logits) for `rows` examples."""
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  return jax.eval_shape(
+    lambda p, s, key, x: spec.stages[-1].forward(p, s, Where(key, 0, 0), x)[0],
+    spec.abstract[-1].params["stage"],
+    spec.abstract[-1].model_state["stage"],
+    key,
+    input_specs(spec, rows)[-1],
+  )
+
+
+def keeps_own(spec: ProgramSpec) -> list[bool]:
+  """Per stage, whether its own loss's cotangent waits for a later B op (in a slot)."""
+  schedule = spec.schedule
+  return [
+    any(
+      k in b.losses and not is_own(schedule, b, k)
+      for m in range(spec.microbatches)
+      for b in schedule.plan_for(k, m)
+    )
+    for k in range(spec.num_stages)
+  ]
+
+
+def stored_residuals(spec: ProgramSpec, table: TickTable, rows: int, inputs=None) -> Residuals:
+  """The stored-residual layout of `table`'s program: the stages whose separate B ops read
+  what their forward stored (none under remat). `inputs` as for `input_specs`."""
+  needed = [False] * spec.num_stages
+  if not table.remat:
+    for (_, k), g in table.groups.items():
+      needed[k] = needed[k] or not g.forward
+  return Residuals(
+    spec.stages,
+    [a.params["stage"] for a in spec.abstract],
+    [a.model_state["stage"] for a in spec.abstract],
+    input_specs(spec, rows, inputs),
+    rows,
+    needed,
+  )
+
+
 def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -> Callable:
   """The program of one call of `num_steps` optimizer steps (see module doc).
 
@@ -136,18 +192,19 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     inputs, targets: example batch arrays ([S, M, rows, ...]) for shapes.
   """
   K, stages = spec.num_stages, spec.stages
-  plan = [s.plan.ops for s in stages]
   lp, lm, lo = (spec.layouts[p] for p in ("params", "model_state", "opt_state"))
   rows = jax.tree.leaves(inputs)[0].shape[2]
   feat, act_dtype, sizes = spec.features, spec.act_dtype, spec.sizes
   head_names, stage_names = metric_names(spec, inputs, targets)
   width = max(len(n) for n in stage_names)
-  # Stages whose own loss's cotangent waits for a later B op (it is stored in a slot).
-  keeps_own = [
-    any(k in b.losses for i, b in enumerate(plan[k]) if i not in own_ops(spec.schedule, k))
-    for k in range(K)
-  ]
+  keeps = keeps_own(spec)
   act_shape = functools.partial(spec.act_shape, rows)
+  vs = spec.vocab
+  res = stored_residuals(spec, table, rows, inputs)
+  needed = [k in res.layouts for k in range(K)]
+  # The last stage's output (the logits): under gpipe its own loss's cotangent waits for the
+  # stage's B ops in a buffer of its own (it is no boundary's size).
+  logits = output_spec(spec, rows)
 
   def read(buf, slot, k_in):
     """Stage k_in's input (a_{k_in - 1}) from a slot."""
@@ -158,8 +215,18 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     value = value.reshape(1, rows, -1).astype(buf.dtype)
     return lax.dynamic_update_slice(buf, value, (slot, slot * 0, slot * 0))  # one int type
 
+  def read_cot(carry, slot, k):
+    """A cotangent w.r.t. stage k's output, from a slot."""
+    if k < K - 1:
+      return read(carry["cots"], slot, k + 1)
+    flat = lax.dynamic_index_in_dim(carry["last_cots"], slot, 0, keepdims=False)
+    return flat.reshape(logits.shape)
+
+  def store_cot(carry, slot, k, cot):
+    name = "cots" if k < K - 1 else "last_cots"
+    carry[name] = store(carry[name], slot, cot)
+
   messages = functools.partial(spec.messages, rows)
-  vs = spec.vocab
   # The cotangent w.r.t. stage 1's looked-up rows, out of the switch (a scalar: no table split).
   rows_shape = (rows, *spec.specs[0].shape[1:], vs.width) if vs else ()
   no_rows = lambda: jnp.zeros(rows_shape, jnp.float32)
@@ -179,9 +246,16 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
       else:
         x = read(carry["xs"], mine["x_slot"], k)
       where = Where(rng, step, m)
-      a, vjp, new_stage = stage.forward(params["stage"], state["stage"], where, x)
       up, down, d_rows = messages(), messages(), no_rows()
+      if forward or table.remat:  # A B op under remat re-runs the forward.
+        a, vjp, new_stage = stage.forward(params["stage"], state["stage"], where, x)
+        out_dtype = a.dtype
+      else:  # A B op reads the residuals its forward stored.
+        vjp = res.load(k, carry["res"], mine["res_slot"], params["stage"], x)
+        out_dtype = res.layouts[k].out_dtype
       if forward:
+        if needed[k]:
+          carry["res"] = res.store(k, carry["res"], mine["res_store"], vjp, params["stage"], x)
         sums = lp.unpack(k, carry["grads"], "head")
         cot, sums, new_head, metrics = stage.loss(
           params["head"], state["head"], where, a, _index(targets, s, m), sums
@@ -194,20 +268,20 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
           [jnp.asarray(metrics[n], jnp.float32) for n in head_names]
         )
         arrived = {} if cot is None else {k: cot}
-        if keeps_own[k]:
-          carry["cots"] = store(carry["cots"], mine["own_slot"], cot)
+        if keeps[k]:
+          store_cot(carry, mine["own_slot"], k, cot)
         if k < K - 1:
           up[k] = a.astype(act_dtype)
       else:
-        (i,) = backward
+        (op,) = backward
         arrived = {
-          j: read(carry["cots"], mine["cot_slots"][n], k + 1).astype(a.dtype)
-          for n, j in enumerate(plan[k][i].losses)
+          j: read_cot(carry, mine["cot_slots"][n], k).astype(out_dtype)
+          for n, j in enumerate(op.losses)
         }
-      for i in backward:
+      for op in backward:
         sums = lp.unpack(k, carry["grads"], "stage")
-        sums, passed, d_x = stage.backward(vjp, arrived, sums, plan[k][i], keep_input=True)
-        if plan[k][i].params:
+        sums, passed, d_x = stage.backward(vjp, arrived, sums, op, keep_input=True)
+        if op.params:
           carry["grads"] = lp.write(k, carry["grads"], "stage", sums)
           if k == 0 and vs:
             d_rows = d_x.astype(jnp.float32)
@@ -282,7 +356,11 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
       "cots": jnp.zeros((table.cot_slots + 1, rows, feat), act_dtype),
       "msums": jnp.zeros((len(head_names),), jnp.float32),
       "metrics": jnp.zeros((num_steps, width), jnp.float32),
+      "res": res.zeros(table.res_slots),
     }
+    if keeps[K - 1]:
+      size = int(np.prod(logits.shape[1:]))
+      carry["last_cots"] = jnp.zeros((table.cot_slots + 1, rows, size), logits.dtype)
     if vs:
       carry["vocab"] = first(vocab)
       carry["vgrads"] = jnp.zeros((vs.rows, vs.width), vs.dtype)

@@ -7,7 +7,8 @@ module only lays them out on ticks:
 
   1. `Schedule.simulate` with tick durations: F and every B op that waits for a cotangent from
      the stage above take one tick; H, U and the B ops that consume only the stage's own loss
-     take none. This fixes each stage's order of ops.
+     take none. This fixes each stage's order of ops, under any pipeline schedule (gpipe,
+     1f1b, zb: `Schedule.plan_for` gives each microbatch's B ops).
   2. Ops are grouped into what one tick runs on one stage: F(k, m) with its H(k, m) and the
      B(k, m) ops that need only the stage's own loss (they run on the forward's VJP, so the
      stage output and its own cotangent are never stored); each other B op alone; U joins the
@@ -15,9 +16,11 @@ module only lays them out on ticks:
   3. Ticks are assigned as soon as possible in that order: a group runs one tick after every
      group it depends on (a message sent at the end of tick t is there at tick t + 1), and
      after the stage's previous group.
-  4. Buffer slots: each stage input that a later tick recomputes from (stages k > 0: the
-     activation that arrived), and each cotangent that waits for a later B op, gets a slot from
-     an interval colouring over ticks, so the buffers hold the in-flight count, not M.
+  4. Buffer slots: each stage input that a later tick reads (stages k > 0: the activation
+     that arrived), each cotangent that waits for a later B op, and (without remat) the VJP
+     residuals a forward stores for its later B ops get a slot from an interval colouring
+     over ticks, so the buffers hold the in-flight count, not M. With remat, a B op in a
+     group of its own re-runs the forward from the stored input instead.
 
 Everything here is plain Python and numpy, unit-tested on one CPU (tests/test_spmd.py).
 """
@@ -29,6 +32,7 @@ import dataclasses
 import numpy as np
 
 from ilbp.execution.schedule import Backward, Forward, Loss, Op, Schedule, Update
+from ilbp.interlock import BackwardOp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Group:
     step: the optimizer step within the call.
     microbatch: m (of the F or B ops).
     forward: F(k, m) and H(k, m) run (first).
-    backward: plan positions (`Schedule.plan[k]`) of the B(k, m) ops that run next.
+    backward: the B(k, m) ops (`Schedule.plan_for(k, m)`'s) that run next.
     update: U(k) of `step` runs last.
   """
 
@@ -48,7 +52,7 @@ class Group:
   step: int
   microbatch: int
   forward: bool
-  backward: tuple[int, ...]
+  backward: tuple[BackwardOp, ...]
   update: bool = False
 
   @property
@@ -71,10 +75,14 @@ class TickTable:
       U follows, else 0), `step`,
       `microbatch`, `x_slot` (the stage input's slot), `cot_slots` (one per loss the group's
       separate B op consumes), `own_slot` (where F stores its own loss's cotangent for a later
-      B op), `x_store` / `cot_store` (where a message arriving this tick is stored). Unused
-      entries point at the spare slot (index x_slots / cot_slots), which nothing reads.
+      B op), `x_store` / `cot_store` (where a message arriving this tick is stored),
+      `res_store` (where F stores its VJP residuals) / `res_slot` (where a separate B op reads
+      them). Unused entries point at the spare slot (index x_slots / cot_slots / res_slots),
+      which nothing reads.
     x_slots: slots for stored stage inputs (per stage, the most held at once, over stages).
     cot_slots: slots for stored cotangents.
+    res_slots: slots for stored VJP residuals (0 with remat).
+    remat: a separate B op re-runs the forward (True) or reads the stored residuals.
     fwd_sends, bwd_sends: [T, K-1] bools: boundary b carries an activation (stage b -> b+1) or
       a cotangent (stage b+1 -> b) at the end of tick t.
   """
@@ -87,38 +95,41 @@ class TickTable:
   cot_slots: int
   fwd_sends: np.ndarray
   bwd_sends: np.ndarray
+  res_slots: int = 0
+  remat: bool = True
 
 
-def own_ops(schedule: Schedule, k: int) -> tuple[int, ...]:
-  """Plan positions of stage k's B ops that consume only stage k's own loss."""
-  return tuple(i for i, b in enumerate(schedule.plan[k]) if b.losses == (k,))
+def is_own(schedule: Schedule, b: BackwardOp, k: int) -> bool:
+  """Whether stage k's B op runs in its forward's group, on the forward's VJP: it consumes only
+  stage k's own loss, and the schedule lets it follow its forward at once (gpipe holds every
+  backward until the step's last forward)."""
+  return b.losses == (k,) and schedule.name != "gpipe"
 
 
 def _tick_duration(schedule: Schedule):
-  own = [set(own_ops(schedule, k)) for k in range(schedule.num_stages)]
-
   def duration(op: Op) -> float:
     if isinstance(op, Forward):
       return 1.0
     if isinstance(op, Backward):
-      return 0.0 if schedule.plan[op.stage].index(op.backward) in own[op.stage] else 1.0
+      return 0.0 if is_own(schedule, op.backward, op.stage) else 1.0
     return 0.0
 
   return duration
 
 
-def build(schedule: Schedule, steps: int) -> TickTable:
+def build(schedule: Schedule, steps: int, remat: bool = True) -> TickTable:
   """Lays `steps` consecutive optimizer steps of `schedule` out on ticks (module docstring).
 
   Args:
-    schedule: from `schedule.build` (its strategy, K, M and continuity).
+    schedule: from `schedule.build` (its strategy, K, M, continuity and pipeline schedule).
     steps: optimizer steps in one call; the pipeline is empty at the start and end of a call.
+    remat: a B op in a group of its own re-runs the forward (True), or reads the residuals
+      its forward stored (False: residual slots are allocated).
 
   Returns:
     A TickTable.
   """
-  K, plan = schedule.num_stages, schedule.plan
-  own = [own_ops(schedule, k) for k in range(K)]
+  K = schedule.num_stages
   timeline = schedule.simulate(steps, duration=_tick_duration(schedule))
   order = sorted(timeline.slots, key=lambda s: (s.start, s.op.stage))
 
@@ -129,8 +140,12 @@ def build(schedule: Schedule, steps: int) -> TickTable:
     if isinstance(op, Forward):
       key = ("F", op.stage, op.step, op.microbatch)
       ops = [op, Loss(op.stage, op.microbatch, op.step)]
-      ops += [Backward(op.stage, op.microbatch, op.step, plan[op.stage][i]) for i in own[op.stage]]
-    elif isinstance(op, Backward) and plan[op.stage].index(op.backward) not in own[op.stage]:
+      ops += [
+        Backward(op.stage, op.microbatch, op.step, b)
+        for b in schedule.plan_for(op.stage, op.microbatch)
+        if is_own(schedule, b, op.stage)
+      ]
+    elif isinstance(op, Backward) and not is_own(schedule, op.backward, op.stage):
       key = ("B", op.stage, op.step, op.microbatch, op.backward)
       ops = [op]
     else:
@@ -166,7 +181,7 @@ def build(schedule: Schedule, steps: int) -> TickTable:
   for key in anchors:
     ops = members[key]
     first = ops[0]
-    backward = tuple(plan[first.stage].index(o.backward) for o in ops if isinstance(o, Backward))
+    backward = tuple(o.backward for o in ops if isinstance(o, Backward))
     groups[tick[key], first.stage] = Group(
       first.stage, first.step, first.microbatch, isinstance(first, Forward), backward
     )
@@ -175,25 +190,27 @@ def build(schedule: Schedule, steps: int) -> TickTable:
     assert g.step == u.step, (u, g)
     groups[t, u.stage] = dataclasses.replace(g, update=True)
   T = max(t for t, _ in groups) + 1
-  return _with_slots(schedule, groups, T, tick, group_of)
+  return _with_slots(schedule, groups, T, remat)
 
 
-def _with_slots(schedule, groups, T, tick, group_of) -> TickTable:
+def _with_slots(schedule, groups, T, remat) -> TickTable:
   """Allocates buffer slots and fills the per-tick arrays."""
-  K, plan = schedule.num_stages, schedule.plan
-  width = max(len(plan[k][i].losses) for (_, k), g in groups.items() for i in g.backward)
+  K = schedule.num_stages
+  width = max((len(b.losses) for g in groups.values() for b in g.backward), default=1)
   # Intervals per stage: (start, end, key); start is half a tick later for a message stored
   # after the tick's compute, so a slot whose last reader runs in that tick can take it.
   x_iv = [[] for _ in range(K)]
   cot_iv = [[] for _ in range(K)]
+  res_iv = [[] for _ in range(K)]
   readers: dict = {}  # (buffer, k, s, m[, j]) -> last tick that reads it
   for (t, k), g in groups.items():
     sm = (g.step, g.microbatch)
     if k > 0:
       readers["x", k, *sm] = max(readers.get(("x", k, *sm), -1), t)
-    for i in g.backward:
-      b = plan[k][i]
-      if not g.forward:
+    if not g.forward:
+      if not remat:
+        readers["r", k, *sm] = max(readers.get(("r", k, *sm), -1), t)
+      for b in g.backward:
         for j in b.losses:
           readers["c", k, *sm, j] = max(readers.get(("c", k, *sm, j), -1), t)
   fwd_sends = np.zeros((T, max(K - 1, 0)), bool)
@@ -206,17 +223,22 @@ def _with_slots(schedule, groups, T, tick, group_of) -> TickTable:
       writers["x", k + 1, *sm] = t + 0.5
     if g.forward and ("c", k, *sm, k) in readers:
       writers["c", k, *sm, k] = t
-    for i in g.backward:
-      for j in plan[k][i].passes:
+    if g.forward and ("r", k, *sm) in readers:
+      writers["r", k, *sm] = t  # In the forward's tick; one group per stage and tick.
+    for b in g.backward:
+      for j in b.passes:
         bwd_sends[t, k - 1] = True
         writers["c", k - 1, *sm, j] = t + 0.5
   for key, end in readers.items():
-    (x_iv if key[0] == "x" else cot_iv)[key[1]].append((writers[key], end, key))
+    ivs = {"x": x_iv, "c": cot_iv, "r": res_iv}[key[0]]
+    ivs[key[1]].append((writers[key], end, key))
   slot_of, x_slots = _colour(x_iv)
   cot_of, cot_slots = _colour(cot_iv)
+  res_of, res_slots = _colour(res_iv)
   slot_of.update(cot_of)
+  slot_of.update(res_of)
 
-  kinds = tuple(sorted({g.kind for g in groups.values()}))
+  kinds = tuple(sorted({g.kind for g in groups.values()}, key=repr))
   lossw = max(width, 1)
   f = {
     name: np.zeros((T, K), np.int32)
@@ -229,6 +251,8 @@ def _with_slots(schedule, groups, T, tick, group_of) -> TickTable:
       "own_slot",
       "x_store",
       "cot_store",
+      "res_store",
+      "res_slot",
     )
   }
   f["cot_slots"] = np.full((T, K, lossw), cot_slots, np.int32)
@@ -236,6 +260,8 @@ def _with_slots(schedule, groups, T, tick, group_of) -> TickTable:
     f[name][:] = spare
   for name in ("own_slot", "cot_store"):
     f[name][:] = cot_slots
+  for name in ("res_store", "res_slot"):
+    f[name][:] = res_slots
   for (t, k), g in groups.items():
     sm = (g.step, g.microbatch)
     f["branch"][t, k] = 1 + kinds.index(g.kind)
@@ -245,16 +271,19 @@ def _with_slots(schedule, groups, T, tick, group_of) -> TickTable:
       f["x_slot"][t, k] = slot_of["x", k, *sm]
     if g.forward:
       f["own_slot"][t, k] = slot_of.get(("c", k, *sm, k), cot_slots)
+      f["res_store"][t, k] = slot_of.get(("r", k, *sm), res_slots)
     else:
-      (i,) = g.backward
-      for n, j in enumerate(plan[k][i].losses):
+      (b,) = g.backward
+      for n, j in enumerate(b.losses):
         f["cot_slots"][t, k, n] = slot_of["c", k, *sm, j]
+      if not remat:
+        f["res_slot"][t, k] = slot_of["r", k, *sm]
     if g.forward and k < K - 1 and ("x", k + 1, *sm) in slot_of:
       f["x_store"][t, k + 1] = slot_of["x", k + 1, *sm]
-    for i in g.backward:
-      for j in plan[k][i].passes:
+    for b in g.backward:
+      for j in b.passes:
         f["cot_store"][t, k - 1] = slot_of["c", k - 1, *sm, j]
-  return TickTable(T, groups, kinds, f, x_slots, cot_slots, fwd_sends, bwd_sends)
+  return TickTable(T, groups, kinds, f, x_slots, cot_slots, fwd_sends, bwd_sends, res_slots, remat)
 
 
 def _colour(per_stage: list[list[tuple]]) -> tuple[dict, int]:
@@ -279,7 +308,8 @@ def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) ->
   Every tick lasts as long as its slowest stage's group: the sum of its ops' durations
   (`schedule.duration`, from `schedule.costs`), plus a forward for a group without one (the B
   op's recompute). Ticks where two or more stages are busy take `slowdown` times as long
-  (devices sharing cores; 1 on accelerators), as in `Schedule.predict`.
+  (devices sharing cores; 1 on accelerators), as in `Schedule.predict`. Without remat a B op
+  reads its stored residuals: no recompute.
 
   Returns:
     The predicted time of the whole call (divide by its steps for time per step).
@@ -292,9 +322,9 @@ def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) ->
       if g is None:
         continue
       ops = [Forward(k, g.microbatch, g.step), Loss(k, g.microbatch, g.step)] if g.forward else []
-      ops += [Backward(k, g.microbatch, g.step, schedule.plan[k][i]) for i in g.backward]
+      ops += [Backward(k, g.microbatch, g.step, b) for b in g.backward]
       ops += [Update(k, None, g.step)] if g.update else []
-      recompute = 0.0 if g.forward else schedule.costs[k].forward
+      recompute = schedule.costs[k].forward if table.remat and not g.forward else 0.0
       busy.append(recompute + sum(schedule.duration(op) for op in ops))
     if busy:
       total += max(busy) * (slowdown if len(busy) > 1 else 1.0)
