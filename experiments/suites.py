@@ -18,9 +18,7 @@ import dataclasses
 import os
 import shlex
 
-from ilbp.interlock import backward_plan
-from ilbp.strategy import COMBINE_RULES
-from ilbp.strategy import strategy as parse_strategy
+from ilbp.interlock import plan_variants
 
 STRATEGIES = ("local", "pairwise", "3wise", "global")
 
@@ -109,23 +107,10 @@ class Run:
 
 
 def variants(num_stages: int, strategies=STRATEGIES) -> list[tuple[str, str, bool]]:
-  """(strategy, combine, combine_matters) for every distinct backward plan, in table order.
-
-  A (strategy, rule) whose plan equals an earlier one's trains exactly the same thing and is
-  left out: local under "sum", and e.g. 3wise when it reaches every stage (K = 3).
-  """
-  out, seen = [], set()
-  for name in strategies:
-    if parse_strategy(name).reach_for(num_stages) == num_stages:
-      name = "global"  # E.g. 3wise at K = 3: named as what it is.
-    plans = [
-      tuple(map(tuple, backward_plan(parse_strategy(name, c), num_stages))) for c in COMBINE_RULES
-    ]
-    for combine, plan in zip(COMBINE_RULES, plans, strict=True):
-      if plan not in seen:
-        seen.add(plan)
-        out.append((name, combine, len(set(plans)) > 1))
-  return out
+  """(strategy, combine, combine_matters) for every distinct backward plan, in table order,
+  under both combine rules (`ilbp.interlock.plan_variants`): local runs once, and e.g. 3wise
+  at K = 3 is global."""
+  return plan_variants(num_stages, strategies)
 
 
 _STDLIB, _DIGITS = (

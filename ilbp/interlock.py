@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 
-from ilbp.strategy import Strategy
+from ilbp.strategy import COMBINE_RULES, Strategy
 from ilbp.strategy import strategy as parse_strategy
 
 PyTree = Any
@@ -122,6 +122,38 @@ def backward_plan(strategy: Strategy, num_stages: int) -> list[list[BackwardOp]]
     ops.append(BackwardOp(k, params, params, () if merged is None else (merged,)))
     plan.append(ops)
   return plan
+
+
+def plan_variants(
+  num_stages: int, strategies: Sequence[str], combines: Sequence[str] = COMBINE_RULES
+) -> list[tuple[str, str, bool]]:
+  """(strategy, combine, combine_matters) for every distinct backward plan, in the order given.
+
+  A (strategy, rule) whose plan equals an earlier one's trains exactly the same thing and is
+  left out: local under "sum" after "furthest", and e.g. 3wise when it reaches every stage
+  (K = 3) after global. A strategy that reaches every stage is named "global", what it is.
+  combine_matters: whether `combines` give the strategy more than one plan.
+
+  Args:
+    num_stages: K.
+    strategies: strategy names (`ilbp.strategy.strategy`).
+    combines: combine rules, in order (`ilbp.strategy.COMBINE_RULES`).
+
+  Returns:
+    The variants, strategy by strategy, each strategy's rules in `combines` order.
+  """
+  out, seen = [], set()
+  for name in strategies:
+    if parse_strategy(name).reach_for(num_stages) == num_stages:
+      name = "global"
+    plans = [
+      tuple(map(tuple, backward_plan(parse_strategy(name, c), num_stages))) for c in combines
+    ]
+    for combine, plan in zip(combines, plans, strict=True):
+      if plan not in seen:
+        seen.add(plan)
+        out.append((name, combine, len(set(plans)) > 1))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,10 @@ steps 1..s: a sum over segments, each a run of steps predicted at one `seconds_p
 segment unless a resume changed the prediction), so a resume continues the series from the
 value at the restored step, exactly.
 
+A dataflow run under the zb schedule runs the split its costs predict fastest
+(`DataflowExecutor.use_costs`, from `Clock.costs`): the same split `predict_step` chooses when
+the modelled pipeline is the run's own (its M, zb, continuous or not), which a test holds.
+
 Where the costs are timed: a dataflow run's own executor (at the modelled M); otherwise a
 dataflow executor built for the measurement on the run's devices (spmd: the same K·D devices;
 fused: one device per stage when there are K local devices, else every stage on the first
@@ -218,13 +222,17 @@ class Clock:
 
   Attributes:
     segments: as in pipeline_costs.json.
-    prediction: this session's `schedule.predict_step` result (without the Schedule).
+    prediction: this session's `schedule.predict_step` result, without the Schedule but with
+      its `split` (zb: per stage, the first microbatch whose merged VJP calls are split).
     measured: whether this session measured (False: the cache was reused).
+    costs: the op costs behind the prediction (a dataflow executor under zb runs the split
+      they predict, `DataflowExecutor.use_costs`).
   """
 
   segments: tuple[dict, ...]
   prediction: dict
   measured: bool
+  costs: schedule_lib.MeasuredCosts
 
   def seconds(self, step: int) -> float:
     return seconds_at(list(self.segments), step)
@@ -301,7 +309,8 @@ def start(
   data["segments"] = segments
   write(workdir, data)
   prediction = {k: v for k, v in pred.items() if k != "schedule"}
-  return Clock(tuple(segments), prediction, measured)
+  prediction["split"] = list(pred["schedule"].split)
+  return Clock(tuple(segments), prediction, measured, costs)
 
 
 def measure(

@@ -441,12 +441,20 @@ def _pipeline_clock(config, run: _Run, st, start: int, batches):
   if clock is None:
     return None, batches
   s, p = pipeline_time.settings(config), clock.prediction
+  split = f" (split from microbatch {p['split']})" if p["split"] else ""
   _console(
     f"pipeline time: modelled on {run.model.num_stages} devices, M={s.microbatches}, "
-    f"{s.schedule}: {1e3 * clock.seconds_per_step:.2f} ms/step, bubble "
+    f"{s.schedule}{split}: {1e3 * clock.seconds_per_step:.2f} ms/step, bubble "
     f"{p['bubble_fraction']:.2f}, in flight {p['inflight_max']} microbatches; op costs "
     + ("measured now" if clock.measured else f"from {pipeline_time.COSTS_FILE}")
   )
+  # A dataflow executor under zb runs the split these costs predict fastest (any split trains
+  # alike; only the time differs).
+  before, use_costs = run.executor.description, getattr(run.executor, "use_costs", None)
+  if use_costs is not None:
+    use_costs(clock.costs)
+    if run.executor.description != before:
+      _console(f"execution: {run.executor.description}")
   return clock, itertools.chain(first, batches)
 
 

@@ -10,22 +10,28 @@ or XLA_FLAGS names a device count):
       --config.model.head=conv --config.model.split=balanced_heads
   .venv/bin/python -m scripts.benchmark_pipeline \
       --config=experiments/configs/benchmark.py:family=transformer
+  .venv/bin/python -m scripts.benchmark_pipeline --stages=4 --strategies=pairwise,global \
+      --combines=furthest,sum --schedules=1f1b,zb
 
-The model, its split, the batch, the combine rule and the optimizer come from --config (an
-experiment config and `--config.FIELD=VALUE` overrides, as the experiment binaries take them;
-default `experiments/configs/benchmark.py`), fed random batches of the config's shapes
+The model, its split, the batch and the optimizer come from --config (an experiment config and
+`--config.FIELD=VALUE` overrides, as the experiment binaries take them; default
+`experiments/configs/benchmark.py`), fed random batches of the config's shapes
 (`ilbp.families.build_synthetic`). What this benchmark sweeps are its own flags: --stages and
---microbatches (default: the config's K and M), --strategies, --schedules (pipeline schedules:
-gpipe, 1f1b, zb; a row only where the schedule applies to the strategy, `schedule.applies`, and
-spmd rows for 1f1b only), --executors and --modes. Every (K, M) is timed, measured and
-predicted on its own, one after the other.
+--microbatches (default: the config's K and M), --strategies, --combines (combine rules:
+furthest, sum; default the config's), --schedules (pipeline schedules: gpipe, 1f1b, zb; a row
+only where the schedule applies to the strategy, `schedule.applies`, and spmd rows for 1f1b
+only), --executors and --modes. Every (K, M) is timed, measured and predicted on its own, one
+after the other.
 
-Rows: every strategy on every executor. On `dataflow` and `spmd`, a strategy of reach < K runs
-`continuous` (no flush between steps) and `flushed`; global runs flushed — its semantics force
-the flush — as a one-forward-one-backward pipeline (dispatched without a host wait: its own
-dependencies flush it). That global row is the baseline every row
-on the same executor is divided by (`vs global`). `fused` runs the whole network as one program
-on one device (no pipelining, the same M microbatches): a second, unpipelined reference.
+Rows: every (strategy, combine rule) on every executor, where its backward plan differs from
+every earlier one's (`interlock.plan_variants`, as the suites choose their runs): local runs
+under one rule, and a strategy that reaches every stage is global (pairwise at K = 2). On
+`dataflow` and `spmd`, a strategy of reach < K runs `continuous` (no flush between steps) and
+`flushed`; global runs flushed — its semantics force the flush — as a one-forward-one-backward
+pipeline (dispatched without a host wait: its own dependencies flush it). That global row
+(under the furthest rule, plain backprop, where it ran) is the baseline every row on the same
+executor is divided by (`vs global`). `fused` runs the whole network as one program on one
+device (no pipelining, the same M microbatches): a second, unpipelined reference.
 `spmd` runs one program over a ('stage', 'data') mesh; a call runs --spmd_steps_per_call
 steps (continuous within a call), and its rows add the compiled program's memory per device
 (`memory_analysis`: arguments + outputs + temporaries - aliased) and the padding its flat
@@ -39,12 +45,16 @@ steps, blocking only at the end) / steps_per_chunk, after a warm-up chunk; rows 
 round-robin, one chunk each per round, so drift on a shared machine hits all rows alike.
 Predicted (dataflow): the cost model `schedule.predict_step` with op costs measured here after
 each round of timed chunks, each program timed alone (`DataflowExecutor.measure`, once per
-strategy and round, medians pooled over rounds and strategies), the boundary as latency +
-bytes / bandwidth, and the shared-core slowdown measured on its own (not fitted to any row);
-for zb the executor's own split. Interleaved with the rounds, the calibration sees the same
-drift on a shared machine as the rows, but times no training step: the rows it predicts are
-apart from it. `in-flight` is
-the most microbatches whose residuals a stage holds at once in that simulation.
+strategy, combine rule and round, medians pooled over rounds and strategies), the boundary as
+latency + bytes / bandwidth, and the shared-core slowdown measured on its own (not fitted to
+any row). Interleaved with the rounds, the calibration sees the same drift on a shared machine
+as the rows, but times no training step: the rows it predicts are apart from it. `in-flight`
+is the most microbatches whose residuals a stage holds at once in that simulation.
+zb (dataflow): which microbatches' merged VJP calls are split depends on the model's costs, so
+after the warm-up one calibration (pooled the same way) chooses each zb row's split, the one
+those costs predict fastest (`DataflowExecutor.use_costs`, as `predict_step` chooses it), and
+the row is timed and predicted with that split (JSON `zb_split`: per stage, the first
+microbatch split; M: none).
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
 the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group,
 a B op that waits for a cotangent from above paying a recomputed forward).
@@ -73,6 +83,8 @@ from ilbp.execution import dataflow, fused, gantt, memory
 from ilbp.execution import schedule as schedule_lib
 from ilbp.execution.spmd import ticks
 from ilbp.execution.spmd.executor import SpmdExecutor
+from ilbp.interlock import plan_variants
+from ilbp.strategy import COMBINE_RULES
 from ilbp.strategy import strategy as parse_strategy
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -86,6 +98,12 @@ _MICRO = flags.DEFINE_list(
   "microbatches", None, "Microbatch counts M per optimizer step; default: config's."
 )
 _STRATEGIES = flags.DEFINE_list("strategies", ["local", "pairwise", "global"], "Strategies.")
+_COMBINES = flags.DEFINE_list(
+  "combines",
+  None,
+  "Combine rules (furthest, sum); default: the config's. A (strategy, rule) gets a row only "
+  "where its backward plan differs from every earlier one's (`interlock.plan_variants`).",
+)
 _EXECUTORS = flags.DEFINE_list("executors", ["dataflow"], "dataflow, spmd and/or fused.")
 _SPMD_PER_CALL = flags.DEFINE_integer(
   "spmd_steps_per_call", 8, "spmd: optimizer steps per call (divides --steps_per_chunk)."
@@ -119,13 +137,25 @@ def counts(values: list[str] | None, default: int, flag: str) -> list[int]:
   return out
 
 
+def combines(values: list[str] | None, default: str) -> list[str]:
+  """The --combines flag: combine rules, or [default] (the config's) when it is not given."""
+  out = values or [default]
+  for rule in out:
+    if rule not in COMBINE_RULES:
+      raise ValueError(f"--combines: unknown {rule!r}; valid: {', '.join(COMBINE_RULES)}.")
+  return out
+
+
 def make_rows(config, built, tx, sched, m: int) -> list[dict]:
-  """One row per (executor, strategy, mode, schedule) of one (K, M), each with its executor.
-  A schedule gets a row only where it applies to the strategy (`schedule.applies`: gpipe where
-  a gradient crosses stages, zb where the plan merges both halves of a VJP call); spmd runs
-  1f1b only, fused no pipeline (schedule "-")."""
+  """One row per (executor, strategy, combine, mode, schedule) of one (K, M), each with its
+  executor. A (strategy, combine rule) gets rows only where its backward plan differs from
+  every earlier one's (`interlock.plan_variants`: e.g. local once, whatever the rules, and a
+  strategy that reaches every stage as global). A schedule gets a row only where it applies to
+  the strategy (`schedule.applies`: gpipe where a gradient crosses stages, zb where the plan
+  merges both halves of a VJP call); spmd runs 1f1b only, fused no pipeline (schedule "-")."""
   k = config.num_stages
   rows = []
+  variants = plan_variants(k, _STRATEGIES.value, combines(_COMBINES.value, config.combine))
   for mode in _MODES.value:
     if mode not in ("continuous", "flushed"):
       raise ValueError(f"--modes: unknown {mode!r}; valid: continuous, flushed.")
@@ -137,8 +167,8 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
   for kind in _EXECUTORS.value:
     if kind not in ("dataflow", "fused", "spmd"):
       raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused, spmd.")
-    for name in _STRATEGIES.value:
-      strat = parse_strategy(name, config.combine)
+    for name, rule, _ in variants:
+      strat = parse_strategy(name, rule)
       is_global = strat.reach_for(k) == k
       modes = ["flushed"] if is_global or kind == "fused" else _MODES.value
       pipelines = {"fused": ["-"], "spmd": ["1f1b"]}.get(kind, _SCHEDULES.value)
@@ -169,6 +199,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
           {
             "executor": kind,
             "strategy": strat.name,
+            "combine": strat.combine,
             "mode": label,
             "schedule": pipeline,
             "ex": ex,
@@ -184,8 +215,11 @@ def time_rows(rows: list[dict], batch: dict, seed: int) -> dict:
   on its first dataflow row): drift on a shared machine hits the rows and the calibration
   alike, while the calibration times no training step.
 
+  Between the warm-up and the first timed round, one more calibration chooses the split of
+  every dataflow zb row (`use_splits`); a row whose schedule changed warms up again.
+
   Returns:
-    {strategy name: one MeasuredCosts per round}.
+    {Strategy: one MeasuredCosts per timed round}.
   """
   per_call = _SPMD_PER_CALL.value
   if any(row["executor"] == "spmd" for row in rows) and _STEPS.value % per_call:
@@ -214,23 +248,55 @@ def time_rows(rows: list[dict], batch: dict, seed: int) -> dict:
   first = {}
   for row in rows:
     if row["executor"] == "dataflow":
-      first.setdefault(row["strategy"], row)
-  samples = {name: [] for name in first}
+      first.setdefault(row["s"], row)
+
+  def calibrate(strategies) -> dict:
+    out = {}
+    for s in strategies:
+      row = first[s]
+      jax.block_until_ready(row["state"])
+      out[s] = [row["ex"].measure(row["state"], row["batch"], _REPEATS.value)]
+    return out
+
+  samples = {s: [] for s in first}
   for r in range(_CHUNKS.value + 1):
     for row in rows:
       jax.block_until_ready(row["state"])
       (row["state"], _), ms = timing.timed_ms(lambda row=row: chunk(row))
       if r:  # The first round compiles and warms up.
         row["times"].append(ms / _STEPS.value)
-    if r:
-      for name, row in first.items():
+    if not r:
+      for row in use_splits(rows, calibrate):
         jax.block_until_ready(row["state"])
-        samples[name].append(row["ex"].measure(row["state"], row["batch"], _REPEATS.value))
+        row["state"], _ = chunk(row)  # Compiles the new split's VJP calls, untimed.
+    else:
+      for s, costs in calibrate(first).items():
+        samples[s] += costs
   return samples
 
 
+def use_splits(rows: list[dict], calibrate) -> list[dict]:
+  """Every dataflow zb row runs the split that op costs measured now predict fastest for its
+  strategy (`DataflowExecutor.use_costs`, pooled as `measure` pools them), the split its
+  prediction then assumes (`predict`).
+
+  Args:
+    rows: the rows of one (K, M).
+    calibrate: strategies -> {Strategy: [MeasuredCosts]}, measured now.
+
+  Returns:
+    The rows whose schedule changed.
+  """
+  zb = [r for r in rows if r["executor"] == "dataflow" and r["schedule"] == "zb"]
+  if not zb:
+    return []
+  measure(zb, calibrate(list(dict.fromkeys(r["s"] for r in zb))))
+  return [r for r in zb if r["ex"].use_costs(r.pop("costs"))]
+
+
 def measure(rows: list[dict], samples: dict) -> None:
-  """The calibrations of `time_rows` pooled into each dataflow row's MeasuredCosts: the
+  """The calibrations of `time_rows` ({Strategy: [MeasuredCosts]}) pooled into each dataflow
+  row's MeasuredCosts (`row["costs"]`, by the row's strategy and combine rule): the
   forward, VJP and update programs are the same whatever the strategy, so each stage's cost of
   them is the median over every round and strategy (less noise); the loss op (which may also
   return a cotangent) is each strategy's own median over the rounds; the link and the
@@ -240,23 +306,23 @@ def measure(rows: list[dict], samples: dict) -> None:
     return
   fields = ("forward", "head", "backward_input", "backward_weight", "update")
   all_costs = [c for per_round in samples.values() for c in per_round]
-  measured = {name: per_round[0] for name, per_round in samples.items()}
+  measured = {s: per_round[0] for s, per_round in samples.items()}
   link = schedule_lib.Link(
     latency=statistics.median(c.link.latency for c in all_costs),
     bandwidth=statistics.median(c.link.bandwidth for c in all_costs),
   )
   slowdown = statistics.median(c.slowdown for c in all_costs)
-  for name, own in measured.items():
+  for s, own in measured.items():
     stages = []
     for k, cost in enumerate(own.stages):
       med = lambda field, k=k: statistics.median(getattr(c.stages[k], field) for c in all_costs)
       both = None if cost.backward_both is None else med("backward_both")
       pooled = schedule_lib.StageCost(*(med(f) for f in fields), backward_both=both)
-      head = statistics.median(c.stages[k].head for c in samples[name])
+      head = statistics.median(c.stages[k].head for c in samples[s])
       stages.append(dataclasses.replace(pooled, head=head))
     pooled_costs = dataclasses.replace(own, stages=tuple(stages), link=link, slowdown=slowdown)
     for row in flow:
-      if row["strategy"] == name:
+      if row["s"] == s:
         row["costs"] = pooled_costs
 
 
@@ -298,7 +364,7 @@ def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
 
 def predict(row: dict) -> None:
   """Measured op costs -> the cost model's ms per step, in-flight and bubble
-  (`schedule.predict_step`, with this executor's own zb split)."""
+  (`schedule.predict_step`, with the zb split the executor ran: the one `use_splits` chose)."""
   ex = row["ex"]
   if row["executor"] == "spmd":
     return
@@ -345,6 +411,7 @@ def print_table(rows: list[dict]) -> None:
   columns = [
     ("executor", "executor", "s"),
     ("strategy", "strategy", "s"),
+    ("combine", "combine", "s"),
     ("mode", "mode", "s"),
     ("schedule", "schedule", "s"),
     ("ms/step", "ms_per_step", ".1f"),
@@ -364,8 +431,8 @@ def print_table(rows: list[dict]) -> None:
   ]
   widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
   for i, line in enumerate(cells):
-    left = [c.ljust(w) for c, w in zip(line[:4], widths[:4])]
-    print("  ".join(left + [c.rjust(w) for c, w in zip(line[4:], widths[4:])]))
+    left = [c.ljust(w) for c, w in zip(line[:5], widths[:5])]
+    print("  ".join(left + [c.rjust(w) for c, w in zip(line[5:], widths[5:])]))
     if i == 0:
       print("  ".join("-" * w for w in widths))
 
@@ -379,8 +446,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
   batch = next(built.data.train_batches(0))
   print(
     f"\nmodel: {desc}\nbatch {config.batch_size} in M={m} microbatches | K={k} stages, one "
-    f"device each | combine={config.combine} | {_STEPS.value} steps x {_CHUNKS.value} chunks "
-    "per row",
+    f"device each | {_STEPS.value} steps x {_CHUNKS.value} chunks per row",
     flush=True,
   )
   rows = make_rows(config, built, tx, sched, m)
@@ -390,11 +456,12 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
     predict(row)
     if row["executor"] == "spmd":
       predict_spmd(row, flow, config.batch_size)
-  base = {
-    r["executor"]: statistics.median(r["times"])
-    for r in rows
-    if r["s"].reach_for(k) == k and r["mode"] in ("flushed", "-") and r["schedule"] in ("1f1b", "-")
-  }
+  base = {}
+  for r in sorted(rows, key=lambda r: r["combine"] != "furthest"):  # Plain backprop first.
+    if (
+      r["s"].reach_for(k) == k and r["mode"] in ("flushed", "-") and r["schedule"] in ("1f1b", "-")
+    ):
+      base.setdefault(r["executor"], statistics.median(r["times"]))
   out = []
   for row in rows:
     ms = statistics.median(row["times"])
@@ -407,12 +474,13 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
     )
     if _GANTT_DIR.value and row["executor"] == "dataflow":
       os.makedirs(_GANTT_DIR.value, exist_ok=True)
-      name = f"gantt_{row['strategy']}_{row['mode']}_{row['schedule']}_K{k}_M{m}.png"
+      parts = (row["strategy"], row["combine"], row["mode"], row["schedule"])
+      name = f"gantt_{'_'.join(parts)}_K{k}_M{m}.png"
       path = os.path.join(_GANTT_DIR.value, name)
       alone = row["predicted_alone_ms_per_step"]
       title = (
-        f"{row['strategy']} ({row['mode']}, {row['schedule']}), K={k}, M={m}, op costs timed "
-        f"alone: {alone:.1f} ms/step (with shared-core slowdown {pred:.1f}; measured {ms:.1f})"
+        f"{row['strategy']} ({', '.join(parts[1:])}), K={k}, M={m}, op costs timed alone: "
+        f"{alone:.1f} ms/step (with shared-core slowdown {pred:.1f}; measured {ms:.1f})"
       )
       gantt.gantt(row["schedule_obj"].simulate(3), path, title=title, unit="s")
       row["gantt"] = path
@@ -427,7 +495,7 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
       batch=config.batch_size,
       model=config.model.get("name", config.family),
       description=desc,
-      combine=config.combine,
+      execution=row["ex"].description,
       backend=jax.default_backend(),
       ms_all=row["times"],
     )
@@ -435,7 +503,10 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
     out.append(keep)
   print()
   print_table(out)
-  print("\nvs global: ms/step over global (flushed, 1F1B) on the same executor.")
+  print(
+    "\nvs global: ms/step over global (flushed, 1F1B; the furthest rule where it ran) on the same "
+    "executor."
+  )
   slow = [r["costs"].slowdown for r in rows if "costs" in r]
   if slow:
     print(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ilbp
+from ilbp.interlock import plan_variants
 from ilbp.strategy import Strategy
 
 # --- Hand-worked cases -----------------------------------------------------------------------
@@ -276,3 +277,17 @@ def test_loss_users_table():
   assert ilbp.loss_users(ilbp.strategy("pairwise"), 4) == [[], [0], [1], [2, 3]]
   assert ilbp.loss_users(ilbp.strategy("global"), 4) == [[], [], [], [0, 1, 2, 3]]
   assert ilbp.loss_users(ilbp.strategy("pairwise", "sum"), 4) == [[0], [0, 1], [1, 2], [2, 3]]
+
+
+def test_plan_variants_keep_one_of_each_plan_in_the_order_given():
+  # Local has one plan under both rules; at K = 2 pairwise reaches every stage: it is global.
+  assert plan_variants(2, ["local", "pairwise", "global"], ["sum", "furthest"]) == [
+    ("local", "sum", False),
+    ("global", "sum", True),
+    ("global", "furthest", True),
+  ]
+  # One rule: nothing to tell apart, every strategy once.
+  assert plan_variants(3, ["local", "pairwise"], ["furthest"]) == [
+    ("local", "furthest", False),
+    ("pairwise", "furthest", False),
+  ]

@@ -7,12 +7,16 @@ steps, parameters, BatchNorm statistics and optimizer states agree to 1e-5 relat
 
 import textwrap
 
+import jax
 import pytest
-from conftest import run_with_devices
+from conftest import conv_bn_model, image_problem, run_with_devices
 
+import ilbp
 from experiments.configs import resnet_digits, transformer_stdlib
-from ilbp import trainer
+from ilbp import state, trainer
+from ilbp.execution import dataflow, schedule
 from ilbp.execution.base import ExecutionConfig
+from ilbp.tasks import Classification
 
 COMMON = textwrap.dedent(
   """
@@ -33,12 +37,14 @@ COMMON = textwrap.dedent(
                                    weight_decay=1e-4)
 
   def check(model, task, batch, spec, name, combine="furthest", M=4, continuous=True, D=1,
-            pipeline="1f1b"):
+            pipeline="1f1b", costs=None):
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
     fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1])
     flow = dataflow.DataflowExecutor(*args, microbatches=M, continuous=continuous,
                                      data_parallel=D, pipeline=pipeline)
+    if costs is not None:  # The schedule measured costs predict fastest (zb: their split).
+      flow.use_costs(costs)
     rng = jax.random.PRNGKey(1)
     a, b = fused.init_state(rng), flow.init_state(rng)
     # Stage k's whole state lives on stage k's D devices and nowhere else.
@@ -57,6 +63,7 @@ COMMON = textwrap.dedent(
     # The first microbatch whose merged VJP calls zb splits (M: none).
     split = min(flow.schedule.split, default=M)
     print("EXACT", model.num_stages, name, combine, M, continuous, D, pipeline, split, flush=True)
+    return flow
 
   images, image_spec, rng = image_problem()
   """
@@ -124,6 +131,70 @@ def test_dataflow_equals_fused_for_every_backward_plan_k2_to_4():
 def test_dataflow_equals_fused_flushed_data_parallel_resnet_transformer():
   out = run_with_devices(COMMON + VARIANTS, 8)
   assert out.count("EXACT") == 7, out
+
+
+ZB_MEASURED = textwrap.dedent(
+  """
+  from ilbp.execution import schedule
+  K, M = 3, 4
+
+  def costs(both, weight):
+    # Seconds per op (a merged VJP call `both`; None: the two halves' sum), a 10 us link.
+    stages = tuple(
+      schedule.StageCost(1e-3, 0.0 if k == K - 1 else 1.4e-5, 1.38e-3, weight, 4.7e-4, both)
+      for k in range(K)
+    )
+    return schedule.MeasuredCosts(stages, schedule.Link(1e-5, 1e9), (4096,) * (K - 1),
+                                  (10_000,) * K)
+
+  default = schedule.build("global", K, M, schedule="zb").split
+  for both, weight in ((3e-3, 2.19e-3), (None, 1e-3)):
+    c = costs(both, weight)
+    flow = check(conv_bn_model(K), Classification(), images, image_spec, "global", M=M,
+                 pipeline="zb", costs=c)
+    # The split `build` picks for these costs (what predict_step simulates), not the default.
+    transfer = [c.link.seconds(b) - c.link.latency for b in c.boundary_bytes]
+    want = schedule.build("global", K, M, costs=c.stages, comm=c.link.latency,
+                          transfer=transfer, schedule="zb")
+    assert flow.schedule.split == want.split != default, (flow.schedule.split, default)
+    assert flow.order == want.dispatch_order()
+    assert schedule.predict_step(c, "global", M, "zb")["schedule"].split == want.split
+    print("SPLIT", list(want.split), "measured costs" in flow.description, flush=True)
+  """
+)
+
+
+def test_dataflow_zb_with_the_split_of_measured_costs_equals_fused():
+  out = run_with_devices(COMMON + ZB_MEASURED, 3)
+  # A partial split (the last two microbatches) and a split of all; the default splits one.
+  assert out.count("EXACT") == 2, out
+  assert "SPLIT [2, 2, 2] True" in out and "SPLIT [0, 0, 0] True" in out, out
+
+
+def test_use_costs_rebuilds_zb_only():
+  _, spec, _ = image_problem()
+  tx, sched = state.make_optimizer(name="sgd", learning_rate=0.05, total_steps=10)
+  # A cheap weight-only half (0.5 f; merged 2.3 f): splitting every microbatch pays.
+  cost = schedule.StageCost(1e-3, 1e-5, 1.4e-3, 5e-4, 5e-4, 2.3e-3)
+  costs = schedule.MeasuredCosts((cost,) * 2, schedule.Link(1e-5), (4096,), (1, 1))
+  for pipeline in ("gpipe", "1f1b", "zb"):
+    ex = dataflow.DataflowExecutor(
+      conv_bn_model(2), Classification(), ilbp.strategy("global"), tx, sched, spec,
+      microbatches=4, pipeline=pipeline, devices=[jax.devices()[0]] * 2,
+    )  # fmt: skip
+    before = (ex.schedule, ex.order, ex.description)
+    changed = ex.use_costs(costs)
+    if pipeline != "zb":  # No split to choose: the schedule stays as it was.
+      assert not changed and (ex.schedule, ex.order, ex.description) == before
+      continue
+    assert changed and before[0].split == (3, 3) and ex.schedule.split == (0, 0)
+    assert ex.schedule == schedule.predict_step(costs, "global", 4, "zb")["schedule"]
+    assert "split from microbatch [0, 0] (measured costs)" in ex.description
+    with pytest.raises(ValueError, match="costs are for 2 stages, this executor has 3"):
+      dataflow.DataflowExecutor(
+        conv_bn_model(3), Classification(), ilbp.strategy("global"), tx, sched, spec,
+        microbatches=4, pipeline="zb", devices=[jax.devices()[0]] * 3,
+      ).use_costs(costs)  # fmt: skip
 
 
 RESUME = textwrap.dedent(

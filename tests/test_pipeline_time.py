@@ -2,9 +2,10 @@
 the workdir, and how both behave on resume (`ilbp.pipeline_time`)."""
 
 import json
+import textwrap
 
 import pytest
-from conftest import Preempted, build_with_batches, preempt_at, with_overrides
+from conftest import Preempted, build_with_batches, preempt_at, run_with_devices, with_overrides
 
 from experiments.configs import resnet_digits
 from ilbp import families, pipeline_time, rundir, trainer
@@ -119,6 +120,43 @@ def test_a_cache_that_no_longer_matches_is_measured_again(tmp_path, fake_measure
     _tiny(**{"total_steps": 6, "pipeline_time.microbatches": 4}), str(tmp_path)
   )
   assert fake_measure == [2, 4, 4]
+
+
+ZB_RUN = textwrap.dedent(
+  """
+  import dataclasses
+  from experiments.configs import resnet_digits
+  from ilbp import pipeline_time, trainer
+  from ilbp.execution import schedule
+
+  # Op costs with a cheap weight-only half (0.5 f; a merged call 2.3 f): splitting every
+  # microbatch pays, where the default ratios split only the last.
+  stages = (
+    schedule.StageCost(1e-3, 1e-5, 0.0, 5e-4, 5e-4, None),
+    schedule.StageCost(1e-3, 0.0, 1.4e-3, 5e-4, 5e-4, 2.3e-3),
+  )
+  costs = schedule.MeasuredCosts(stages, schedule.Link(1e-4, 1e9), (4096,), (1, 1), rows=32)
+  pipeline_time.measure = lambda *args: costs
+  config = resnet_digits.get_config("strategy=pairwise,stages=2,runlocal=1")
+  config.total_steps = 2
+  config.pipeline_time.measure, config.pipeline_time.microbatches = True, 2
+  config.execution.kind, config.execution.microbatches = "dataflow", 2
+  config.execution.schedule = "zb"
+  final = trainer.train_and_evaluate(config, WORKDIR)
+  print("STEP", final["step"])
+  print("MODEL SPLIT", list(schedule.predict_step(costs, "pairwise", 2, "zb")["schedule"].split))
+  """
+)
+
+
+def test_a_dataflow_zb_run_runs_the_split_its_costs_predict(tmp_path):
+  out = run_with_devices(f"WORKDIR = {str(tmp_path)!r}\n" + ZB_RUN, 2)
+  assert "STEP 2" in out and "MODEL SPLIT [0, 0]" in out, out
+  # Built with the default ratios' split; once the costs are in, the split they predict, the
+  # one the modelled pipeline (the run's own: M = 2, zb, continuous) is predicted with.
+  assert "zb, split from microbatch [1, 1] (relative costs)" in out, out
+  assert "M=2, zb (split from microbatch [0, 0]):" in out, out
+  assert "execution: dataflow" in out and "zb, split from microbatch [0, 0] (measured costs)" in out
 
 
 def test_off_single_stage_and_bad_settings(tmp_path, fake_measure):

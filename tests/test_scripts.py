@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from ilbp.execution import schedule
+
 
 def _run(args):
   out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
@@ -90,5 +94,56 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
   assert flow["local", "continuous", "1f1b"]["inflight_microbatches_max"] == 1
   assert flow["global", "flushed", "zb"]["inflight_microbatches_max"] == 2
   assert all(r["predicted_ms_per_step"] > 0 for r in flow.values())
-  assert (tmp_path / "gantt_local_continuous_1f1b_K2_M2.png").stat().st_size > 0
+  assert (tmp_path / "gantt_local_furthest_continuous_1f1b_K2_M2.png").stat().st_size > 0
   assert {r["strategy"] for r in rows if r["executor"] == "fused"} == {"local", "global"}
+
+
+def test_benchmark_pipeline_sweeps_combine_rules_and_runs_zb_with_its_measured_split(tmp_path):
+  path = tmp_path / "rows.json"
+  _run(
+    [
+      "scripts.benchmark_pipeline",
+      "--config=experiments/configs/benchmark.py:batch=8",
+      "--config.model.name=resnet_tiny",
+      "--microbatches=2",
+      "--strategies=local,global",
+      "--combines=furthest,sum",
+      "--executors=dataflow",
+      "--modes=flushed",
+      "--schedules=1f1b,zb",
+      "--chunks=1",
+      "--steps_per_chunk=1",
+      "--op_repeats=1",
+      f"--json_out={path}",
+    ]
+  )
+  rows = {(r["strategy"], r["combine"], r["schedule"]): r for r in json.loads(path.read_text())}
+  # Local has one plan under both rules: one row. Global's differ (sum trains with the aux
+  # losses too): a row per rule and schedule.
+  assert set(rows) == {
+    ("local", "furthest", "1f1b"),
+    ("global", "furthest", "1f1b"),
+    ("global", "furthest", "zb"),
+    ("global", "sum", "1f1b"),
+    ("global", "sum", "zb"),
+  }
+  keys = {"executor", "strategy", "combine", "schedule", "stages", "microbatches", "ms_per_step"}
+  keys |= {"predicted_ms_per_step", "bubble_fraction", "inflight_microbatches_max"}
+  assert all(keys | {"held_bytes_per_stage"} <= set(r) for r in rows.values())
+  assert rows["global", "sum", "1f1b"]["vs_global"] > 0
+  assert rows["global", "furthest", "1f1b"]["vs_global"] == 1.0  # The baseline: plain backprop.
+  for rule in ("furthest", "sum"):
+    zb = rows["global", rule, "zb"]
+    # The split chosen from the costs measured in this run, and predicted with that split.
+    assert len(zb["zb_split"]) == 2 and all(0 <= j <= 2 for j in zb["zb_split"])
+    assert f"{zb['zb_split']} (measured costs)" in zb["execution"]
+    costs = schedule.MeasuredCosts(
+      stages=tuple(schedule.StageCost(**{k: v and v / 1e3 for k, v in c.items()})
+                   for c in zb["op_costs_ms"]),
+      link=schedule.Link(zb["link"]["latency_ms"] / 1e3, zb["link"]["bandwidth_bytes_per_s"]),
+      boundary_bytes=tuple(zb["boundary_bytes"]),
+      residual_bytes=(1, 1),
+      slowdown=zb["slowdown"],
+    )  # fmt: skip
+    p = schedule.predict_step(costs, "global", 2, "zb", False, split=zb["zb_split"])
+    assert 1e3 * p["seconds_per_step"] == pytest.approx(zb["predicted_ms_per_step"], rel=0.02)

@@ -42,6 +42,10 @@ class Executor(Protocol):
   The live state is whatever `init_state` returns (a TrainState, or the SPMD executor's packed
   form); `unpack_state` / `pack_state` convert it to and from the one `TrainState` layout
   that checkpoints hold, so a run may resume under another executor.
+
+  Optional: `use_costs(costs: schedule.MeasuredCosts) -> bool`, for an executor that chooses
+  its schedule from the run's measured op costs (dataflow under zb: the split they predict
+  fastest); True when the schedule changed.
   """
 
   description: str  # One line for the console: the executor and its layout.

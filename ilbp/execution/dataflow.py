@@ -144,20 +144,62 @@ class DataflowExecutor(TrainStateIsLive):
     self.meshes = placement.stage_meshes(self.K, data_parallel, devices)
     self.replicated = [placement.replicated(m) for m in self.meshes]
     self.split = [placement.batch_sharding(m) for m in self.meshes]
-    self.schedule = schedule_lib.build(
-      strategy, self.K, microbatches, continuous, schedule=pipeline
-    )
-    self.order = self.schedule.dispatch_order()
     self.specs = model.input_specs(input_spec)
     self._host_step: int | None = None
     self._known: tuple | None = None  # (step array, rng array) of the state we returned last.
     self._rngs: list = []
     self._zeros: list = [None] * self.K  # Each stage's zero gradient sums for its next step.
+    self._run(schedule_lib.build(strategy, self.K, microbatches, continuous, schedule=pipeline))
+
+  def _run(self, sched: schedule_lib.Schedule, costs: str = "relative") -> None:
+    """Makes `sched` the schedule that `train_step` follows (its dispatch order) and says so
+    in `description`; `costs` names where its op costs came from."""
+    self.schedule, self.order = sched, sched.dispatch_order()
+    D = self.meshes[0].size
+    split = ""
+    if sched.split:  # zb: per stage, the first microbatch whose merged VJP calls are split.
+      what = "nothing split" if min(sched.split) >= self.M else "split from microbatch"
+      split = f", {what} {list(sched.split)} ({costs} costs)"
     self.description = (
-      f"dataflow: {self.K} stages x {data_parallel} device(s), {microbatches} microbatch(es), "
-      f"{'continuous' if continuous else 'flushed every step'}, {pipeline}; per-stage in-flight "
-      f"microbatches <= {list(self.schedule.caps)}"
+      f"dataflow: {self.K} stages x {D} device(s), {self.M} microbatch(es), "
+      f"{'continuous' if self.continuous else 'flushed every step'}, {sched.name}{split}; "
+      f"per-stage in-flight microbatches <= {list(sched.caps)}"
     )
+
+  def use_costs(self, costs: schedule_lib.MeasuredCosts) -> bool:
+    """Under `zb`, runs the split that measured op costs predict fastest for this model.
+
+    The schedule is rebuilt from `costs` exactly as `schedule.predict_step` builds the one it
+    simulates (`schedule.measured_schedule`, split=None), so the executor runs the split, and
+    the dispatch order, the cost model predicts for it. Every split trains alike (the same
+    sums, from one VJP call or two: tests/test_pipeline.py holds it to the fused step); only
+    the time differs. gpipe and 1f1b have no split: their schedule is left as it is. Call it
+    between steps (before the first, typically).
+
+    Args:
+      costs: op costs of this model, ideally at this executor's microbatch size
+        (`measure`, or a run's pipeline_costs.json).
+
+    Returns:
+      Whether the split or the dispatch order changed (a new split may compile VJP programs
+      on its first step).
+
+    Raises:
+      ValueError: if `costs` is not for this executor's K stages.
+    """
+    if self.schedule.name != "zb":
+      return False
+    if len(costs.stages) != self.K:
+      raise ValueError(
+        f"use_costs: the costs are for {len(costs.stages)} stages, this executor has {self.K}; "
+        "measure them on an executor of the same model split."
+      )
+    s, order = self.schedule, self.order
+    self._run(
+      schedule_lib.measured_schedule(costs, s.strategy, s.microbatches, s.name, s.continuous),
+      "measured",
+    )
+    return (self.schedule.split, self.order) != (s.split, order)
 
   # --- State ------------------------------------------------------------------------------
 

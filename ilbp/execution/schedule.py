@@ -33,6 +33,8 @@ order. The pipeline schedule (`SCHEDULES`) sets W_k and two rules:
 
 Costs are per-op durations (`StageCost`, any one unit). `predict_step` is the cost model of
 measured costs (`MeasuredCosts`, seconds): time per optimizer step and the schedule's memory.
+`measured_schedule` is the Schedule it simulates, which the dataflow executor runs once given
+the costs (`DataflowExecutor.use_costs`: under zb, the split they predict fastest).
 `relative_costs` gives ratios of one named measurement, for when nothing of the model at hand is
 measured; `closed_form` is docs/pipeline.md's closed-form table, for comparison with the
 simulation.
@@ -672,6 +674,53 @@ class MeasuredCosts:
   source: str = ""
 
 
+def measured_schedule(
+  costs: MeasuredCosts,
+  strategy: Strategy | str,
+  microbatches: int,
+  schedule: str = "1f1b",
+  continuous: bool = True,
+  split: Sequence[int] | None = None,
+) -> Schedule:
+  """The Schedule that `predict_step` simulates: `build` with the measured op costs, `comm`
+  the link's latency and each boundary's transfer its bytes over the bandwidth. Under `zb`
+  with `split=None`, the split these costs predict fastest (`build`), so an executor that
+  runs this Schedule (`DataflowExecutor.use_costs`) runs the split the cost model predicts.
+
+  Args:
+    costs: measured op costs; K = len(costs.stages).
+    strategy: a Strategy or a name.
+    microbatches: M.
+    schedule: one of `SCHEDULES`.
+    continuous: as for `build`.
+    split: zb only: as for `build`.
+
+  Returns:
+    A Schedule whose costs are in seconds.
+
+  Raises:
+    ValueError: if the byte counts do not match K, or as `build`.
+  """
+  K = len(costs.stages)
+  if len(costs.boundary_bytes) != K - 1 or len(costs.residual_bytes) != K:
+    raise ValueError(
+      f"MeasuredCosts for {K} stages needs {K - 1} boundary_bytes and {K} residual_bytes, got "
+      f"{len(costs.boundary_bytes)} and {len(costs.residual_bytes)}."
+    )
+  transfer = [costs.link.seconds(b) - costs.link.latency for b in costs.boundary_bytes]
+  return build(
+    strategy,
+    K,
+    microbatches,
+    continuous,
+    costs=costs.stages,
+    comm=costs.link.latency,
+    schedule=schedule,
+    transfer=transfer,
+    split=split,
+  )
+
+
 def predict_step(
   costs: MeasuredCosts,
   strategy: Strategy | str,
@@ -712,24 +761,7 @@ def predict_step(
     inflight_max (per stage, microbatches whose residuals are held at once),
     inflight_bytes_per_stage (those residuals' bytes), and schedule (the Schedule).
   """
-  K = len(costs.stages)
-  if len(costs.boundary_bytes) != K - 1 or len(costs.residual_bytes) != K:
-    raise ValueError(
-      f"MeasuredCosts for {K} stages needs {K - 1} boundary_bytes and {K} residual_bytes, got "
-      f"{len(costs.boundary_bytes)} and {len(costs.residual_bytes)}."
-    )
-  transfer = [costs.link.seconds(b) - costs.link.latency for b in costs.boundary_bytes]
-  sched = build(
-    strategy,
-    K,
-    microbatches,
-    continuous,
-    costs=costs.stages,
-    comm=costs.link.latency,
-    schedule=schedule,
-    transfer=transfer,
-    split=split,
-  )
+  sched = measured_schedule(costs, strategy, microbatches, schedule, continuous, split)
   shared = sched.predict(steps, slowdown=costs.slowdown)
   alone = sched.predict(steps)
   return {
