@@ -19,8 +19,8 @@ The model, its split, the batch and the optimizer come from --config (an experim
 (`ilbp.families.build_synthetic`). What this benchmark sweeps are its own flags: --stages and
 --microbatches (default: the config's K and M), --strategies, --combines (combine rules:
 furthest, sum; default the config's), --schedules (pipeline schedules: gpipe, 1f1b, zb; a row
-only where the schedule applies to the strategy, `schedule.applies`, and spmd rows for 1f1b
-only), --executors and --modes. Every (K, M) is timed, measured and predicted on its own, one
+only where the schedule applies to the strategy, `schedule.applies`), --executors and --modes
+(and --spmd_remat). Every (K, M) is timed, measured and predicted on its own, one
 after the other.
 
 Rows: every (strategy, combine rule) on every executor, where its backward plan differs from
@@ -35,7 +35,8 @@ device (no pipelining, the same M microbatches): a second, unpipelined reference
 `spmd` runs one program over a ('stage', 'data') mesh; a call runs --spmd_steps_per_call
 steps (continuous within a call), and its rows add the compiled program's memory per device
 (`memory_analysis`: arguments + outputs + temporaries - aliased) and the padding its flat
-buffers carry per device (the widest stage's state and stored-input slots, `padding`).
+buffers carry per device (the widest stage's state and stored-input slots, `padding`). Its B
+ops read the residuals their forward stored, or with --spmd_remat re-run the forward.
 Every row carries the executor's memory plan per stage (`ilbp.execution.memory`: state with
 gradient sums, its padding, in-flight activations; JSON `held_bytes_per_stage` and the rest);
 `held MB/dev` is the fullest device's state plus in-flight activations.
@@ -50,14 +51,15 @@ latency + bytes / bandwidth, and the shared-core slowdown measured on its own (n
 any row). Interleaved with the rounds, the calibration sees the same drift on a shared machine
 as the rows, but times no training step: the rows it predicts are apart from it. `in-flight`
 is the most microbatches whose residuals a stage holds at once in that simulation.
-zb (dataflow): which microbatches' merged VJP calls are split depends on the model's costs, so
+zb (dataflow and spmd): which microbatches' merged VJP calls are split depends on the model's
+costs, so
 after the warm-up one calibration (pooled the same way) chooses each zb row's split, the one
 those costs predict fastest (`DataflowExecutor.use_costs`, as `predict_step` chooses it), and
 the row is timed and predicted with that split (JSON `zb_split`: per stage, the first
 microbatch split; M: none).
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
-the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group,
-a B op that waits for a cotangent from above paying a recomputed forward).
+the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group;
+under --spmd_remat a B op that waits for a cotangent from above pays a recomputed forward).
 
 On CPU, forced devices share the machine's cores: time K = 2 on a 2-core box, and compare
 larger K with the prediction.
@@ -112,7 +114,10 @@ _SCHEDULES = flags.DEFINE_list(
   "schedules",
   ["1f1b"],
   "Pipeline schedules (gpipe, 1f1b, zb); a row only where the schedule applies to the strategy "
-  "(`schedule.applies`); spmd runs 1f1b only.",
+  "(`schedule.applies`).",
+)
+_SPMD_REMAT = flags.DEFINE_bool(
+  "spmd_remat", False, "spmd: B ops re-run the forward instead of reading stored residuals."
 )
 _MODES = flags.DEFINE_list(
   "modes", ["continuous", "flushed"], "Dataflow modes for reach < K (global is always flushed)."
@@ -152,7 +157,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
   every earlier one's (`interlock.plan_variants`: e.g. local once, whatever the rules, and a
   strategy that reaches every stage as global). A schedule gets a row only where it applies to
   the strategy (`schedule.applies`: gpipe where a gradient crosses stages, zb where the plan
-  merges both halves of a VJP call); spmd runs 1f1b only, fused no pipeline (schedule "-")."""
+  merges both halves of a VJP call); fused runs no pipeline (schedule "-")."""
   k = config.num_stages
   rows = []
   variants = plan_variants(k, _STRATEGIES.value, combines(_COMBINES.value, config.combine))
@@ -171,7 +176,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
       strat = parse_strategy(name, rule)
       is_global = strat.reach_for(k) == k
       modes = ["flushed"] if is_global or kind == "fused" else _MODES.value
-      pipelines = {"fused": ["-"], "spmd": ["1f1b"]}.get(kind, _SCHEDULES.value)
+      pipelines = ["-"] if kind == "fused" else _SCHEDULES.value
       pipelines = [p for p in pipelines if p == "-" or schedule_lib.applies(p, strat, k)]
       for mode, pipeline in itertools.product(modes, pipelines):
         args = (built.model, built.task, strat, tx, sched, built.input_spec)
@@ -183,6 +188,8 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
             microbatches=m,
             continuous=mode == "continuous" or is_global,
             steps_per_call=_SPMD_PER_CALL.value,
+            pipeline=pipeline,
+            remat=_SPMD_REMAT.value,
           )
         else:
           # Global's own dependencies flush every step; dispatching it without a host wait
@@ -253,6 +260,8 @@ def time_rows(rows: list[dict], batch: dict, seed: int) -> dict:
   def calibrate(strategies) -> dict:
     out = {}
     for s in strategies:
+      if s not in first:  # No dataflow row to measure on (the spmd rows need one).
+        continue
       row = first[s]
       jax.block_until_ready(row["state"])
       out[s] = [row["ex"].measure(row["state"], row["batch"], _REPEATS.value)]
@@ -287,21 +296,21 @@ def use_splits(rows: list[dict], calibrate) -> list[dict]:
   Returns:
     The rows whose schedule changed.
   """
-  zb = [r for r in rows if r["executor"] == "dataflow" and r["schedule"] == "zb"]
+  zb = [r for r in rows if r["executor"] in ("dataflow", "spmd") and r["schedule"] == "zb"]
   if not zb:
     return []
   measure(zb, calibrate(list(dict.fromkeys(r["s"] for r in zb))))
-  return [r for r in zb if r["ex"].use_costs(r.pop("costs"))]
+  return [r for r in zb if "costs" in r and r["ex"].use_costs(r.pop("costs"))]
 
 
 def measure(rows: list[dict], samples: dict) -> None:
   """The calibrations of `time_rows` ({Strategy: [MeasuredCosts]}) pooled into each dataflow
-  row's MeasuredCosts (`row["costs"]`, by the row's strategy and combine rule): the
+  (and spmd) row's MeasuredCosts (`row["costs"]`, by the row's strategy and combine rule): the
   forward, VJP and update programs are the same whatever the strategy, so each stage's cost of
   them is the median over every round and strategy (less noise); the loss op (which may also
   return a cotangent) is each strategy's own median over the rounds; the link and the
   shared-core slowdown are the medians over all."""
-  flow = [r for r in rows if r["executor"] == "dataflow"]
+  flow = [r for r in rows if r["executor"] in ("dataflow", "spmd")]
   if not samples:
     return
   fields = ("forward", "head", "backward_input", "backward_weight", "update")
@@ -341,7 +350,7 @@ def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
     )
     / 1e3,
     padding=pad,
-    inflight_microbatches_max=pad["slots"]["inputs"],
+    inflight_microbatches_max=max(pad["slots"]["inputs"], pad["slots"]["residuals"]),
     predicted_ms_per_step=None,
     predicted_alone_ms_per_step=None,
     bubble_fraction=None,
@@ -350,8 +359,16 @@ def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
   if not same:
     return
   costs = same[0]["costs"]
-  sched = schedule_lib.build(row["s"], ex.K, ex.M, ex.schedule.continuous, costs=costs.stages)
-  table = ticks.build(sched, ex.steps_per_call)
+  sched = schedule_lib.build(
+    row["s"],
+    ex.K,
+    ex.M,
+    ex.schedule.continuous,
+    costs=costs.stages,
+    schedule=ex.schedule.name,
+    split=ex.schedule.split or None,
+  )
+  table = ticks.build(sched, ex.steps_per_call, remat=ex.remat)
   # Every tick ends with one message over each boundary (the largest activation's).
   comm = costs.link.seconds(max(costs.boundary_bytes, default=0))
   per_step = lambda slow: (

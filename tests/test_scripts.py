@@ -82,14 +82,18 @@ def test_benchmark_pipeline_prints_measured_and_predicted_rows(tmp_path):
     groups = 1 if r["executor"] == "fused" else r["stages"]
     assert len(r["held_bytes_per_stage"]) == groups and min(r["held_bytes_per_stage"]) > 0
   flow = {(r["strategy"], r["mode"], r["schedule"]): r for r in rows if r["executor"] == "dataflow"}
-  # zb applies to global only (local has no VJP call with both halves); spmd runs 1f1b.
+  # zb applies to global only (local has no VJP call with both halves), on both pipelines.
   assert set(flow) == {
     ("local", "continuous", "1f1b"),
     ("local", "flushed", "1f1b"),
     ("global", "flushed", "1f1b"),
     ("global", "flushed", "zb"),
   }
-  assert {r["schedule"] for r in rows if r["executor"] == "spmd"} == {"1f1b"}
+  spmd = {(r["strategy"], r["mode"], r["schedule"]): r for r in rows if r["executor"] == "spmd"}
+  assert set(spmd) == set(flow)
+  # spmd's global B ops read stored residuals: a slot per microbatch in flight, no recompute.
+  assert spmd["global", "flushed", "zb"]["padding"]["slots"]["residuals"] == 2
+  assert all(r["predicted_ms_per_step"] > 0 for r in spmd.values())
   assert flow["global", "flushed", "1f1b"]["vs_global"] == 1.0
   assert flow["local", "continuous", "1f1b"]["inflight_microbatches_max"] == 1
   assert flow["global", "flushed", "zb"]["inflight_microbatches_max"] == 2

@@ -44,6 +44,7 @@ restore reads each stage straight onto its devices (`state_target`), with nothin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -354,6 +355,35 @@ class SpmdExecutor:
     """The jitted program for `batch`'s step count, lowered (for HLO and memory analysis)."""
     inputs, targets = batch
     return self._program(inputs, targets).lower(st, inputs, targets)
+
+  def use_costs(self, costs: schedule_lib.MeasuredCosts) -> bool:
+    """Under `zb`, runs the split that measured op costs predict fastest for this model, as
+    `DataflowExecutor.use_costs` does (`schedule.measured_schedule`); the programs are built
+    again on the next call. gpipe and 1f1b have no split: nothing changes.
+
+    Returns:
+      Whether the split changed.
+
+    Raises:
+      ValueError: if `costs` is not for this executor's K stages.
+    """
+    s = self.schedule
+    if s.name != "zb":
+      return False
+    if len(costs.stages) != self.K:
+      raise ValueError(
+        f"use_costs: the costs are for {len(costs.stages)} stages, this executor has {self.K}; "
+        "measure them on an executor of the same model split."
+      )
+    new = schedule_lib.measured_schedule(costs, s.strategy, s.microbatches, s.name, s.continuous)
+    if new.split == s.split:
+      return False
+    self.schedule = new
+    self.spec = dataclasses.replace(self.spec, schedule=new)
+    self._programs.clear()
+    base = self.description.split("; zb split")[0]
+    self.description = f"{base}; zb split from microbatch {list(new.split)} (measured costs)"
+    return True
 
   def table(self, steps: int) -> ticks.TickTable:
     """The tick table of a call of `steps` optimizer steps."""
