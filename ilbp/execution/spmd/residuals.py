@@ -122,28 +122,26 @@ class Residuals:
         "on shapes; the stored-residual layout does not fit. Set config.execution.remat=True "
         "(the B op re-runs the forward) and report the model."
       )
-    parts: dict[str, list] = {}
-    stored = [leaf for leaf, src in zip(leaves, found, strict=True) if src is None]
-    for leaf, (buf, _, _, _) in zip(stored, layout.stored, strict=True):
-      flat = leaf.reshape(self.rows, -1) if buf.endswith("/rows") else leaf.reshape(-1)
-      parts.setdefault(buf, []).append(flat)
     bufs = dict(bufs)
-    for buf, flats in parts.items():
-      row = jnp.concatenate(flats, axis=-1)
-      pad = self.widths[buf] - row.shape[-1]
-      row = jnp.pad(row, [(0, 0)] * (row.ndim - 1) + [(0, pad)])
-      start = (slot,) + (slot * 0,) * row.ndim  # One int type for every index.
-      bufs[buf] = lax.dynamic_update_slice(bufs[buf], row[None].astype(bufs[buf].dtype), start)
+    stored = [leaf for leaf, src in zip(leaves, found, strict=True) if src is None]
+    for leaf, (buf, offset, _, _) in zip(stored, layout.stored, strict=True):
+      # Each leaf into its columns of the slot's row: no concatenated copy of the residuals.
+      if buf.endswith("/rows"):
+        value, start = leaf.reshape(1, self.rows, -1), (slot, slot * 0, slot * 0 + offset)
+      else:
+        value, start = leaf.reshape(1, -1), (slot, slot * 0 + offset)
+      bufs[buf] = lax.dynamic_update_slice(bufs[buf], value.astype(bufs[buf].dtype), start)
     return bufs
 
   def load(self, k: int, bufs: dict, slot, params, x):
     """Stage k's VJP of the microbatch in `slot`, with its parameters and input `x`."""
     layout = self.layouts[k]
-    rows = {buf: lax.dynamic_index_in_dim(b, slot, 0, keepdims=False) for buf, b in bufs.items()}
     stored = []
     for buf, offset, shape, _ in layout.stored:
-      n = _width(buf, shape, self.rows)
-      stored.append(rows[buf][..., offset : offset + n].reshape(shape))
+      n, b = _width(buf, shape, self.rows), bufs[buf]
+      start = (slot, slot * 0, slot * 0 + offset)[: b.ndim]
+      size = (1, self.rows, n) if buf.endswith("/rows") else (1, n)
+      stored.append(lax.dynamic_slice(b, start, size).reshape(shape))
     p, xs = jax.tree.leaves(params), jax.tree.leaves(x)
     leaves = [{"param": p, "input": xs, "stored": stored}[kind][i] for kind, i in layout.sources]
     return jax.tree.unflatten(layout.treedef, leaves)
