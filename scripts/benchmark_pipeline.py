@@ -345,6 +345,8 @@ def predict_spmd(row: dict, flow: list[dict], batch_size: int) -> None:
   pad = ex.padding(batch_size)
   row.update(
     memory_mb_per_device=(used - mem.alias_size_in_bytes) / 1e6,
+    zb_split=list(ex.schedule.split),
+    remat=ex.remat,
     padding_kb_per_device=(
       max(pad["state_padding_bytes_per_stage"]) + max(pad["slot_padding_bytes_per_stage"])
     )

@@ -139,8 +139,10 @@ class Residuals:
     stored = []
     for buf, offset, shape, _ in layout.stored:
       n, b = _width(buf, shape, self.rows), bufs[buf]
-      start = (slot, slot * 0, slot * 0 + offset)[: b.ndim]
-      size = (1, self.rows, n) if buf.endswith("/rows") else (1, n)
+      if buf.endswith("/rows"):
+        start, size = (slot, slot * 0, slot * 0 + offset), (1, self.rows, n)
+      else:
+        start, size = (slot, slot * 0 + offset), (1, n)
       stored.append(lax.dynamic_slice(b, start, size).reshape(shape))
     p, xs = jax.tree.leaves(params), jax.tree.leaves(x)
     leaves = [{"param": p, "input": xs, "stored": stored}[kind][i] for kind, i in layout.sources]
