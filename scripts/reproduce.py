@@ -3,8 +3,10 @@
   python -m scripts.reproduce --suite quick --out runs/quick            # 56 min on a 2-core CPU
   python -m scripts.reproduce --suite cifar10 --out /mnt/bucket/cifar10 --dry_run
   python -m scripts.reproduce --suite quick --out /tmp/smoke --smoke    # tiny, end to end
+  python -m scripts.reproduce --suite frontier --budget=time --pipeline_microbatches=4 \
+      --out runs/frontier_m4                                            # docs/frontier.md
 
-The suites (`quick`, `cifar10`, `cifar100`, `imagenet`, `lm1b`: which configs, strategy
+The suites (`quick`, `frontier`, `cifar10`, `cifar100`, `imagenet`, `lm1b`: which configs, strategy
 variants and seeds) are defined in `experiments/suites.py`; this module runs them. `--dry_run`
 prints a suite's runs and the command of each; every invocation first prints how many runs it
 selected and how long the suite (or, under `--smoke`, its smoke version) takes.
@@ -74,7 +76,7 @@ from ilbp.strategy import strategy as parse_strategy
 from scripts import reproduce_report
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("suite", None, "Suite to run: quick, cifar10, cifar100, imagenet, lm1b.")
+flags.DEFINE_string("suite", None, "Suite to run: " + ", ".join(SUITES) + ".")
 flags.DEFINE_string("out", None, "Directory holding one workdir per run, the table and plots.")
 flags.DEFINE_list("only", [], "Run only the runs whose name matches one of these globs.")
 flags.DEFINE_bool("dry_run", False, "Print the runs' commands and exit.")
