@@ -286,7 +286,8 @@ def _timed_cells(r: dict) -> list[str]:
   p = r["pipeline"]
   if not p:
     return ["—"] * 6
-  fmt = lambda v: "—" if v is None or math.isnan(v) else f"{v:.2f}"
+  # + 0.0: a -0.0 (global's 0 over a negative difference) prints as 0.00.
+  fmt = lambda v: "—" if v is None or math.isnan(v) else f"{round(v, 2) + 0.0:.2f}"
   return [
     p["schedule"],
     f"{1e3 * p['seconds_per_step']:.2f}",
@@ -415,7 +416,7 @@ def plot_tradeoff(rows: list[dict], microbatches: int, path: str) -> None:
   if measured:
     rows = [{**r, "modelled": 1e3 * r["pipeline"]["seconds_per_step"]} for r in rows]
     m = rows[0]["pipeline"]["microbatches"]
-    what = f"ms, measured op costs; K={K}, M={m}, each strategy's schedule"
+    what = f"ms; measured op costs, K={K}, M={m}"
   else:
     what = f"units of one stage forward; K={K}, M={microbatches}, relative-cost model"
   fig = Figure(figsize=(7.5, 5), dpi=110)

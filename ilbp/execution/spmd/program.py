@@ -27,8 +27,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ilbp.execution.schedule import Schedule
+from ilbp.execution.spmd import residuals
 from ilbp.execution.spmd.flat import FlatLayout
-from ilbp.execution.spmd.residuals import Residuals
 from ilbp.execution.spmd.ticks import TickTable, is_own
 from ilbp.execution.spmd.vocab import VocabSplit
 from ilbp.execution.stage import Stage, Where, named_sums, sum_squares
@@ -165,21 +165,33 @@ def keeps_own(spec: ProgramSpec) -> list[bool]:
   ]
 
 
-def stored_residuals(spec: ProgramSpec, table: TickTable, rows: int, inputs=None) -> Residuals:
+def stored_residuals(
+  spec: ProgramSpec, table: TickTable, rows: int, inputs=None
+) -> residuals.Residuals:
   """The stored-residual layout of `table`'s program: the stages whose separate B ops read
   what their forward stored (none under remat). `inputs` as for `input_specs`."""
   needed = [False] * spec.num_stages
   if not table.remat:
     for (_, k), g in table.groups.items():
       needed[k] = needed[k] or not g.forward
-  return Residuals(
-    spec.stages,
-    [a.params["stage"] for a in spec.abstract],
-    [a.model_state["stage"] for a in spec.abstract],
-    input_specs(spec, rows, inputs),
-    rows,
-    needed,
-  )
+  x_specs, traced = input_specs(spec, rows, inputs), {}
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  for k, stage in enumerate(spec.stages):
+    if not needed[k]:
+      continue
+    out = {}
+
+    def probe(p, s, key, x, stage=stage, out=out):
+      a, vjp, _ = stage.forward(p, s, Where(key, jnp.int32(0), jnp.int32(0)), x)
+      leaves, out["treedef"] = jax.tree.flatten(vjp)
+      out["found"] = residuals.sources(leaves, p, x)
+      return a, leaves
+
+    abstract = spec.abstract[k]
+    args = (abstract.params["stage"], abstract.model_state["stage"], key, x_specs[k])
+    a, leaves = jax.eval_shape(probe, *args)
+    traced[k] = (a.dtype, leaves, out["treedef"], out["found"])
+  return residuals.Residuals(traced, rows)
 
 
 def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -> Callable:

@@ -31,8 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ilbp.execution.stage import Stage, Where
-
 PyTree = Any
 
 
@@ -59,7 +57,8 @@ def _buffer(leaf, rows: int) -> str:
   return f"{np.dtype(leaf.dtype).name}{'/rows' if per_row else ''}"
 
 
-def _sources(leaves, params, x) -> list:
+def sources(leaves, params, x) -> list:
+  """Per VJP leaf: ("param", i) / ("input", i) where it *is* that leaf, else None."""
   ids = {id(p): ("param", i) for i, p in enumerate(jax.tree.leaves(params))}
   ids.update({id(v): ("input", i) for i, v in enumerate(jax.tree.leaves(x))})
   return [ids.get(id(leaf)) for leaf in leaves]
@@ -69,21 +68,19 @@ class Residuals:
   """The stored-residual layout of every stage that needs one (module doc).
 
   Args:
-    stages: the K `Stage`s.
-    params, states: per stage, its {"stage"} parameters and statistics as shapes.
-    inputs: per stage, its input as shapes (a pytree), at the microbatch's rows.
+    traced: {k: (output dtype, VJP leaves as shapes, VJP tree structure, `sources` of the
+      leaves)} for each stage whose B ops read stored residuals: its forward traced on shapes
+      (`program.stored_residuals` traces it, so that the stage layer is called from the
+      program alone).
     rows: examples per microbatch (global, inside the program).
-    needed: per stage, whether any B op reads stored residuals.
   """
 
-  def __init__(self, stages, params, states, inputs, rows: int, needed):
+  def __init__(self, traced: dict, rows: int):
     self.rows = rows
     self.layouts: dict[int, StageResiduals] = {}
     widths: dict[str, int] = {}
-    for k, stage in enumerate(stages):
-      if not needed[k]:
-        continue
-      layout = _trace(stage, params[k], states[k], inputs[k], rows)
+    for k, (out_dtype, leaves, treedef, found) in traced.items():
+      layout = _layout(out_dtype, leaves, treedef, found, rows)
       self.layouts[k] = layout
       used: dict[str, int] = {}
       for buf, offset, shape, _ in layout.stored:
@@ -111,7 +108,7 @@ class Residuals:
     """Writes stage k's stored leaves of `vjp` (its forward's, on `params` and `x`) to `slot`."""
     layout = self.layouts[k]
     leaves = jax.tree.leaves(vjp)
-    found = _sources(leaves, params, x)
+    found = sources(leaves, params, x)
     expected = [None if s[0] == "stored" else s for s in layout.sources]
     shapes = [(leaf.shape, leaf.dtype) for leaf in leaves]
     traced = [(s[2], s[3]) for s in layout.stored]
@@ -154,20 +151,10 @@ def _width(buf: str, shape, rows: int) -> int:
   return size // rows if buf.endswith("/rows") else size
 
 
-def _trace(stage: Stage, params, state, x, rows: int) -> StageResiduals:
-  """Stage k's forward on shapes: its VJP's structure and where each leaf comes from."""
-  out = {}
-
-  def probe(p, s, key, x):
-    a, vjp, _ = stage.forward(p, s, Where(key, jnp.int32(0), jnp.int32(0)), x)
-    leaves, out["treedef"] = jax.tree.flatten(vjp)
-    out["found"] = _sources(leaves, p, x)
-    return a, leaves
-
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  a, leaves = jax.eval_shape(probe, params, state, key, x)
+def _layout(out_dtype, leaves, treedef, found, rows: int) -> StageResiduals:
+  """Where each VJP leaf of a stage traced on shapes lives."""
   sources, stored, offsets, j = [], [], {}, 0
-  for leaf, src in zip(leaves, out["found"], strict=True):
+  for leaf, src in zip(leaves, found, strict=True):
     if src is not None:
       sources.append(src)
       continue
@@ -177,4 +164,4 @@ def _trace(stage: Stage, params, state, x, rows: int) -> StageResiduals:
     stored.append((buf, offset, tuple(leaf.shape), leaf.dtype))
     sources.append(("stored", j))
     j += 1
-  return StageResiduals(out["treedef"], tuple(sources), tuple(stored), a.dtype)
+  return StageResiduals(treedef, tuple(sources), tuple(stored), out_dtype)
