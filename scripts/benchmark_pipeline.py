@@ -58,8 +58,9 @@ those costs predict fastest (`DataflowExecutor.use_costs`, as `predict_step` cho
 the row is timed and predicted with that split (JSON `zb_split`: per stage, the first
 microbatch split; M: none).
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
-the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's group;
-under --spmd_remat a B op that waits for a cotangent from above pays a recomputed forward).
+the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's work,
+a B group and an F group of another microbatch side by side in the steady state; under
+--spmd_remat a B op that waits for a cotangent from above pays a recomputed forward).
 
 On CPU, forced devices share the machine's cores: time K = 2 on a 2-core box, and compare
 larger K with the prediction.
@@ -72,7 +73,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -552,11 +552,7 @@ def main(argv: list[str]) -> None:
     raise ValueError(
       f"--stages={max(stages)} needs {max(stages)} devices; {jax.device_count()} are visible."
     )
-  device = jax.devices()[0]
-  print(
-    f"jax {jax.__version__} | {jax.default_backend()} | {jax.device_count()} x "
-    f"{device.device_kind} | {os.cpu_count()} CPU cores | python {platform.python_version()}"
-  )
+  print(timing.machine())
   print(f"config: {config_flags.get_config_filename(flags.FLAGS['config'])}")
   out = []
   for k in stages:
@@ -566,6 +562,8 @@ def main(argv: list[str]) -> None:
       out += benchmark(cfg, m, config.seed)
   print(f"total {time.perf_counter() - wall:.1f} s")
   if _JSON_OUT.value:
+    for row in out:
+      row["machine"] = timing.machine()
     files.write_text(_JSON_OUT.value, json.dumps(out, indent=1))
     print(f"wrote {len(out)} rows to {_JSON_OUT.value}")
 

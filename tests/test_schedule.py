@@ -194,6 +194,20 @@ def test_zb_with_measured_ratios_splits_only_the_drain_and_beats_1f1b_at_k4():
   assert build("global", 4, 8, schedule="zb", split=(0,) * 4).predict()["time_per_step"] > one
 
 
+def test_zb_chooses_its_split_under_the_shared_core_slowdown():
+  # Devices that share cores: a bubble lends its cores to the busy stage, so filling it gains
+  # less. The split chosen is the fastest under the slowdown it is chosen for.
+  for slowdown in (1.0, 1.5, 2.0):
+    zb = build("global", 2, 8, schedule="zb", slowdown=slowdown)
+
+    def time(split, slowdown=slowdown):
+      sched = build("global", 2, 8, schedule="zb", split=split)
+      return sched.predict(3, slowdown=slowdown)["time_per_step"]
+
+    assert time(zb.split) <= min(time((j, j)) for j in range(9)) * (1 + 1e-9), slowdown
+  assert build("global", 2, 8, schedule="zb", slowdown=2.0).split == (8, 8)  # none pays
+
+
 def test_which_schedules_apply():
   assert applies("1f1b", "local", 4) and not applies("gpipe", "local", 4)
   assert not applies("zb", "local", 4)

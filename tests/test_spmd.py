@@ -48,7 +48,12 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
   steps = 2
   table = ticks.build(sched, steps, remat=remat)
   tick_of = {}
-  for (t, k), g in table.groups.items():
+  for gs in table.groups.values():
+    # At most a B group and an F group (of another microbatch), the B group first; at most
+    # one cotangent down per boundary and tick.
+    assert [g.forward for g in gs] in ([True], [False], [False, True]), gs
+    assert sum(any(b.passes for b in g.backward) for g in gs) <= 1, gs
+  for (t, k), g in table.parts():
     assert g.stage == k
     ops = [schedule.Forward(k, g.microbatch, g.step), schedule.Loss(k, g.microbatch, g.step)]
     ops = ops if g.forward else []
@@ -74,13 +79,13 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
   # Stored inputs: each arrives (end of the sender's tick) into the slot its readers use, and
   # no slot holds two live microbatches at once.
   f, spans = table.fields, {}
-  for (t, k), g in table.groups.items():
+  for (t, k), g in table.parts():
     if g.forward and k + 1 < K:
       key = (k + 1, int(f["x_store"][t, k + 1]), g.step, g.microbatch)
       spans[key] = [t + 0.5, t + 0.5]
-  for (t, k), g in table.groups.items():
+  for (t, k), g in table.parts():
     if k > 0:
-      key = (k, int(f["x_slot"][t, k]), g.step, g.microbatch)
+      key = (k, int(f["x_slot" if g.forward else "b_x_slot"][t, k]), g.step, g.microbatch)
       assert key in spans and spans[key][0] < t, (key, t)
       spans[key][1] = max(spans[key][1], t)
   for k in range(1, K):
@@ -91,10 +96,13 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
   # Stored residuals (no remat): every B op in a group of its own reads the slot its forward
   # wrote, and no slot holds two live microbatches; under remat nothing is stored.
   spans = {}
-  for (t, k), g in table.groups.items():
+  for (t, k), g in table.parts():
     if g.forward and int(f["res_store"][t, k]) < table.res_slots:
-      spans[k, int(f["res_store"][t, k]), g.step, g.microbatch] = [t, t]
-  for (t, k), g in table.groups.items():
+      spans[k, int(f["res_store"][t, k]), g.step, g.microbatch] = [
+        t + 0.5,
+        t + 0.5,
+      ]  # After the tick's B group.
+  for (t, k), g in table.parts():
     if not g.forward:
       if remat:
         assert int(f["res_slot"][t, k]) == table.res_slots == 0
@@ -199,6 +207,22 @@ def test_transformer_blocks_are_stacked_and_only_stage_extras_padded():
   # Adam's moments follow the parameters (stacked alike).
   opt = FlatLayout([s.opt_state for s in stages])
   assert opt.stacked_bytes() >= 2 * params.stacked_bytes()
+
+
+@pytest.mark.parametrize("pipeline", ["1f1b", "zb"])
+def test_a_tick_runs_a_forward_beside_a_backward_in_the_steady_state(pipeline):
+  # K = 2, global, M = 8: one group per tick takes 2 ticks per microbatch on stage 1 (F, then
+  # B once the cotangent is back); an F group beside a B group takes one, as dataflow does.
+  sched = schedule.build(
+    "global", 2, 8, False, schedule=pipeline, split=[6, 6] if pipeline == "zb" else None
+  )
+  merged = ticks.build(sched, 1, remat=False)
+  apart = ticks.build(sched, 1, remat=False, merge=False)
+  assert merged.num_ticks < apart.num_ticks
+  assert any(len(gs) == 2 for gs in merged.groups.values())
+  assert all(len(gs) == 1 for gs in apart.groups.values())
+  flow = sched.predict(3)["time_per_step"]
+  assert ticks.predict_time(merged, sched) < 1.1 * flow < ticks.predict_time(apart, sched)
 
 
 def test_call_size_falls_back_to_one_step_around_evals_checkpoints_and_the_end():

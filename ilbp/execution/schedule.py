@@ -551,6 +551,7 @@ def build(
   schedule: str = "1f1b",
   transfer: Sequence[float] = (),
   split: Sequence[int] | None = None,
+  slowdown: float = 1.0,
 ) -> Schedule:
   """The pipeline schedule of one strategy.
 
@@ -571,6 +572,9 @@ def build(
       same count j on every stage; no split at all if none is faster). Two VJP calls cost more
       than one merged call (docs/pipeline.md), so splitting pays only where the stage below
       would otherwise wait: in the drain, ZB-H1's bubble.
+    slowdown: `zb` with `split=None` only: the shared-core slowdown (`predict`) the split is
+      chosen under. On devices that share cores an idle stage lends its cores to the busy one,
+      so a bubble costs less and filling it gains less than the split's extra VJP call costs.
 
   Returns:
     A Schedule.
@@ -627,8 +631,7 @@ def build(
   best, best_time = None, math.inf
   for j in range(microbatches + 1):  # j microbatches split, the last ones.
     sched = make((microbatches - j,) * num_stages)
-    tl = sched.simulate(3)
-    t = tl.step_end(2) - tl.step_end(0)
+    t = sched.predict(3, slowdown=slowdown)["time_per_step"]
     if t < best_time - 1e-9 * max(1.0, t):
       best, best_time = sched, t
   return best
@@ -685,7 +688,8 @@ def measured_schedule(
   """The Schedule that `predict_step` simulates: `build` with the measured op costs, `comm`
   the link's latency and each boundary's transfer its bytes over the bandwidth. Under `zb`
   with `split=None`, the split these costs predict fastest (`build`), so an executor that
-  runs this Schedule (`DataflowExecutor.use_costs`) runs the split the cost model predicts.
+  runs this Schedule (`DataflowExecutor.use_costs`) runs the split the cost model predicts,
+  shared-core slowdown included.
 
   Args:
     costs: measured op costs; K = len(costs.stages).
@@ -718,6 +722,7 @@ def measured_schedule(
     schedule=schedule,
     transfer=transfer,
     split=split,
+    slowdown=costs.slowdown,
   )
 
 

@@ -3,8 +3,10 @@
 Inside one `jax.jit`, a `shard_map` that is manual over 'stage' runs a `lax.scan` over the
 ticks of a static table (`ticks.py`, laid out from `ilbp.execution.schedule`'s ops,
 dependencies and policy). At each tick every stage `lax.switch`es on its table entry to one
-branch per kind of op group — F(k, m) with H(k, m) and the B ops that need only its own loss;
-or one other B op; U joining the group of its last dependency — and then every boundary's
+branch per kind of tick — a B group (one B op that waits for a cotangent from above) and/or an
+F group of another microbatch (F(k, m) with H(k, m) and the B ops that need only its own
+loss), so that in the steady state a stage runs a backward beside a forward every tick; U
+after the groups of the tick of its last dependency — and then every boundary's
 message moves one hop with its own `ppermute` (activations up, cotangents down, each the size
 of that boundary's activation, after an `optimization_barrier`). The branches call the same
 per-stage layer as the other executors (`ilbp.execution.stage`), so the routing rule lives

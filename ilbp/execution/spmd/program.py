@@ -1,14 +1,14 @@
-"""The SPMD executor's program: one branch per kind of op group, the tick, the scan over ticks.
+"""The SPMD executor's program: one branch per kind of tick, the tick, the scan over ticks.
 
 `make` returns `call(state, inputs, targets) -> (state, metrics)` for `jax.jit`: a `shard_map`
 manual over 'stage' (the 'data' axis is left to XLA's partitioner, see `executor.py`) whose body
 scans over the ticks of a `ticks.TickTable`. Per tick, each device looks up its stage's entry,
-`lax.switch`es to that branch (0 idles), puts an `optimization_barrier` after the compute, and
-then moves every boundary's activation up and cotangent down with one `ppermute` each, storing
-what arrives in the slot the table names. Inside the shard_map, batch dimensions are global.
-The branches run the per-stage layer (`Stage.forward`, `loss`, `backward`, `update`,
-`evaluate`), as the other executors do. Everything a program needs comes in one frozen
-`ProgramSpec`, built once by the executor.
+`lax.switch`es to that branch (0 idles; others run its B group, then its F group), puts an
+`optimization_barrier` after the compute, and then moves every boundary's activation up and
+cotangent down with one `ppermute` each, storing what arrives in the slot the table names.
+Inside the shard_map, batch dimensions are global. The branches run the per-stage layer
+(`Stage.forward`, `loss`, `backward`, `update`, `evaluate`), as the other executors do.
+Everything a program needs comes in one frozen `ProgramSpec`, built once by the executor.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def stored_residuals(
   what their forward stored (none under remat). `inputs` as for `input_specs`."""
   needed = [False] * spec.num_stages
   if not table.remat:
-    for (_, k), g in table.groups.items():
-      needed[k] = needed[k] or not g.forward
+    for (_, k), groups in table.groups.items():
+      needed[k] = needed[k] or any(not g.forward for g in groups)
   x_specs, traced = input_specs(spec, rows, inputs), {}
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   for k, stage in enumerate(spec.stages):
@@ -239,33 +239,61 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     carry[name] = store(carry[name], slot, cot)
 
   messages = functools.partial(spec.messages, rows)
-  # The cotangent w.r.t. stage 1's looked-up rows, out of the switch (a scalar: no table split).
-  rows_shape = (rows, *spec.specs[0].shape[1:], vs.width) if vs else ()
+  # The cotangents w.r.t. stage 1's looked-up rows, out of the switch: its F group's and its B
+  # group's (a scalar: no table split).
+  rows_shape = (2, rows, *spec.specs[0].shape[1:], vs.width) if vs else ()
   no_rows = lambda: jnp.zeros(rows_shape, jnp.float32)
 
   def make_branch(kind, step0, rng, inputs, targets):
-    k, forward, backward = kind
+    """A tick's groups on one stage: a B group (one B op, on stored residuals or a recomputed
+    forward) and/or, after it, an F group of another microbatch (F, H and the B ops on its
+    own VJP)."""
+    k = kind[0][0]
     stage = stages[k]
+    parts = {"F" if forward else "B": backward for _, forward, backward in kind}
+
+    def stage_input(carry, s, m, slot, rows):
+      if k == 0:  # The tokens, or (a split table) their rows, looked up at the tick's start.
+        return carry[rows] if vs else _index(inputs, s, m)
+      return read(carry["xs"], slot, k)
+
+    def run_backward(carry, vjp, arrived, op, down, d_rows, part):
+      sums = lp.unpack(k, carry["grads"], "stage")
+      sums, passed, d_x = stage.backward(vjp, arrived, sums, op, keep_input=True)
+      if op.params:
+        carry["grads"] = lp.write(k, carry["grads"], "stage", sums)
+        if k == 0 and vs:  # The F (0) or the B group's (1) tokens' rows.
+          d_rows = d_rows.at[part].set(d_x.astype(jnp.float32))
+      for cot in passed.values():
+        down[k - 1] = cot.astype(act_dtype)
+      return d_rows
 
     def branch(carry, mine):
       carry = dict(carry)
-      s, m = mine["step"], mine["microbatch"]
-      step = step0 + s
       params = lp.unpack(k, carry["params"])
       state = lm.unpack(k, carry["model_state"])
-      if k == 0:  # The tokens, or (a split table) their rows, looked up at the tick's start.
-        x = carry["rows"] if vs else _index(inputs, s, m)
-      else:
-        x = read(carry["xs"], mine["x_slot"], k)
-      where = Where(rng, step, m)
       up, down, d_rows = messages(), messages(), no_rows()
-      if forward or table.remat:  # A B op under remat re-runs the forward.
+      if "B" in parts:
+        s, m = mine["b_step"], mine["b_microbatch"]
+        x = stage_input(carry, s, m, mine["b_x_slot"], "b_rows")
+        if table.remat:  # Re-runs the forward (its statistics discarded).
+          where = Where(rng, step0 + s, m)
+          a, vjp, _ = stage.forward(params["stage"], state["stage"], where, x)
+          out_dtype = a.dtype
+        else:  # Reads the residuals its forward stored.
+          vjp = res.load(k, carry["res"], mine["res_slot"], params["stage"], x)
+          out_dtype = res.layouts[k].out_dtype
+        (op,) = parts["B"]
+        arrived = {
+          j: read_cot(carry, mine["cot_slots"][n], k).astype(out_dtype)
+          for n, j in enumerate(op.losses)
+        }
+        d_rows = run_backward(carry, vjp, arrived, op, down, d_rows, 1)
+      if "F" in parts:
+        s, m = mine["step"], mine["microbatch"]
+        where = Where(rng, step0 + s, m)
+        x = stage_input(carry, s, m, mine["x_slot"], "rows")
         a, vjp, new_stage = stage.forward(params["stage"], state["stage"], where, x)
-        out_dtype = a.dtype
-      else:  # A B op reads the residuals its forward stored.
-        vjp = res.load(k, carry["res"], mine["res_slot"], params["stage"], x)
-        out_dtype = res.layouts[k].out_dtype
-      if forward:
         if needed[k]:
           carry["res"] = res.store(k, carry["res"], mine["res_store"], vjp, params["stage"], x)
         sums = lp.unpack(k, carry["grads"], "head")
@@ -279,26 +307,12 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
         carry["msums"] = carry["msums"] + jnp.stack(
           [jnp.asarray(metrics[n], jnp.float32) for n in head_names]
         )
-        arrived = {} if cot is None else {k: cot}
         if keeps[k]:
           store_cot(carry, mine["own_slot"], k, cot)
         if k < K - 1:
           up[k] = a.astype(act_dtype)
-      else:
-        (op,) = backward
-        arrived = {
-          j: read_cot(carry, mine["cot_slots"][n], k).astype(out_dtype)
-          for n, j in enumerate(op.losses)
-        }
-      for op in backward:
-        sums = lp.unpack(k, carry["grads"], "stage")
-        sums, passed, d_x = stage.backward(vjp, arrived, sums, op, keep_input=True)
-        if op.params:
-          carry["grads"] = lp.write(k, carry["grads"], "stage", sums)
-          if k == 0 and vs:
-            d_rows = d_x.astype(jnp.float32)
-        for cot in passed.values():
-          down[k - 1] = cot.astype(act_dtype)
+        for op in parts["F"]:
+          d_rows = run_backward(carry, vjp, {k: cot}, op, down, d_rows, 0)
       return carry, tuple(up), tuple(down), d_rows
 
     return branch
@@ -376,7 +390,7 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     if vs:
       carry["vocab"] = first(vocab)
       carry["vgrads"] = jnp.zeros((vs.rows, vs.width), vs.dtype)
-      carry["rows"] = no_rows()
+      carry["rows"] = carry["b_rows"] = no_rows()[0]
       carry["vnorms"] = jnp.zeros((2,), jnp.float32)
     stage = lax.axis_index("stage")
     branches = [idle] + [make_branch(kd, step0, rng, inputs, targets) for kd in table.kinds]
@@ -384,16 +398,20 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
 
     def tick(carry, fields):
       mine = {name: v[stage] for name, v in fields.items()}
-      if vs:  # The rows of the tokens stage 1 works on this tick, on every stage.
+      if vs:  # The rows of the tokens stage 1's F and B groups work on this tick, everywhere.
+        table_rows = carry["vocab"]["table"]
         tokens = _index(inputs, fields["step"][0], fields["microbatch"][0])
-        carry["rows"] = vs.lookup(carry["vocab"]["table"], tokens)
+        carry["rows"] = vs.lookup(table_rows, tokens)
+        b_tokens = _index(inputs, fields["b_step"][0], fields["b_microbatch"][0])
+        carry["b_rows"] = vs.lookup(table_rows, b_tokens)
       carry, up, down, d_rows = lax.switch(mine["branch"], branches, carry, mine)
       if vs:  # Stage 1's weight-gradient op's cotangent w.r.t. the rows, into every piece.
         d_rows = lax.psum(d_rows, "stage")
-        carry["vgrads"] = vs.add_grads(carry["vgrads"], tokens, d_rows)
+        carry["vgrads"] = vs.add_grads(carry["vgrads"], tokens, d_rows[0])
+        carry["vgrads"] = vs.add_grads(carry["vgrads"], b_tokens, d_rows[1])
         carry = update_pieces(carry, fields)
       # U(k) when the group completes the step's gradients (a branch per stage, not per kind).
-      carry = lax.switch(mine["update"] * (stage + 1), updates, carry, mine["step"])
+      carry = lax.switch(mine["update"] * (stage + 1), updates, carry, mine["u_step"])
       # Compute first, then the collectives: a collective scheduled mid-tick serialises stages.
       carry, up, down = lax.optimization_barrier((carry, up, down))
       for b in range(K - 1):

@@ -1,7 +1,7 @@
 """The schedule on a lock-step clock: what every stage does at every tick of the SPMD program.
 
-The SPMD executor (`executor.py`) runs one `lax.scan` over ticks; at each tick every
-stage runs at most one *group* of ops and then messages move one hop. The ops, their
+The SPMD executor (`executor.py`) runs one `lax.scan` over ticks; at each tick every stage runs
+at most one B *group* of ops and one F group, and then messages move one hop. The ops, their
 dependencies and the stage-local policy (priorities, in-flight caps) are `schedule.py`'s; this
 module only lays them out on ticks:
 
@@ -9,13 +9,18 @@ module only lays them out on ticks:
      the stage above take one tick; H, U and the B ops that consume only the stage's own loss
      take none. This fixes each stage's order of ops, under any pipeline schedule (gpipe,
      1f1b, zb: `Schedule.plan_for` gives each microbatch's B ops).
-  2. Ops are grouped into what one tick runs on one stage: F(k, m) with its H(k, m) and the
-     B(k, m) ops that need only the stage's own loss (they run on the forward's VJP, so the
-     stage output and its own cotangent are never stored); each other B op alone; U joins the
-     group of its last dependency.
+  2. Ops are grouped: an F group is F(k, m) with its H(k, m) and the B(k, m) ops that need
+     only the stage's own loss (they run on the forward's VJP, so the stage output and its own
+     cotangent are never stored); a B group is any other B op alone; U joins the tick of its
+     last dependency and runs after that tick's groups.
   3. Ticks are assigned as soon as possible in that order: a group runs one tick after every
-     group it depends on (a message sent at the end of tick t is there at tick t + 1), and
-     after the stage's previous group.
+     group it depends on (a message sent at the end of tick t is there at tick t + 1), and no
+     earlier than the stage's previous group. A tick holds at most one B group and one F group
+     of another microbatch (run in that order, so in flight stays within the schedule's cap),
+     of which at most one sends a cotangent down: in the steady state of 1F1B a stage runs one
+     forward beside one backward every tick, as its own device would without the clock (K = 2,
+     global, M = 8: 30 ticks instead of 48). Without that (`merge=False`) a stage that waits a
+     tick for each cotangent spends every other tick on one op alone.
   4. Buffer slots: each stage input that a later tick reads (stages k > 0: the activation
      that arrived), each cotangent that waits for a later B op, and (without remat) the VJP
      residuals a forward stores for its later B ops get a slot from an interval colouring
@@ -68,17 +73,17 @@ class TickTable:
 
   Attributes:
     num_ticks: T, the scan length.
-    groups: {(tick, stage): Group}.
-    kinds: the distinct `Group.kind`s, in a fixed order (branch 1 + i runs kinds[i]; branch 0
-      idles).
+    groups: {(tick, stage): (Group, ...)}: a B group, an F group, or a B group then an F group.
+    kinds: the distinct tuples of `Group.kind`s of one tick on one stage, in a fixed order
+      (branch 1 + i runs kinds[i]; branch 0 idles).
     fields: per-(tick, stage) int32 arrays [T, K] (or [T, K, n]): `branch`, `update` (1 when
-      U follows, else 0), `step`,
-      `microbatch`, `x_slot` (the stage input's slot), `cot_slots` (one per loss the group's
-      separate B op consumes), `own_slot` (where F stores its own loss's cotangent for a later
-      B op), `x_store` / `cot_store` (where a message arriving this tick is stored),
-      `res_store` (where F stores its VJP residuals) / `res_slot` (where a separate B op reads
-      them). Unused entries point at the spare slot (index x_slots / cot_slots / res_slots),
-      which nothing reads.
+      U follows, else 0) and `u_step` (its step); the F group's `step`, `microbatch`, `x_slot`
+      (its stage input's slot), `own_slot` (where F stores its own loss's cotangent for a later
+      B op) and `res_store` (where F stores its VJP residuals); the B group's `b_step`,
+      `b_microbatch`, `b_x_slot`, `cot_slots` (one per loss its B op consumes) and `res_slot`
+      (where it reads its residuals); `x_store` / `cot_store` (where a message arriving this
+      tick is stored). Unused entries point at the spare slot (index x_slots / cot_slots /
+      res_slots), which nothing reads.
     x_slots: slots for stored stage inputs (per stage, the most held at once, over stages).
     cot_slots: slots for stored cotangents.
     res_slots: slots for stored VJP residuals (0 with remat).
@@ -97,6 +102,11 @@ class TickTable:
   bwd_sends: np.ndarray
   res_slots: int = 0
   remat: bool = True
+
+  def parts(self) -> list[tuple[tuple[int, int], Group]]:
+    """Every group, as ((tick, stage), group), in the order the program runs them (a tick's B
+    group before its F group)."""
+    return _parts(self.groups)
 
 
 def is_own(schedule: Schedule, b: BackwardOp, k: int) -> bool:
@@ -117,7 +127,7 @@ def _tick_duration(schedule: Schedule):
   return duration
 
 
-def build(schedule: Schedule, steps: int, remat: bool = True) -> TickTable:
+def build(schedule: Schedule, steps: int, remat: bool = True, merge: bool = True) -> TickTable:
   """Lays `steps` consecutive optimizer steps of `schedule` out on ticks (module docstring).
 
   Args:
@@ -125,6 +135,7 @@ def build(schedule: Schedule, steps: int, remat: bool = True) -> TickTable:
     steps: optimizer steps in one call; the pipeline is empty at the start and end of a call.
     remat: a B op in a group of its own re-runs the forward (True), or reads the residuals
       its forward stored (False: residual slots are allocated).
+    merge: a B group and an F group may share a tick (step 3); False: one group per tick.
 
   Returns:
     A TickTable.
@@ -155,8 +166,12 @@ def build(schedule: Schedule, steps: int, remat: bool = True) -> TickTable:
     for o in ops:
       group_of[o] = key
 
-  # 3. Ticks, as soon as possible in that order.
+  # 3. Ticks, as soon as possible in that order. A stage's groups keep their order; a group
+  # may share its predecessor's tick when one is an F group and the other a B group on another
+  # microbatch and at most one of them sends a cotangent down (one message per boundary and
+  # direction per tick): in the steady state a tick runs one forward and one backward.
   tick, last = {}, [-1] * K
+  kinds_at: dict[tuple[int, int], list] = {}  # (tick, stage) -> the groups' keys
   u_tick: dict[Op, int] = {}
 
   def dep_tick(dep: Op) -> int:
@@ -166,44 +181,65 @@ def build(schedule: Schedule, steps: int, remat: bool = True) -> TickTable:
       return u_tick[dep]
     return tick[group_of[dep]]
 
+  def passes_down(key) -> bool:
+    return any(isinstance(o, Backward) and o.backward.passes for o in members[key])
+
+  def shares(key, t: int) -> bool:
+    others = kinds_at.get((t, key[1]), [])
+    if not merge or len(others) != 1 or others[0][0] == key[0]:
+      return False
+    return not (passes_down(others[0]) and passes_down(key))
+
   for key in anchors:
-    t = last[key[1]] + 1
+    k, t = key[1], 0
     for op in members[key]:
       for dep in schedule.dependencies(op):
         if group_of.get(dep) != key:
           t = max(t, dep_tick(dep) + 1)
-    tick[key] = last[key[1]] = t
+    t = max(t, last[k]) if t <= last[k] and shares(key, last[k]) else max(t, last[k] + 1)
+    tick[key] = last[k] = t
+    kinds_at.setdefault((t, k), []).append(key)
   for s in range(steps):
     for k in range(K):
       dep_tick(Update(k, None, s))
 
-  groups = {}
+  groups: dict[tuple[int, int], tuple[Group, ...]] = {}
   for key in anchors:
     ops = members[key]
     first = ops[0]
     backward = tuple(o.backward for o in ops if isinstance(o, Backward))
-    groups[tick[key], first.stage] = Group(
-      first.stage, first.step, first.microbatch, isinstance(first, Forward), backward
-    )
+    g = Group(first.stage, first.step, first.microbatch, isinstance(first, Forward), backward)
+    at = tick[key], first.stage
+    # The B group first: the program runs a tick's B group, then its F group, so a slot the B
+    # group reads last can take what the F group stores (in flight: the schedule's cap).
+    groups[at] = tuple(sorted((*groups.get(at, ()), g), key=lambda g: g.forward))
   for u, t in u_tick.items():
-    g = groups[t, u.stage]
-    assert g.step == u.step, (u, g)
-    groups[t, u.stage] = dataclasses.replace(g, update=True)
+    parts = groups[t, u.stage]
+    # U joins the tick of its last dependency and runs after its groups, all of its step (a
+    # group of the next step depends on U).
+    assert all(g.step == u.step for g in parts), (u, parts)
+    groups[t, u.stage] = (*parts[:-1], dataclasses.replace(parts[-1], update=True))
   T = max(t for t, _ in groups) + 1
   return _with_slots(schedule, groups, T, remat)
+
+
+def _parts(groups: dict):
+  """Every group of a table's {(tick, stage): groups}, as ((tick, stage), group)."""
+  return [(at, g) for at, parts in groups.items() for g in parts]
 
 
 def _with_slots(schedule, groups, T, remat) -> TickTable:
   """Allocates buffer slots and fills the per-tick arrays."""
   K = schedule.num_stages
-  width = max((len(b.losses) for g in groups.values() for b in g.backward), default=1)
+  parts = _parts(groups)
+  width = max((len(b.losses) for _, g in parts for b in g.backward), default=1)
   # Intervals per stage: (start, end, key); start is half a tick later for a message stored
   # after the tick's compute, so a slot whose last reader runs in that tick can take it.
   x_iv = [[] for _ in range(K)]
   cot_iv = [[] for _ in range(K)]
   res_iv = [[] for _ in range(K)]
   readers: dict = {}  # (buffer, k, s, m[, j]) -> last tick that reads it
-  for (t, k), g in groups.items():
+  for (t, k), g in parts:
     sm = (g.step, g.microbatch)
     if k > 0:
       readers["x", k, *sm] = max(readers.get(("x", k, *sm), -1), t)
@@ -216,15 +252,16 @@ def _with_slots(schedule, groups, T, remat) -> TickTable:
   fwd_sends = np.zeros((T, max(K - 1, 0)), bool)
   bwd_sends = np.zeros((T, max(K - 1, 0)), bool)
   writers = {}
-  for (t, k), g in groups.items():
+  for (t, k), g in parts:
     sm = (g.step, g.microbatch)
     if g.forward and k < K - 1:
       fwd_sends[t, k] = True
       writers["x", k + 1, *sm] = t + 0.5
+    # F's own cotangent and residuals: after the tick's B group (half a tick on).
     if g.forward and ("c", k, *sm, k) in readers:
-      writers["c", k, *sm, k] = t
+      writers["c", k, *sm, k] = t + 0.5
     if g.forward and ("r", k, *sm) in readers:
-      writers["r", k, *sm] = t  # In the forward's tick; one group per stage and tick.
+      writers["r", k, *sm] = t + 0.5
     for b in g.backward:
       for j in b.passes:
         bwd_sends[t, k - 1] = True
@@ -238,41 +275,34 @@ def _with_slots(schedule, groups, T, remat) -> TickTable:
   slot_of.update(cot_of)
   slot_of.update(res_of)
 
-  kinds = tuple(sorted({g.kind for g in groups.values()}, key=repr))
+  kinds = tuple(sorted({tuple(g.kind for g in gs) for gs in groups.values()}, key=repr))
   lossw = max(width, 1)
-  f = {
-    name: np.zeros((T, K), np.int32)
-    for name in (
-      "branch",
-      "update",
-      "step",
-      "microbatch",
-      "x_slot",
-      "own_slot",
-      "x_store",
-      "cot_store",
-      "res_store",
-      "res_slot",
-    )
-  }
+  names = ("branch", "update", "u_step", "step", "microbatch", "b_step", "b_microbatch")
+  slots = ("x_slot", "b_x_slot", "own_slot", "x_store", "cot_store", "res_store", "res_slot")
+  f = {name: np.zeros((T, K), np.int32) for name in names + slots}
   f["cot_slots"] = np.full((T, K, lossw), cot_slots, np.int32)
-  for name, spare in (("x_slot", x_slots), ("x_store", x_slots)):
-    f[name][:] = spare
+  for name in ("x_slot", "b_x_slot", "x_store"):
+    f[name][:] = x_slots
   for name in ("own_slot", "cot_store"):
     f[name][:] = cot_slots
   for name in ("res_store", "res_slot"):
     f[name][:] = res_slots
-  for (t, k), g in groups.items():
+  for (t, k), gs in groups.items():
+    f["branch"][t, k] = 1 + kinds.index(tuple(g.kind for g in gs))
+    f["update"][t, k] = int(gs[-1].update)
+    f["u_step"][t, k] = gs[-1].step
+  for (t, k), g in parts:
     sm = (g.step, g.microbatch)
-    f["branch"][t, k] = 1 + kinds.index(g.kind)
-    f["update"][t, k] = int(g.update)
-    f["step"][t, k], f["microbatch"][t, k] = sm
-    if k > 0:
-      f["x_slot"][t, k] = slot_of["x", k, *sm]
-    if g.forward:
+    if g.forward:  # The F group's fields.
+      f["step"][t, k], f["microbatch"][t, k] = sm
+      if k > 0:
+        f["x_slot"][t, k] = slot_of["x", k, *sm]
       f["own_slot"][t, k] = slot_of.get(("c", k, *sm, k), cot_slots)
       f["res_store"][t, k] = slot_of.get(("r", k, *sm), res_slots)
-    else:
+    else:  # The B group's.
+      f["b_step"][t, k], f["b_microbatch"][t, k] = sm
+      if k > 0:
+        f["b_x_slot"][t, k] = slot_of["x", k, *sm]
       (b,) = g.backward
       for n, j in enumerate(b.losses):
         f["cot_slots"][t, k, n] = slot_of["c", k, *sm, j]
@@ -305,9 +335,9 @@ def _colour(per_stage: list[list[tuple]]) -> tuple[dict, int]:
 def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) -> float:
   """The cost model of a lock-step program: time of one call of `table`, in the costs' unit.
 
-  Every tick lasts as long as its slowest stage's group: the sum of its ops' durations
-  (`schedule.duration`, from `schedule.costs`), plus a forward for a group without one (the B
-  op's recompute). Ticks where two or more stages are busy take `slowdown` times as long
+  Every tick lasts as long as its slowest stage: the sum of its groups' ops' durations
+  (`schedule.duration`, from `schedule.costs`), plus, under remat, a forward for a B group
+  (the B op's recompute). Ticks where two or more stages are busy take `slowdown` times as long
   (devices sharing cores; 1 on accelerators), as in `Schedule.predict`. Without remat a B op
   reads its stored residuals: no recompute.
 
@@ -318,14 +348,16 @@ def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) ->
   for t in range(table.num_ticks):
     busy = []
     for k in range(schedule.num_stages):
-      g = table.groups.get((t, k))
-      if g is None:
-        continue
-      ops = [Forward(k, g.microbatch, g.step), Loss(k, g.microbatch, g.step)] if g.forward else []
-      ops += [Backward(k, g.microbatch, g.step, b) for b in g.backward]
-      ops += [Update(k, None, g.step)] if g.update else []
-      recompute = schedule.costs[k].forward if table.remat and not g.forward else 0.0
-      busy.append(recompute + sum(schedule.duration(op) for op in ops))
+      time = 0.0
+      for g in table.groups.get((t, k), ()):
+        ops = [Forward(k, g.microbatch, g.step), Loss(k, g.microbatch, g.step)]
+        ops = ops if g.forward else []
+        ops += [Backward(k, g.microbatch, g.step, b) for b in g.backward]
+        ops += [Update(k, None, g.step)] if g.update else []
+        recompute = schedule.costs[k].forward if table.remat and not g.forward else 0.0
+        time += recompute + sum(schedule.duration(op) for op in ops)
+      if (t, k) in table.groups:
+        busy.append(time)
     if busy:
       total += max(busy) * (slowdown if len(busy) > 1 else 1.0)
   return total
