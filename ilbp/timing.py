@@ -6,6 +6,8 @@ blocks on the call's outputs (`jax.block_until_ready`) before it stops the clock
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -46,3 +48,33 @@ def iqr(values: list[float]) -> float:
     return 0.0
   q1, _, q3 = statistics.quantiles(values, n=4)
   return q3 - q1
+
+
+def machine() -> str:
+  """The machine in words, for the header of every benchmark's figures.
+
+  XLA:CPU picks other kernels on other CPUs (AVX2 or AVX-512, AMD or Intel), so a CPU figure
+  means little without the CPU's model and vector extensions beside it: e.g.
+  "jax 0.10.2 | cpu: 2 x cpu | AMD EPYC (avx2), 2 cores | python 3.12.3".
+  """
+  model, exts = platform.processor() or platform.machine(), []
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    info = ""
+  for line in info.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "model name":
+      model = value.strip()
+    elif key.strip() == "flags":
+      flags = set(value.split())
+      exts = [e for e in ("avx512f", "avx2", "neon", "asimd") if e in flags]
+      break
+  cpu = f"{model} ({', '.join(exts)})" if exts else model
+  devices = jax.devices()
+  return (
+    f"jax {jax.__version__} | {jax.default_backend()}: {len(devices)} x "
+    f"{devices[0].device_kind} | {cpu}, {os.cpu_count()} cores | "
+    f"python {platform.python_version()}"
+  )

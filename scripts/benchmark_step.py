@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -236,10 +235,7 @@ def main(argv: list[str]) -> None:
   k = model.num_stages
   device = jax.devices()[0]
 
-  print(
-    f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.device_count()} x "
-    f"{device.device_kind} (step runs on one) | python {platform.python_version()}"
-  )
+  print(f"{timing.machine()} (the step runs on one device)")
   print(f"model: {desc}")
   print(
     f"batch {config.batch_size} | K={k} stages | combine={config.combine} | optimizer "

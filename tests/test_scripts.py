@@ -151,3 +151,29 @@ def test_benchmark_pipeline_sweeps_combine_rules_and_runs_zb_with_its_measured_s
     )  # fmt: skip
     p = schedule.predict_step(costs, "global", 2, "zb", False, split=zb["zb_split"])
     assert 1e3 * p["seconds_per_step"] == pytest.approx(zb["predicted_ms_per_step"], rel=0.02)
+
+
+def test_benchmark_memory_runs_each_executor_in_its_own_process(tmp_path):
+  path = tmp_path / "mem.json"
+  stdout = _run(
+    [
+      "scripts.benchmark_memory",
+      "--config=experiments/configs/benchmark.py:batch=8",
+      "--config.model.name=resnet_tiny",
+      "--microbatches=2",
+      "--executors=dataflow,spmd",
+      "--chunks=1",
+      "--steps_per_chunk=2",
+      "--spmd_steps_per_call=2",
+      f"--json_out={path}",
+    ]
+  )
+  assert "cores" in stdout.splitlines()[0]  # The machine is named above the figures.
+  rows = {r["executor"]: r for r in json.loads(path.read_text())}
+  assert set(rows) == {"dataflow", "spmd"}
+  for r in rows.values():
+    assert r["stages"] == 2 and r["microbatches"] == 2 and r["schedule"] == "1f1b"
+    assert r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0 and r["plan_mb_per_device_max"] > 0
+  # Each child is its own process: each reports its own peak, not the parent's.
+  assert rows["dataflow"]["peak_rss_mb"] != rows["spmd"]["peak_rss_mb"]
+  assert "\nspmd " in stdout and "1.00x" in stdout  # dataflow's own ratio.
