@@ -16,6 +16,9 @@
   results.csv  the same numbers, one row per (experiment, split, strategy, combine); `seeds`
                is, as in table.md, how many seeds the mean and sd are over
   runs.csv     every run's own final metrics (one row per run and split), naming its seed
+  curves.csv   every run's evaluations (one row per run, split and evaluated step): the step,
+               its modelled pipeline seconds where the run logged them, and every head's
+               metric, so the curves can be drawn again once the workdirs are gone
   plots/       <exp>_<split>_heads.png: each head's metric vs modelled pipeline time
                (pipeline/seconds; vs step for runs without it), mean with a ±1 sd band;
                <exp>_<split>_tradeoff.png: output metric vs modelled time per step (the
@@ -342,6 +345,25 @@ def write_runs_csv(table: list[dict], path: str) -> None:
         w.writerow(row)
 
 
+def write_curves_csv(table: list[dict], path: str) -> None:
+  """Every run's evaluations: the points each curve is drawn through."""
+  K = max((r["stages"] for r in table), default=0)
+  fields = ["experiment", "split", "strategy", "combine", "seed", "metric", "step"]
+  fields += ["pipeline_seconds", *(f"head{k}" for k in range(1, K + 1))]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    for r in table:
+      for seed, points in r["curves"].items():
+        times = r["times"].get(seed, {})
+        for step, values in points:
+          row = {key: r[key] for key in ("experiment", "split", "strategy", "combine")}
+          row |= {"seed": seed, "metric": r["kind"], "step": step}
+          row["pipeline_seconds"] = times.get(step)
+          row |= {f"head{k}": v for k, v in enumerate(values, 1)}
+          w.writerow(row)
+
+
 def _axis_label(kind: str, split: str) -> str:
   return f"{SPLIT_NAMES[split]} " + ("accuracy (%)" if kind == "accuracy" else "perplexity")
 
@@ -453,16 +475,18 @@ def plot_tradeoff(rows: list[dict], microbatches: int, path: str) -> None:
 
 
 def write(out: str, *, suite: str, runs, missing: list[str], microbatches: int = 8) -> list[str]:
-  """Writes table.md, results.csv, runs.csv and the plots; returns their paths, table first."""
+  """Writes table.md, results.csv, runs.csv, curves.csv and the plots; returns their paths,
+  table first."""
   table = aggregate(runs, out, microbatches)
   plots = os.path.join(out, "plots")
   os.makedirs(plots, exist_ok=True)
   written = [os.path.join(out, "table.md"), os.path.join(out, "results.csv")]
-  written.append(os.path.join(out, "runs.csv"))
+  written += [os.path.join(out, "runs.csv"), os.path.join(out, "curves.csv")]
   with open(written[0], "w") as f:
     f.write(markdown(table, suite, missing, microbatches))
   write_csv(table, written[1])
   write_runs_csv(table, written[2])
+  write_curves_csv(table, written[3])
   for exp, split in dict.fromkeys((r["experiment"], r["split"]) for r in table):
     rows = [r for r in table if (r["experiment"], r["split"]) == (exp, split)]
     written.append(os.path.join(plots, f"{exp}_{SPLIT_NAMES[split]}_heads.png"))

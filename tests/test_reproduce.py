@@ -287,6 +287,16 @@ def test_report_mean_sd_gap_and_splits(tmp_path):
   assert seeds[("pairwise", "sum", "eval")] == "2"  # How many seeds, as table.md's column says.
   with open(tmp_path / "runs.csv") as f:
     assert sorted({r["seed"] for r in csv.DictReader(f)}) == ["0", "1"]
+  with open(tmp_path / "curves.csv") as f:
+    points = list(csv.DictReader(f))
+  # Every evaluation of every run, so the curves can be drawn again without the workdirs:
+  # pairwise (sum) ends at 6 (seed 0) and 8 (seed 1), halfway there at step 10.
+  pairwise = {
+    (p["seed"], p["step"]): float(p["head4"])
+    for p in points
+    if (p["strategy"], p["combine"], p["split"]) == ("pairwise", "sum", "eval")
+  }
+  assert pairwise == {("0", "10"): 3.0, ("0", "20"): 6.0, ("1", "10"): 4.0, ("1", "20"): 8.0}
 
 
 def test_curves_have_whole_step_ticks(tmp_path):
