@@ -534,6 +534,19 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
       f"forward while all {k} stages run theirs at once (devices sharing cores; ~1 on "
       "accelerators)."
     )
+  same = lambda r: (r["executor"], r["strategy"], r["combine"], r["mode"])
+  orders = {
+    (*same(r), r["schedule"]): r["schedule_obj"].dispatch_order()
+    for r in rows
+    if "schedule_obj" in r
+  }
+  for r in rows:
+    zb, one = orders.get((*same(r), "zb")), orders.get((*same(r), "1f1b"))
+    if r["schedule"] == "zb" and zb is not None and zb == one:
+      print(
+        f"zb ({r['executor']}, {r['strategy']}, {r['combine']}): no microbatch split pays under "
+        "these costs, so it runs 1f1b's op order; its time differs from 1f1b's by noise alone."
+      )
   return out
 
 
