@@ -565,7 +565,8 @@ def main(argv: list[str]) -> None:
     raise ValueError(
       f"--stages={max(stages)} needs {max(stages)} devices; {jax.device_count()} are visible."
     )
-  print(timing.machine())
+  where = timing.machine()
+  print(where)
   print(f"config: {config_flags.get_config_filename(flags.FLAGS['config'])}")
   out = []
   for k in stages:
@@ -576,7 +577,7 @@ def main(argv: list[str]) -> None:
   print(f"total {time.perf_counter() - wall:.1f} s")
   if _JSON_OUT.value:
     for row in out:
-      row["machine"] = timing.machine()
+      row["machine"] = where
     files.write_text(_JSON_OUT.value, json.dumps(out, indent=1))
     print(f"wrote {len(out)} rows to {_JSON_OUT.value}")
 

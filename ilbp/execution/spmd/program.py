@@ -399,16 +399,19 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     def tick(carry, fields):
       mine = {name: v[stage] for name, v in fields.items()}
       if vs:  # The rows of the tokens stage 1's F and B groups work on this tick, everywhere.
-        table_rows = carry["vocab"]["table"]
-        tokens = _index(inputs, fields["step"][0], fields["microbatch"][0])
-        carry["rows"] = vs.lookup(table_rows, tokens)
-        b_tokens = _index(inputs, fields["b_step"][0], fields["b_microbatch"][0])
-        carry["b_rows"] = vs.lookup(table_rows, b_tokens)
+        # Both groups' tokens in one lookup (one psum), F's first as in d_rows.
+        tokens = jnp.stack(
+          [
+            _index(inputs, fields["step"][0], fields["microbatch"][0]),
+            _index(inputs, fields["b_step"][0], fields["b_microbatch"][0]),
+          ]
+        )
+        looked_up = vs.lookup(carry["vocab"]["table"], tokens)
+        carry["rows"], carry["b_rows"] = looked_up[0], looked_up[1]
       carry, up, down, d_rows = lax.switch(mine["branch"], branches, carry, mine)
       if vs:  # Stage 1's weight-gradient op's cotangent w.r.t. the rows, into every piece.
         d_rows = lax.psum(d_rows, "stage")
-        carry["vgrads"] = vs.add_grads(carry["vgrads"], tokens, d_rows[0])
-        carry["vgrads"] = vs.add_grads(carry["vgrads"], b_tokens, d_rows[1])
+        carry["vgrads"] = vs.add_grads(carry["vgrads"], tokens, d_rows)
         carry = update_pieces(carry, fields)
       # U(k) when the group completes the step's gradients (a branch per stage, not per kind).
       carry = lax.switch(mine["update"] * (stage + 1), updates, carry, mine["u_step"])
