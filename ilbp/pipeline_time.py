@@ -115,6 +115,7 @@ def cache_key(config: ml_collections.ConfigDict, where: str) -> dict:
     "batch_size": config.batch_size,
     "num_stages": config.num_stages,
     "microbatches": s.microbatches if s else None,
+    "residuals": config.execution.get("residuals", "all"),
     "devices": where,
   }
   return json.loads(json.dumps(key, default=str))
@@ -349,6 +350,7 @@ def measure(
     continuous=s.continuous,
     data_parallel=d,
     devices=devices,
+    residuals=config.execution.get("residuals", "all"),
   )
   fresh = timer.init_state(jax.random.PRNGKey(0))
   costs = timer.measure(fresh, timer.put_batch(batch), s.repeats, slowdown=distinct)

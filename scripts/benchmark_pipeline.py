@@ -180,8 +180,11 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
       pipelines = [p for p in pipelines if p == "-" or schedule_lib.applies(p, strat, k)]
       for mode, pipeline in itertools.product(modes, pipelines):
         args = (built.model, built.task, strat, tx, sched, built.input_spec)
+        residuals = config.execution.residuals
         if kind == "fused":
-          ex = fused.FusedExecutor(*args, microbatches=m, devices=jax.devices()[:1])
+          ex = fused.FusedExecutor(
+            *args, microbatches=m, devices=jax.devices()[:1], residuals=residuals
+          )
         elif kind == "spmd":
           ex = SpmdExecutor(
             *args,
@@ -190,6 +193,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
             steps_per_call=_SPMD_PER_CALL.value,
             pipeline=pipeline,
             remat=_SPMD_REMAT.value,
+            residuals=residuals,
           )
         else:
           # Global's own dependencies flush every step; dispatching it without a host wait
@@ -200,6 +204,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
             continuous=mode == "continuous" or is_global,
             pipeline=pipeline,
             data_parallel=1,
+            residuals=residuals,
           )
         label = "-" if kind == "fused" else mode
         rows.append(

@@ -37,12 +37,14 @@ COMMON = textwrap.dedent(
                                    weight_decay=1e-4)
 
   def check(model, task, batch, spec, name, combine="furthest", M=4, continuous=True, D=1,
-            pipeline="1f1b", costs=None):
+            pipeline="1f1b", costs=None, residuals="matmuls"):
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
-    fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1])
+    # The reference keeps every residual jax.vjp keeps; the pipeline (by default) only the
+    # matmul and conv outputs, recomputing the rest in its B ops: the same training.
+    fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:1], residuals="all")
     flow = dataflow.DataflowExecutor(*args, microbatches=M, continuous=continuous,
-                                     data_parallel=D, pipeline=pipeline)
+                                     data_parallel=D, pipeline=pipeline, residuals=residuals)
     if costs is not None:  # The schedule measured costs predict fastest (zb: their split).
       flow.use_costs(costs)
     rng = jax.random.PRNGKey(1)
@@ -62,7 +64,8 @@ COMMON = textwrap.dedent(
     assert_evaluated_alike(*jax.device_get((fused.eval_step(a, batch), flow.eval_step(b, batch))))
     # The first microbatch whose merged VJP calls zb splits (M: none).
     split = min(flow.schedule.split, default=M)
-    print("EXACT", model.num_stages, name, combine, M, continuous, D, pipeline, split, flush=True)
+    print("EXACT", model.num_stages, name, combine, M, continuous, D, pipeline, split, residuals,
+          flush=True)
     return flow
 
   images, image_spec, rng = image_problem()
@@ -87,7 +90,10 @@ CONV_BN_EVERY_PLAN = textwrap.dedent(
         usable = [p for p in ("gpipe", "zb", "1f1b") if schedule.applies(p, strat, K)]
         pipeline = usable[turn % len(usable)]
         turn += len(usable) > 1
-        check(model, Classification(), images, image_spec, name, combine, pipeline=pipeline)
+        # K = 2 keeps every residual (as jax.vjp does); K = 3, 4 the matmul outputs only.
+        residuals = "all" if K == 2 else "matmuls"
+        check(model, Classification(), images, image_spec, name, combine, pipeline=pipeline,
+              residuals=residuals)
   print("PLANS", len(seen))
   """
 )
@@ -253,6 +259,7 @@ def test_dataflow_resume_equals_uninterrupted_and_resumes_under_fused(tmp_path):
     ({"execution.kind": "dataflow"}, "JAX_NUM_CPU_DEVICES=3"),
     ({"execution.gradients": "autodiff"}, "engine, spec"),
     ({"execution.schedule": "zero_bubble"}, "valid: gpipe, 1f1b, zb"),
+    ({"execution.residuals": "some"}, "residuals='some'; valid: all, matmuls"),
     ({"execution.kind": "dataflow", "execution.remat": True}, "remat=True is for kind='spmd'"),
     ({"execution.kind": "dataflow", "execution.gradients": "spec"}, "only with"),
     ({"execution.data_parallel": 5}, "devices are visible"),
@@ -285,7 +292,8 @@ BINARIES = textwrap.dedent(
                       ("transformer", "transformer_stdlib.py:strategy=local,stages=4,runlocal=1")):
     cmd = [sys.executable, "-m", f"experiments.{binary}", "--config",
            f"experiments/configs/{cfg}", "--workdir", f"{root}/{binary}",
-           "--config.execution.kind=dataflow", "--config.execution.microbatches=2"]
+           "--config.execution.kind=dataflow", "--config.execution.microbatches=2",
+           "--config.execution.residuals=matmuls"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "execution: dataflow" in out.stdout and "[eval] step" in out.stdout, out.stdout

@@ -255,13 +255,14 @@ COMMON = textwrap.dedent(
                                    weight_decay=1e-4)
 
   def check(model, task, batch, spec, name, combine="furthest", M=4, D=1, S=1, evaluate=False,
-            pipeline="1f1b", remat=False):
+            pipeline="1f1b", remat=False, residuals="matmuls"):
     strat = ilbp.strategy(name, combine)
     args = (model, task, strat, tx, sched, spec)
-    # The reference splits each microbatch over the same D devices (the same reductions).
-    fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D])
+    # The reference splits each microbatch over the same D devices (the same reductions) and
+    # keeps every residual jax.vjp keeps; spmd (by default) only the matmul and conv outputs.
+    fused = FusedExecutor(*args, microbatches=M, devices=jax.devices()[:D], residuals="all")
     ex = SpmdExecutor(*args, microbatches=M, data_parallel=D, steps_per_call=S,
-                      pipeline=pipeline, remat=remat)
+                      pipeline=pipeline, remat=remat, residuals=residuals)
     rng = jax.random.PRNGKey(1)
     a, b = fused.init_state(rng), ex.init_state(rng)
     # Stage k's packed row lives on stage k's D devices only; so does its unpacked state.
@@ -286,7 +287,8 @@ COMMON = textwrap.dedent(
     assert_trained_alike(a, bt, ma, mb)
     if evaluate:  # Compiles K + 1 more programs: once is enough.
       assert_evaluated_alike(*jax.device_get((fused.eval_step(a, batch), ex.eval_step(b, batch))))
-    print("EXACT", model.num_stages, name, combine, M, D, S, pipeline, remat, flush=True)
+    print("EXACT", model.num_stages, name, combine, M, D, S, pipeline, remat, residuals,
+          flush=True)
 
   images, image_spec, rng = image_problem()
   """
@@ -297,12 +299,14 @@ COVERING = textwrap.dedent(
   # K = 4 on the conv + BatchNorm model: every reach and both combine rules between them;
   # 3 steps per call for local and 3wise, so stages run into the next step without a flush;
   # every pipeline schedule (zb splits 3wise's last microbatch), B ops reading the residuals
-  # their forward stored.
+  # their forward stored: every residual (pairwise: bool ReLU masks in slots of their own) or
+  # the conv outputs only.
   model = conv_bn_model(4)
-  for name, combine, S, pipeline in (("local", "furthest", 3, "1f1b"),
-                                     ("pairwise", "sum", 1, "gpipe"),
-                                     ("3wise", "furthest", 3, "zb")):
-    check(model, Classification(), images, image_spec, name, combine, S=S, pipeline=pipeline)
+  for name, combine, S, pipeline, residuals in (("local", "furthest", 3, "1f1b", "matmuls"),
+                                                ("pairwise", "sum", 1, "gpipe", "all"),
+                                                ("3wise", "furthest", 3, "zb", "matmuls")):
+    check(model, Classification(), images, image_spec, name, combine, S=S, pipeline=pipeline,
+          residuals=residuals)
   # K = 2, D = 2, 3 steps per call, remat: the real ResNet family (conv heads with BatchNorm;
   # at K = 2 pairwise is global: every stage but the last recomputes), computed in float64
   # (parameters stay float32): in float32 a reduction order's last bits flip the ReLUs of

@@ -105,6 +105,11 @@ def base_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # spmd: a backward that waits for a cotangent from above re-runs its forward (True: holds
   # only the stage input per in-flight microbatch) or reads the residuals the forward stored.
   c.execution.remat = False
+  # What each stage's forward keeps for its backward, in every executor: "all" (every residual
+  # jax.vjp keeps) or "matmuls" (the outputs of matrix products and convolutions; norms,
+  # activations and dropout masks are recomputed from them in the backward: ~4x fewer bytes
+  # per in-flight microbatch on resnet20, some recompute time; docs/pipeline.md).
+  c.execution.residuals = "all"
 
   # The modelled pipeline time (`ilbp.pipeline_time`): per-stage op costs measured once at the
   # start (cached in the workdir: a resume reuses them) and pipeline/seconds, the modelled time

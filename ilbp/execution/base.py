@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from ilbp import placement
+from ilbp.execution.stage import RESIDUALS
 from ilbp.state import TrainState
 
 KINDS = ("fused", "dataflow", "spmd")
@@ -129,6 +130,9 @@ class ExecutionConfig:
       (`ilbp.execution.spmd.vocab`); the other executors hold it whole on stage 1.
     remat: spmd: a B op that waits for a cotangent from above re-runs its forward instead of
       reading the residuals the forward stored (less memory, one more forward per such op).
+    residuals: what each stage's forward keeps for its backward, every executor alike: "all"
+      (everything `jax.vjp` keeps) or "matmuls" (matrix-product and convolution outputs; the
+      elementwise ops between them are recomputed in the backward); `stage.RESIDUALS`.
   """
 
   kind: str
@@ -141,6 +145,7 @@ class ExecutionConfig:
   schedule: str = "1f1b"
   vocab_parallel: bool = True
   remat: bool = False
+  residuals: str = "all"
 
   @property
   def devices(self) -> list:
@@ -200,6 +205,13 @@ class ExecutionConfig:
         "executor keeps every in-flight microbatch's residuals, fused runs no pipeline; set "
         "remat=False."
       )
+    residuals = ex.get("residuals", "all")
+    if residuals not in RESIDUALS:
+      raise ValueError(
+        f"Unknown config.execution.residuals={residuals!r}; valid: {', '.join(RESIDUALS)} "
+        "(matmuls: keep matrix-product and convolution outputs, recompute the elementwise ops "
+        "between them; all: keep every residual jax.vjp keeps)."
+      )
     m = ex.microbatches
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
       raise ValueError(f"config.execution.microbatches must be >= 1, got {m}.")
@@ -243,6 +255,7 @@ class ExecutionConfig:
       schedule=schedule,
       vocab_parallel=bool(ex.get("vocab_parallel", True)),
       remat=remat,
+      residuals=residuals,
     )
 
 

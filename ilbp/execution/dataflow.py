@@ -137,10 +137,11 @@ class DataflowExecutor(TrainStateIsLive):
     pipeline: str = "1f1b",
     data_parallel: int = 1,
     devices=None,
+    residuals: str = "all",
   ):
     self.task = task
     self.K, self.M, self.continuous = model.num_stages, microbatches, continuous
-    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
+    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches, residuals)
     self.meshes = placement.stage_meshes(self.K, data_parallel, devices)
     self.replicated = [placement.replicated(m) for m in self.meshes]
     self.split = [placement.batch_sharding(m) for m in self.meshes]

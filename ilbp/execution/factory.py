@@ -52,7 +52,13 @@ def make(
   args = (model, task, strategy, optimizer, schedule, input_spec)
   m, devices = execution.microbatches, execution.devices
   if execution.kind == "fused":
-    return FusedExecutor(*args, microbatches=m, gradients=execution.gradients, devices=devices)
+    return FusedExecutor(
+      *args,
+      microbatches=m,
+      gradients=execution.gradients,
+      devices=devices,
+      residuals=execution.residuals,
+    )
   if execution.kind == "spmd":
     return SpmdExecutor(
       *args,
@@ -64,6 +70,7 @@ def make(
       vocab_parallel=execution.vocab_parallel,
       pipeline=execution.schedule,
       remat=execution.remat,
+      residuals=execution.residuals,
     )
   return DataflowExecutor(
     *args,
@@ -72,4 +79,5 @@ def make(
     pipeline=execution.schedule,
     data_parallel=execution.data_parallel,
     devices=devices,
+    residuals=execution.residuals,
   )

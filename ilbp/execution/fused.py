@@ -104,6 +104,7 @@ def make_train_step(
   microbatches: int = 1,
   gradients: str = "engine",
   microbatch_sharding: jax.sharding.Sharding | None = None,
+  residuals: str = "all",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
@@ -115,6 +116,7 @@ def make_train_step(
     schedule: learning-rate schedule, reported as a metric when given.
     microbatches: M; the batch's leading dimension must be divisible by it.
     gradients: "engine" (the per-stage layer), or "spec" / "backprop" (`StagedModel.gradients`).
+    residuals: what each stage's forward keeps for its backward (`stage.RESIDUALS`).
     microbatch_sharding: where the [M, B/M, ...] microbatches live, e.g. split over the data
       axis along B/M (`placement.microbatch_sharding`); without it, cutting a batch-sharded
       array into microbatches would move the sharding to the M axis and every device would
@@ -127,7 +129,7 @@ def make_train_step(
   """
   if gradients not in ("engine", "spec", "backprop"):
     raise ValueError(f"Unknown gradients={gradients!r}; valid: engine, spec, backprop.")
-  stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
+  stages = make_stages(model, task, strategy, optimizer, schedule, microbatches, residuals)
 
   def train_step(st: TrainState, batch: dict) -> tuple[TrainState, dict]:
     params = st.params
@@ -202,6 +204,7 @@ class FusedExecutor(TrainStateIsLive):
     microbatches: M (a scan over microbatches inside the step).
     gradients: "engine" or "spec".
     devices: the devices to use (default: all).
+    residuals: what each stage's forward keeps for its backward (`stage.RESIDUALS`).
   """
 
   def __init__(
@@ -216,10 +219,11 @@ class FusedExecutor(TrainStateIsLive):
     microbatches: int = 1,
     gradients: str = "engine",
     devices=None,
+    residuals: str = "all",
   ):
     self.mesh = placement.data_mesh(devices)
     self.microbatches = microbatches
-    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
+    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches, residuals)
     self.specs = model.input_specs(input_spec)
     self._init = lambda rng: state.create_train_state(model, optimizer, rng, input_spec)
     train_step = make_train_step(
@@ -231,12 +235,13 @@ class FusedExecutor(TrainStateIsLive):
       microbatches=microbatches,
       gradients=gradients,
       microbatch_sharding=placement.microbatch_sharding(self.mesh),
+      residuals=residuals,
     )
     self._train = placement.jit_train_step(train_step, self.mesh)
     self._eval = placement.jit_eval_step(make_eval_step(model, task), self.mesh)
     self.description = (
       f"fused: one program, data parallel over {self.mesh.size} device(s), "
-      f"{microbatches} microbatch(es), gradients={gradients}"
+      f"{microbatches} microbatch(es), gradients={gradients}, residuals={residuals}"
     )
 
   def memory(self, batch_size: int) -> list[DeviceMemory]:

@@ -34,11 +34,25 @@ import optax
 
 from ilbp import interlock
 from ilbp.execution.memory import tree_bytes
+from ilbp.models.conv import CHECKPOINT_NAME
 from ilbp.staged import StagedModel
 from ilbp.state import StageState, TrainState, init_keys, init_stage_state
 from ilbp.strategy import Strategy
 
 PyTree = Any
+
+# What a stage's forward keeps for its backward (`Stage.residuals`):
+#   "all"      every residual `jax.vjp` keeps (activations, normalised values, masks, ...);
+#   "matmuls"  only the outputs of matrix products and convolutions (and the stage's input and
+#              parameters): the backward recomputes the elementwise ops between them (norms,
+#              activations, dropout masks from the same key): the same values to float
+#              rounding, ~4x fewer bytes held per in-flight microbatch on resnet20, some
+#              recompute time (docs/pipeline.md).
+RESIDUALS = ("all", "matmuls")
+_MATMULS = jax.checkpoint_policies.save_from_both_policies(
+  jax.checkpoint_policies.dots_saveable,
+  jax.checkpoint_policies.save_only_these_names(CHECKPOINT_NAME),
+)
 
 
 def sum_squares(tree: PyTree) -> jax.Array:
@@ -113,6 +127,7 @@ class Stage:
     optimizer: the per-stage optax transformation.
     lr: the learning-rate schedule, reported by stage 0's update (or None).
     microbatches: M, the microbatches one update averages over.
+    residuals: what the forward keeps for the backward, one of `RESIDUALS`.
   """
 
   model: StagedModel
@@ -122,6 +137,7 @@ class Stage:
   optimizer: optax.GradientTransformation | None = None
   lr: optax.Schedule | None = None
   microbatches: int = 1
+  residuals: str = "all"
 
   @property
   def num_stages(self) -> int:
@@ -141,12 +157,14 @@ class Stage:
       x: the stage input a_{k-1}.
 
     Returns:
-      `(a_k, vjp, new stage statistics)`; the VJP holds the residuals.
+      `(a_k, vjp, new stage statistics)`; the VJP holds the residuals (`self.residuals`).
     """
     key = where.key()
     f = lambda p, x: self.model.stage_apply(
       self.k, {"stage": p}, {"stage": state}, x, train=True, rng=key
     )
+    if self.residuals == "matmuls":
+      f = jax.checkpoint(f, policy=_MATMULS)
     return interlock.stage_forward(f, params, x, has_aux=True)
 
   def loss(self, params, state, where: Where, a, targets, grads):
@@ -283,11 +301,15 @@ def make_stages(
   optimizer: optax.GradientTransformation | None = None,
   lr: optax.Schedule | None = None,
   microbatches: int = 1,
+  residuals: str = "all",
 ) -> tuple[Stage, ...]:
   """Every stage's `Stage`, their plans from `interlock.stage_plans`."""
+  if residuals not in RESIDUALS:
+    raise ValueError(f"Unknown residuals={residuals!r}; valid: {', '.join(RESIDUALS)}.")
   plans = interlock.stage_plans(strategy, model.num_stages)
   return tuple(
-    Stage(model, task, k, plans[k], optimizer, lr, microbatches) for k in range(model.num_stages)
+    Stage(model, task, k, plans[k], optimizer, lr, microbatches, residuals)
+    for k in range(model.num_stages)
   )
 
 

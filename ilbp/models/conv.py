@@ -58,8 +58,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLS = ("auto", "xla", "explicit", "canonical")
+# The name of the custom VJP's output, for `jax.checkpoint` policies: a custom VJP is not the
+# `conv_general_dilated` primitive that `jax.checkpoint_policies.dots_saveable` recognises.
+CHECKPOINT_NAME = "conv"
 
 # flax.linen.Conv's dimension numbers for 2-D NHWC inputs and HWIO kernels.
 _NHWC = lax.ConvDimensionNumbers(
@@ -216,7 +220,10 @@ def _conv_fwd(x, w, strides, pads, precision, products):
 
 
 def _conv_bwd(strides, pads, precision, products, residuals, dy):
-  x, w = residuals
+  # The input as an array of its own: when a checkpoint policy recomputes it in the backward
+  # (`stage.RESIDUALS`), XLA:CPU would fuse its producers (a norm, an activation) into the
+  # convolution, and a fused convolution falls back to a generic loop several times slower.
+  x, w = lax.optimization_barrier(residuals)
   dx = input_gradient(dy, w, x.shape[1:3], strides, pads, precision)
   if products:
     dw = weight_gradient(x, dy, w.shape[:2], strides, pads)
@@ -285,6 +292,6 @@ def conv_general_dilated(impl: str = "auto") -> Callable[..., jax.Array]:
     products = impl == "explicit" or (
       impl == "auto" and use_explicit(lhs.shape, rhs.shape, strides)
     )
-    return _conv(lhs, rhs, strides, pads, precision, products)
+    return checkpoint_name(_conv(lhs, rhs, strides, pads, precision, products), CHECKPOINT_NAME)
 
   return conv

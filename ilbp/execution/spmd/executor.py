@@ -114,6 +114,8 @@ class SpmdExecutor:
     pipeline: the pipeline schedule, one of `schedule.SCHEDULES`.
     remat: a B op that waits for a cotangent from above re-runs its forward (less memory:
       only the stage input is held) instead of reading the residuals the forward stored.
+    residuals: what each stage's forward keeps for its backward, and so what a slot stores
+      without remat (`stage.RESIDUALS`).
 
   Attributes:
     input_shard: `(index, count)`, the share of each batch this process feeds
@@ -137,6 +139,7 @@ class SpmdExecutor:
     vocab_parallel: bool = True,
     pipeline: str = "1f1b",
     remat: bool = False,
+    residuals: str = "all",
   ):
     self.task = task
     self.K, self.M, self.D = model.num_stages, microbatches, data_parallel
@@ -147,7 +150,7 @@ class SpmdExecutor:
     self.meshes = [placement.data_mesh(row) for row in grid]
     self.replicated = [placement.replicated(m) for m in self.meshes]
     self._compiler_options = _compiler_options(grid.flat[0].platform)
-    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches)
+    self.stages = make_stages(model, task, strategy, optimizer, schedule, microbatches, residuals)
     self.schedule = schedule_lib.build(
       strategy, self.K, microbatches, continuous, schedule=pipeline
     )
