@@ -222,7 +222,8 @@ def _conv_fwd(x, w, strides, pads, precision, products):
 def _conv_bwd(strides, pads, precision, products, residuals, dy):
   # The input as an array of its own: when a checkpoint policy recomputes it in the backward
   # (`stage.RESIDUALS`), XLA:CPU would fuse its producers (a norm, an activation) into the
-  # convolution, and a fused convolution falls back to a generic loop several times slower.
+  # convolution, and a fused convolution falls back to XLA's generic loop (the convolutions'
+  # time doubled in a profile of the spmd step; docs/pipeline.md).
   x, w = lax.optimization_barrier(residuals)
   dx = input_gradient(dy, w, x.shape[1:3], strides, pads, precision)
   if products:
