@@ -169,6 +169,7 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
       raise ValueError(
         f"--schedules: unknown {name!r}; valid: {', '.join(schedule_lib.SCHEDULES)}."
       )
+  residuals = config.execution.residuals  # What every row's stage forwards keep.
   for kind in _EXECUTORS.value:
     if kind not in ("dataflow", "fused", "spmd"):
       raise ValueError(f"--executors: unknown {kind!r}; valid: dataflow, fused, spmd.")
@@ -180,7 +181,6 @@ def make_rows(config, built, tx, sched, m: int) -> list[dict]:
       pipelines = [p for p in pipelines if p == "-" or schedule_lib.applies(p, strat, k)]
       for mode, pipeline in itertools.product(modes, pipelines):
         args = (built.model, built.task, strat, tx, sched, built.input_spec)
-        residuals = config.execution.residuals
         if kind == "fused":
           ex = fused.FusedExecutor(
             *args, microbatches=m, devices=jax.devices()[:1], residuals=residuals
