@@ -18,14 +18,6 @@ import os
 import re
 import sys
 
-# TensorFlow is only the input pipeline; its C++ INFO lines (oneDNN and CPU-feature banners)
-# are noise on the console. Read when TensorFlow is first imported, so set before any import.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-# On CPUs where TensorFlow turns on its oneDNN kernels (Intel with AVX-512) it says so before
-# its logging starts, which the level above does not silence; the input pipeline has no use
-# for them (the model runs in JAX).
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 import jax
 from absl import flags, logging
 from ml_collections import config_flags

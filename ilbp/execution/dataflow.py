@@ -164,7 +164,8 @@ class DataflowExecutor(TrainStateIsLive):
     self.description = (
       f"dataflow: {self.K} stages x {D} device(s), {self.M} microbatch(es), "
       f"{'continuous' if self.continuous else 'flushed every step'}, {sched.name}{split}; "
-      f"per-stage in-flight microbatches <= {list(sched.caps)}"
+      f"per-stage in-flight microbatches <= {list(sched.caps)}, "
+      f"residuals={self.stages[0].residuals}"
     )
 
   def use_costs(self, costs: schedule_lib.MeasuredCosts) -> bool:

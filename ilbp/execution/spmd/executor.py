@@ -177,7 +177,7 @@ class SpmdExecutor:
       f"spmd: one program over a ('stage', 'data') mesh of {self.K} x {self.D} devices, "
       f"{microbatches} microbatch(es), {steps_per_call} step(s) per call, "
       f"{'continuous' if continuous else 'flushed every step'}, {pipeline}, "
-      f"{'remat (B re-runs F)' if remat else 'residuals stored'}"
+      f"{'remat (B re-runs F)' if remat else 'residuals stored'}, residuals={residuals}"
       + (
         f", token table split over the stages ({self.vocab.rows} of {self.vocab.vocab} rows each)"
         if self.vocab
