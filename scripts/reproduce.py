@@ -18,7 +18,8 @@ ends cleanly gets `DIR/<run>/DONE` (its command, wall time, host). Re-running th
 skips finished runs (a DONE written by the same command) and resumes interrupted ones from their
 newest checkpoint (the trainer's own resume), so a suite survives a pre-empted VM: run it again.
 `--only 'stdlib-*-s0,digits-local-*'` selects runs by name glob; `--dry_run` prints the commands;
-`--report_only` rebuilds the table and plots from what has finished. A failed run is reported
+`--report_only` rebuilds the table and plots from what has finished; `--curves_from=FILE.csv`
+adds the seeds of an earlier curves.csv whose workdirs are gone. A failed run is reported
 and the suite goes on; the command exits non-zero at the end. DIR is a local path or a mounted
 one (NFS/Filestore, or a bucket mounted with gcsfuse). The runs share a JAX persistent
 compilation cache (`--compilation_cache`, default DIR/jax_cache): every seed of a strategy
@@ -86,6 +87,13 @@ flags.DEFINE_multi_string(
   "set", [], "FIELD=VALUE added to every run as --config.FIELD=VALUE (e.g. dataset.data_dir=…)."
 )
 flags.DEFINE_bool("report_only", False, "Train nothing: write the table and plots from DIR.")
+flags.DEFINE_list(
+  "curves_from",
+  [],
+  "curves.csv files of earlier runs of this suite whose workdirs are gone (another machine): "
+  "their seeds join the table's means, the curves and DIR/curves.csv (final metric = a run's "
+  "last evaluation). A seed DIR holds as a finished run is not read again.",
+)
 flags.DEFINE_integer("jobs", 1, "Runs trained at once on this host.")
 flags.DEFINE_float("heartbeat_s", 60.0, "How often a live run refreshes its claim.")
 flags.DEFINE_float("stale_after_s", 900.0, "A claim whose heartbeat is older is taken over.")
@@ -510,6 +518,14 @@ def main(argv):
       workdir_lock.require_local(FLAGS.out, "--out")
     except ValueError as e:
       raise app.UsageError(str(e)) from None
+  for path in FLAGS.curves_from:  # Checked before anything trains.
+    try:
+      reproduce_report.read_curves_csv(path)
+    except (OSError, KeyError, ValueError) as e:
+      raise app.UsageError(
+        f"--curves_from={path}: not a readable curves.csv ({type(e).__name__}: {e}); pass the "
+        "curves.csv an earlier report of this suite wrote."
+      ) from None
   suite = SUITES[FLAGS.suite]
   out = FLAGS.out or "DIR"
   seeds = [int(s) for s in FLAGS.seeds]
@@ -546,15 +562,19 @@ def main(argv):
       compilation_cache=FLAGS.compilation_cache.replace("{out}", out),
     )
   finished = [r for r in all_runs if is_done(r, out)]
-  written = reproduce_report.write(
-    out,
-    suite=f"{suite.name}{' (smoke)' if FLAGS.smoke else ''}",
-    runs=finished,
-    # Only what this command asked for counts as missing (--only narrows it); the table still
-    # holds every finished run in DIR, e.g. those another host trained.
-    missing=[r.name for r in runs if r not in finished],
-    microbatches=FLAGS.pipeline_microbatches,
-  )
+  try:
+    written = reproduce_report.write(
+      out,
+      suite=f"{suite.name}{' (smoke)' if FLAGS.smoke else ''}",
+      runs=finished,
+      # Only what this command asked for counts as missing (--only narrows it); the table
+      # still holds every finished run in DIR, e.g. those another host trained.
+      missing=[r.name for r in runs if r not in finished],
+      microbatches=FLAGS.pipeline_microbatches,
+      curves_from=FLAGS.curves_from,
+    )
+  except reproduce_report.CurvesMismatch as e:  # The runs themselves are kept.
+    raise app.UsageError(f"{e} Drop that --curves_from file; rerun with --report_only.") from None
   with open(written[0]) as f:
     print("\n" + f.read())
   print("Written:\n  " + "\n  ".join(written))

@@ -1,6 +1,7 @@
 """The table, CSVs and plots of a `scripts.reproduce` suite, built from its runs' metrics.jsonl.
 
-`write(out, suite=, runs=, missing=)` writes, for the runs that finished:
+`write(out, suite=, runs=, missing=, curves_from=)` writes, for the runs that finished (and the
+seeds of earlier curves.csv files, `curves_from`, whose workdirs are gone):
 
   table.md     per experiment and evaluation split (test; validation when the config holds one
                out): one row per strategy (and combine rule) with the number of seeds and the
@@ -19,6 +20,7 @@
   curves.csv   every run's evaluations (one row per run, split and evaluated step): the step,
                its modelled pipeline seconds where the run logged them, and every head's
                metric, so the curves can be drawn again once the workdirs are gone
+               (`scripts.reproduce --report_only --curves_from=FILE`)
   plots/       <exp>_<split>_heads.png: each head's metric vs modelled pipeline time
                (pipeline/seconds; vs step for runs without it), mean with a ±1 sd band;
                <exp>_<split>_tradeoff.png: output metric vs modelled time per step (the
@@ -184,6 +186,13 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
           r["step"]: r[pipeline_time.METRIC] for r in rows if pipeline_time.METRIC in r
         }
       table.append(row)
+  _relate(table)
+  return table
+
+
+def _relate(table: list[dict]) -> None:
+  """The columns that relate a row to local's and global's of its experiment and split: gap
+  recovered, modelled time over global's, speed-up retained, time to their final quality."""
   for row in table:
     same = [r for r in table if (r["experiment"], r["split"]) == (row["experiment"], row["split"])]
     local = next((r for r in same if r["strategy"] == "local"), None)
@@ -199,11 +208,66 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
     row["speedup_retained"] = (t(glob) - t(row)) / span if span else math.nan
     row["time_to_global"] = time_to_reach(row, glob["output"][0]) if glob else None
     row["time_to_local"] = time_to_reach(row, local["output"][0]) if local else None
-  return table
 
 
-def markdown(table: list[dict], suite: str, missing: list[str], microbatches: int) -> str:
-  """table.md: one markdown table per (experiment, split), then the notes."""
+class CurvesMismatch(ValueError):
+  """A curves.csv whose runs do not fit the suite's (`add_seeds`)."""
+
+
+def read_curves_csv(path: str) -> dict:
+  """A curves.csv (`write_curves_csv`) -> {(experiment, split, strategy, combine): {seed:
+  [(step, [each head's metric], pipeline seconds or None)]}}, points in step order."""
+  out: dict = {}
+  with open(path, newline="") as f:
+    for r in csv.DictReader(f):
+      heads = sorted((k for k in r if k.startswith("head") and r[k]), key=lambda k: int(k[4:]))
+      key = (r["experiment"], r["split"], r["strategy"], r["combine"])
+      seconds = float(r["pipeline_seconds"]) if r["pipeline_seconds"] else None
+      point = (int(r["step"]), [float(r[h]) for h in heads], seconds)
+      out.setdefault(key, {}).setdefault(int(r["seed"]), []).append(point)
+  for seeds in out.values():
+    for points in seeds.values():
+      points.sort(key=lambda p: p[0])
+  return out
+
+
+def add_seeds(table: list[dict], curves: dict) -> list[str]:
+  """Adds to `table` (from `aggregate`) the seeds of `curves` (`read_curves_csv`: runs whose
+  workdirs are gone) that its rows do not hold: their curves and times, and their final
+  metrics (each run's last evaluation), then recomputes the means and the related columns.
+  Steps/s and the pipeline model stay those of the rows' own runs.
+
+  Returns:
+    "experiment split strategy (combine) seed s" for every seed added.
+  """
+  added = []
+  for row in table:
+    key = (row["experiment"], row["split"], row["strategy"], row["combine"])
+    for seed, points in sorted(curves.get(key, {}).items()):
+      if seed in row["seeds"] or not points:
+        continue
+      K = row["stages"]
+      if len(points[-1][1]) != K:
+        raise CurvesMismatch(
+          f"curves for {' '.join(map(str, key))} seed {seed} have {len(points[-1][1])} heads, "
+          f"the runs have {K}: not the same experiment."
+        )
+      row["seeds"] = [*row["seeds"], seed]
+      row["curves"][seed] = [(step, heads) for step, heads, _ in points]
+      row["times"][seed] = {step: t for step, _, t in points if t is not None}
+      for k in range(1, K + 1):
+        row[f"head{k}_per_seed"] = [*row[f"head{k}_per_seed"], points[-1][1][k - 1]]
+        row[f"head{k}"] = _mean_sd(row[f"head{k}_per_seed"])
+      row["output"] = row[f"head{K}"]
+      row["steps"] = max(row["steps"], points[-1][0])
+      added.append(f"{row['experiment']} {row['split']} {row['variant']} seed {seed}")
+  _relate(table)
+  return added
+
+
+def markdown(table: list[dict], suite: str, missing: list[str], microbatches: int, added=()) -> str:
+  """table.md: one markdown table per (experiment, split), then the notes (`added`: the seeds
+  read from curves.csv files, `add_seeds`)."""
   lines = [f"# Suite {suite}", ""]
   for exp, split in dict.fromkeys((r["experiment"], r["split"]) for r in table):
     rows = [r for r in table if (r["experiment"], r["split"]) == (exp, split)]
@@ -281,6 +345,11 @@ def markdown(table: list[dict], suite: str, missing: list[str], microbatches: in
     ]
   if missing:
     lines.append(f"- Not finished (left out above): {', '.join(missing)}.")
+  if added:
+    lines.append(
+      "- Read from curves.csv (their workdirs gone; final metric = last evaluation; steps/s "
+      f"and the pipeline columns from the other seeds): {', '.join(added)}."
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -474,16 +543,22 @@ def plot_tradeoff(rows: list[dict], microbatches: int, path: str) -> None:
   fig.savefig(path, format="png")
 
 
-def write(out: str, *, suite: str, runs, missing: list[str], microbatches: int = 8) -> list[str]:
+def write(
+  out: str, *, suite: str, runs, missing: list[str], microbatches: int = 8, curves_from=()
+) -> list[str]:
   """Writes table.md, results.csv, runs.csv, curves.csv and the plots; returns their paths,
-  table first."""
+  table first. `curves_from`: curves.csv files of earlier runs of the same suite whose
+  workdirs are gone; their seeds join the means, curves and curves.csv (`add_seeds`)."""
   table = aggregate(runs, out, microbatches)
+  added = []
+  for path in curves_from:
+    added += add_seeds(table, read_curves_csv(path))
   plots = os.path.join(out, "plots")
   os.makedirs(plots, exist_ok=True)
   written = [os.path.join(out, "table.md"), os.path.join(out, "results.csv")]
   written += [os.path.join(out, "runs.csv"), os.path.join(out, "curves.csv")]
   with open(written[0], "w") as f:
-    f.write(markdown(table, suite, missing, microbatches))
+    f.write(markdown(table, suite, missing, microbatches, added))
   write_csv(table, written[1])
   write_runs_csv(table, written[2])
   write_curves_csv(table, written[3])

@@ -420,3 +420,49 @@ def test_report_puts_time_on_the_x_axis(tmp_path):
 
 def _cache_of(costs) -> dict:
   return {"key": {}, "costs": pipeline_time.costs_to_json(costs)}
+
+
+def test_seeds_from_an_earlier_curves_csv_join_the_report(tmp_path):
+  # Seed 1's workdirs are gone, its curves.csv kept: seed 0's runs plus that file report as
+  # both seeds' runs do (means, sd, gap, curves), and the new curves.csv holds both seeds.
+  runs = suites.suite_runs(suites.SUITES["quick"], seeds=[0, 1])
+  output = {"local": 9.0, "global (furthest)": 5.0, "pairwise (sum)": 7.0}
+  chosen = [r for r in runs if r.experiment.label == "stdlib" and r.variant in output]
+  both, first, second = (tmp_path / d for d in ("both", "first", "second"))
+  for d in (both, first, second):
+    d.mkdir()
+  for r in chosen:
+    value = output[r.variant] + (1 if r.seed else -1)
+    finals = {f"eval/head{k}/perplexity": value + 4 - k for k in range(1, 5)}
+    _fake_run(both, r, finals)
+    _fake_run(second if r.seed else first, r, finals)
+  seed0 = [r for r in chosen if r.seed == 0]
+  reproduce_report.write(str(second), suite="t", runs=[r for r in chosen if r.seed], missing=[])
+  curves = str(second / "curves.csv")
+  reproduce_report.write(str(first), suite="t", runs=seed0, missing=[], curves_from=[curves])
+  merged = reproduce_report.aggregate(seed0, str(first), 8)
+  added = reproduce_report.add_seeds(merged, reproduce_report.read_curves_csv(curves))
+  assert len(added) == 3 and all(a.endswith("seed 1") for a in added)
+  whole = reproduce_report.aggregate(chosen, str(both), 8)
+  for a, b in zip(merged, whole, strict=True):
+    for key in ("seeds", "output", "head1", "gap", "time_to_local", "curves"):
+      assert a[key] == b[key], key
+  # Adding the same file again adds nothing; a file of another experiment's shape is refused.
+  assert reproduce_report.add_seeds(merged, reproduce_report.read_curves_csv(curves)) == []
+  text = (first / "table.md").read_text()
+  assert "| pairwise (sum) | 2 | 10.00 ± 1.41 |" in text and "Read from curves.csv" in text
+  with open(first / "curves.csv") as f:
+    assert {p["seed"] for p in csv.DictReader(f)} == {"0", "1"}
+  short = {k: {1: [(20, [1.0, 2.0], None)]} for k in reproduce_report.read_curves_csv(curves)}
+  with pytest.raises(reproduce_report.CurvesMismatch, match="have 2 heads, the runs have 4"):
+    reproduce_report.add_seeds(reproduce_report.aggregate(seed0, str(first), 8), short)
+
+
+def test_a_missing_curves_file_is_refused_before_anything_trains(tmp_path):
+  out = subprocess.run(
+    [sys.executable, "-m", "scripts.reproduce", "--suite=quick", "--smoke", f"--out={tmp_path}",
+     f"--curves_from={tmp_path}/gone.csv"],
+    capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert out.returncode != 0 and f"--curves_from={tmp_path}/gone.csv: not a readable" in out.stderr
+  assert not any(tmp_path.iterdir())  # Nothing trained, nothing written.
