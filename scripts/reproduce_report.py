@@ -171,10 +171,8 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
         "times": {},
       }
       for k in range(1, K + 1):
-        values = [f.get(f"{split}/head{k}/{kind}", math.nan) for f in finals]
-        row[f"head{k}"] = _mean_sd(values)
-        row[f"head{k}_per_seed"] = values
-      row["output"] = row[f"head{K}"]
+        row[f"head{k}_per_seed"] = [f.get(f"{split}/head{k}/{kind}", math.nan) for f in finals]
+      _summarise_heads(row)
       for run, rows in members:
         key = f"{split}/head1/{kind}"
         row["curves"][run.seed] = [
@@ -188,6 +186,14 @@ def aggregate(runs, out: str, microbatches: int) -> list[dict]:
       table.append(row)
   _relate(table)
   return table
+
+
+def _summarise_heads(row: dict) -> None:
+  """Each head's (mean, sd) over the row's seeds, and the output head's, from `head{k}_per_seed`."""
+  K = row["stages"]
+  for k in range(1, K + 1):
+    row[f"head{k}"] = _mean_sd(row[f"head{k}_per_seed"])
+  row["output"] = row[f"head{K}"]
 
 
 def _relate(table: list[dict]) -> None:
@@ -257,8 +263,7 @@ def add_seeds(table: list[dict], curves: dict) -> list[str]:
       row["times"][seed] = {step: t for step, _, t in points if t is not None}
       for k in range(1, K + 1):
         row[f"head{k}_per_seed"] = [*row[f"head{k}_per_seed"], points[-1][1][k - 1]]
-        row[f"head{k}"] = _mean_sd(row[f"head{k}_per_seed"])
-      row["output"] = row[f"head{K}"]
+      _summarise_heads(row)
       row["steps"] = max(row["steps"], points[-1][0])
       added.append(f"{row['experiment']} {row['split']} {row['variant']} seed {seed}")
   _relate(table)
