@@ -115,6 +115,13 @@ def test_tick_table_keeps_every_dependency_and_slot(name, combine, K, continuous
       held = sorted(v for key, v in spans.items() if key[:2] == (k, slot))
       assert all(a[1] < b[0] for a, b in itertools.pairwise(held)), (k, slot, held)
   assert table.res_slots <= max(sched.caps)
+  # A kind whose F group stores residuals stores them in every tick it runs, so the residual
+  # buffers hold no spare slot (`TickTable.res_spare`), and the other kinds store nothing.
+  assert not table.res_spare
+  for (t, k), g in table.parts():
+    if g.forward and not remat:
+      stores = table.res_stores[int(f["branch"][t, k]) - 1]
+      assert stores == (int(f["res_store"][t, k]) < table.res_slots), (t, k)
 
 
 def test_flat_layout_packs_adds_and_writes_subtrees():
@@ -411,7 +418,7 @@ MEMORY = textwrap.dedent(
       again = factory.make(dataclasses.replace(execution, remat=True), built.model, built.task,
                            parse_strategy(c.strategy, c.combine), tx, lr, built.input_spec)
       remat = again.padding(c.batch_size)
-      # Stored residuals: a slot per microbatch in flight (2) and the spare; remat: none.
+      # Stored residuals: a slot per microbatch in flight (2), no spare; remat: none.
       assert stored["slots"]["residuals"] == 2 and stored["residual_bytes_per_stage"] > 0
       assert remat["slots"]["residuals"] == 0 == remat["residual_bytes_per_stage"]
       # Stage 2 stores none (its backward follows its forward) yet holds stage 1's buffers.

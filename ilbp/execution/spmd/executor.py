@@ -242,7 +242,7 @@ class SpmdExecutor:
     slots = table.x_slots + table.cot_slots + 2  # + one spare each
     features, sizes = spec.features, spec.sizes
     res = program.stored_residuals(spec, table, rows)
-    res_slots = table.res_slots + 1 if res.widths else 0
+    res_slots = table.res_slots + int(table.res_spare) if res.widths else 0
     out = program.output_spec(spec, rows)
     out_size, out_item = int(np.prod(out.shape[1:])), np.dtype(out.dtype).itemsize
     return {
@@ -269,7 +269,8 @@ class SpmdExecutor:
       "lookup_bytes": 2 * rows * int(np.prod(self.specs[0].shape[1:])) * vocab.width * 4
       if vocab
       else 0,
-      # Without remat: the residual slots (and the spare), padded to the widest stage's.
+      # Without remat: the residual slots (and the spare, where a table needs it), padded to
+      # the widest stage's.
       "residual_bytes_per_stage": res_slots * res.slot_bytes(),
       "residual_padding_bytes_per_stage": [
         res_slots * (res.slot_bytes() - res.slot_bytes(k)) for k in range(self.K)

@@ -251,6 +251,9 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
     k = kind[0][0]
     stage = stages[k]
     parts = {"F" if forward else "B": backward for _, forward, backward in kind}
+    # Whether the F group's residuals wait for a later B op (a kind that never stores writes
+    # nothing, so that the buffers need no spare slot unless `table.res_spare`).
+    stores = needed[k] and table.res_stores[table.kinds.index(kind)]
 
     def stage_input(carry, s, m, slot, rows):
       if k == 0:  # The tokens, or (a split table) their rows, looked up at the tick's start.
@@ -294,7 +297,7 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
         where = Where(rng, step0 + s, m)
         x = stage_input(carry, s, m, mine["x_slot"], "rows")
         a, vjp, new_stage = stage.forward(params["stage"], state["stage"], where, x)
-        if needed[k]:
+        if stores:
           carry["res"] = res.store(k, carry["res"], mine["res_store"], vjp, params["stage"], x)
         sums = lp.unpack(k, carry["grads"], "head")
         cot, sums, new_head, metrics = stage.loss(
@@ -382,7 +385,7 @@ def make(spec: ProgramSpec, table: TickTable, num_steps: int, inputs, targets) -
       "cots": jnp.zeros((table.cot_slots + 1, rows, feat), act_dtype),
       "msums": jnp.zeros((len(head_names),), jnp.float32),
       "metrics": jnp.zeros((num_steps, width), jnp.float32),
-      "res": res.zeros(table.res_slots),
+      "res": res.zeros(table.res_slots, spare=table.res_spare),
     }
     if keeps[K - 1]:
       size = int(np.prod(logits.shape[1:]))

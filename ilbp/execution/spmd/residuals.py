@@ -13,7 +13,8 @@ program's carry (`ticks.TickTable.res_slots` of them, from the table's interval 
 - The other leaves go into per-dtype buffers, one row per slot: a leaf whose leading axis is
   the microbatch's rows into a [slots + 1, rows, width] buffer (the rows stay an axis, so the
   'data' partitioner splits them like the stage's activations), any other leaf into a
-  [slots + 1, width] one. Width is the widest stage's; the last row is the spare slot.
+  [slots + 1, width] one. Width is the widest stage's; the last row is the spare slot, which
+  a table whose storing F groups always store in a slot does without (`TickTable.res_spare`).
 
 The B op rebuilds the VJP from the stored leaves with the traced tree structure and calls it
 as the forward's own VJP would be called, so stored and recomputed residuals train alike
@@ -89,9 +90,11 @@ class Residuals:
         widths[buf] = max(widths.get(buf, 0), n)
     self.widths = widths
 
-  def zeros(self, slots: int) -> dict[str, jax.Array]:
-    """The empty buffers: `slots` slots and the spare."""
-    shape = lambda buf, w: (slots + 1, self.rows, w) if buf.endswith("/rows") else (slots + 1, w)
+  def zeros(self, slots: int, spare: bool = True) -> dict[str, jax.Array]:
+    """The empty buffers: `slots` slots, and the spare one where some F group writes nothing
+    (`TickTable.res_spare`)."""
+    n = slots + int(spare)
+    shape = lambda buf, w: (n, self.rows, w) if buf.endswith("/rows") else (n, w)
     return {buf: jnp.zeros(shape(buf, w), buf.split("/")[0]) for buf, w in self.widths.items()}
 
   def slot_bytes(self, k: int | None = None) -> int:

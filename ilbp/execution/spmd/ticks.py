@@ -33,6 +33,7 @@ Everything here is plain Python and numpy, unit-tested on one CPU (tests/test_sp
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -107,6 +108,28 @@ class TickTable:
     """Every group, as ((tick, stage), group), in the order the program runs them (a tick's B
     group before its F group)."""
     return _parts(self.groups)
+
+  @functools.cached_property
+  def res_stores(self) -> tuple[bool, ...]:
+    """Per kind (`kinds[i]`), whether its F group stores VJP residuals in a slot, in any tick."""
+    stores = [False] * len(self.kinds)
+    for (t, k), g in self.parts():
+      if g.forward and self.fields["res_store"][t, k] < self.res_slots:
+        stores[self.fields["branch"][t, k] - 1] = True
+    return tuple(stores)
+
+  @functools.cached_property
+  def res_spare(self) -> bool:
+    """Whether the residual buffers need the spare slot: some F group of a kind that stores
+    stores nothing in its own tick (its write goes to the spare). Otherwise the branches of
+    kinds that store always write a real slot, the others write nothing, and the buffers hold
+    `res_slots` slots only."""
+    return any(
+      g.forward
+      and self.res_stores[self.fields["branch"][t, k] - 1]
+      and self.fields["res_store"][t, k] == self.res_slots
+      for (t, k), g in self.parts()
+    )
 
 
 def is_own(schedule: Schedule, b: BackwardOp, k: int) -> bool:
