@@ -155,7 +155,7 @@ def costs_to_json(costs: schedule_lib.MeasuredCosts) -> dict:
     "link": {"latency": costs.link.latency, "bandwidth": bandwidth},
     "boundary_bytes": list(costs.boundary_bytes),
     "residual_bytes": list(costs.residual_bytes),
-    "slowdown": costs.slowdown,
+    "slowdown": list(costs.slowdown) if isinstance(costs.slowdown, tuple) else costs.slowdown,
     "rows": costs.rows,
     "source": costs.source,
   }
@@ -169,7 +169,8 @@ def costs_from_json(d: dict) -> schedule_lib.MeasuredCosts:
     link=schedule_lib.Link(d["link"]["latency"], math.inf if bandwidth is None else bandwidth),
     boundary_bytes=tuple(d["boundary_bytes"]),
     residual_bytes=tuple(d["residual_bytes"]),
-    slowdown=d["slowdown"],
+    # A list: one factor per count of busy stages; a number: one for any overlap (older files).
+    slowdown=tuple(d["slowdown"]) if isinstance(d["slowdown"], list) else d["slowdown"],
     rows=d["rows"],
     source=d["source"],
   )

@@ -48,15 +48,16 @@ Predicted (dataflow): the cost model `schedule.predict_step` with op costs measu
 each round of timed chunks, each program timed alone (`DataflowExecutor.measure`, once per
 strategy, combine rule and round, medians pooled over rounds and strategies), the boundary as
 latency + bytes / bandwidth, and the shared-core slowdown measured on its own (not fitted to
-any row). Interleaved with the rounds, the calibration sees the same drift on a shared machine
-as the rows, but times no training step: the rows it predicts are apart from it. `in-flight`
-is the most microbatches whose residuals a stage holds at once in that simulation.
+any row): per count n of busy stages, the first n stages' forwards at once against alone, so a
+stretch where 2 of 4 stages overlap is stretched as 2 busy stages are, not as 4. Interleaved
+with the rounds, the calibration sees the same drift on a shared machine as the rows, but
+times no training step: the rows it predicts are apart from it. `in-flight` is the most
+microbatches whose residuals a stage holds at once in that simulation.
 zb (dataflow and spmd): which microbatches' merged VJP calls are split depends on the model's
-costs, so
-after the warm-up one calibration (pooled the same way) chooses each zb row's split, the one
-those costs predict fastest (`DataflowExecutor.use_costs`, as `predict_step` chooses it), and
-the row is timed and predicted with that split (JSON `zb_split`: per stage, the first
-microbatch split; M: none).
+costs, so after the warm-up one calibration (pooled the same way) chooses each zb row's
+split, the one those costs predict fastest (`DataflowExecutor.use_costs`, as `predict_step`
+chooses it), and the row is timed and predicted with that split (JSON `zb_split`: per stage,
+the first microbatch split; M: none).
 Predicted (spmd): the same measured op costs (pooled from the dataflow rows, so run both) in
 the lock-step tick model (`ticks.predict_time`: each tick as long as its slowest stage's work,
 a B group and an F group of another microbatch side by side in the steady state; under
@@ -325,7 +326,8 @@ def measure(rows: list[dict], samples: dict) -> None:
     latency=statistics.median(c.link.latency for c in all_costs),
     bandwidth=statistics.median(c.link.bandwidth for c in all_costs),
   )
-  slowdown = statistics.median(c.slowdown for c in all_costs)
+  # Per count of busy stages, the median over the calibrations.
+  slowdown = tuple(statistics.median(s) for s in zip(*(c.slowdown for c in all_costs)))
   for s, own in measured.items():
     stages = []
     for k, cost in enumerate(own.stages):
@@ -420,7 +422,7 @@ def predict(row: dict) -> None:
     op_costs_ms=[dataclasses_asdict(c) for c in costs.stages],
     link={"latency_ms": 1e3 * costs.link.latency, "bandwidth_bytes_per_s": costs.link.bandwidth},
     boundary_bytes=list(costs.boundary_bytes),
-    slowdown=costs.slowdown,
+    slowdown=list(costs.slowdown),
     schedule_obj=p["schedule"],
   )
 
@@ -535,8 +537,8 @@ def benchmark(config, m: int, seed: int) -> list[dict]:
   if slow:
     print(
       "pred alone: the schedule with op costs timed alone; predicted: the same with every "
-      f"stretch where stages overlap {slow[0]:.2f}x slower, the measured slowdown of a stage's "
-      f"forward while all {k} stages run theirs at once (devices sharing cores; ~1 on "
+      "stretch in which n stages overlap as much slower as n stages' forwards measured at once "
+      f"against alone ({schedule_lib.describe_slowdown(slow[0])}; devices sharing cores, ~1 on "
       "accelerators)."
     )
   same = lambda r: (r["executor"], r["strategy"], r["combine"], r["mode"])

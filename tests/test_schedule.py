@@ -16,8 +16,10 @@ from ilbp.execution.schedule import (
   applies,
   build,
   closed_form,
+  describe_slowdown,
   predict_step,
   relative_costs,
+  stretch,
 )
 from ilbp.strategy import strategy
 
@@ -367,6 +369,21 @@ def test_slowdown_stretches_only_where_stages_overlap():
   assert (
     one.predict(steps=3, slowdown=3.0)["time_per_step"] == one.predict(steps=3)["time_per_step"]
   )
+
+
+def test_slowdown_per_count_of_busy_stages():
+  # One factor per count of busy stages (2, 3, 4): each stretches only the time in which that
+  # many stages are busy, so the three extras add up to one factor for every overlap.
+  sched = build("global", 4, 8, costs=unit_costs(4, head=0.0))
+  step = lambda slowdown: sched.predict(steps=4, slowdown=slowdown)["time_per_step"]
+  alone = step(1.0)
+  extra = [step(tuple(2.0 if i == n else 1.0 for i in range(3))) - alone for n in range(3)]
+  assert all(e >= 0 for e in extra) and sum(e > 0 for e in extra) >= 2, extra
+  assert sum(extra) == pytest.approx(step(2.0) - alone)
+  assert step((1.5, 1.5, 1.5)) == pytest.approx(step(1.5))
+  # Counts past the tuple's end take its last factor; one stage alone is never stretched.
+  assert stretch((1.4, 1.9), 4) == 1.9 and stretch((1.4, 1.9), 1) == 1.0 == stretch((), 3)
+  assert describe_slowdown((1.4, 2.3)) == "2 busy 1.40x, 3 busy 2.30x"
 
 
 def test_the_config_checks_the_same_schedule_names():

@@ -147,7 +147,7 @@ def test_benchmark_pipeline_sweeps_combine_rules_and_runs_zb_with_its_measured_s
       link=schedule.Link(zb["link"]["latency_ms"] / 1e3, zb["link"]["bandwidth_bytes_per_s"]),
       boundary_bytes=tuple(zb["boundary_bytes"]),
       residual_bytes=(1, 1),
-      slowdown=zb["slowdown"],
+      slowdown=tuple(zb["slowdown"]),
     )  # fmt: skip
     p = schedule.predict_step(costs, "global", 2, "zb", False, split=zb["zb_split"])
     assert 1e3 * p["seconds_per_step"] == pytest.approx(zb["predicted_ms_per_step"], rel=0.02)

@@ -374,12 +374,17 @@ class DataflowExecutor(TrainStateIsLive):
       source=f"{self.K} x {device.device_kind} ({device.platform}), {rows} rows per microbatch",
     )
 
-  def measure_slowdown(self, st: TrainState, batch: PlacedBatch, repeats: int = 10) -> float:
-    """How much slower a stage's forward runs while every stage runs its own at the same time.
+  def measure_slowdown(
+    self, st: TrainState, batch: PlacedBatch, repeats: int = 10
+  ) -> tuple[float, ...]:
+    """How much slower stages' forwards run while n of them run at once, for n = 2, ..., K.
 
     Devices that share a host's cores (forced CPU devices) do not run concurrently at full
-    speed; accelerators do (about 1.0). Measured as the wall time of `repeats` forwards
-    dispatched on every stage at once over the slowest stage's time for its `repeats` alone.
+    speed; accelerators do (about 1.0 for every n). For each n: the wall time of `repeats`
+    forwards dispatched on each of the first n stages at once over the slowest of those
+    stages' time for its `repeats` alone. One factor per count, because a partial overlap
+    costs less than a full one where devices outnumber cores (2 busy stages of 4 on 2 cores
+    run about as 2 of 2 do). K = 1: an empty tuple (nothing overlaps).
     """
     self._sync(st)
     inputs, x = [], batch.inputs[0]
@@ -391,8 +396,10 @@ class DataflowExecutor(TrainStateIsLive):
       inputs.append(x)
       x = jax.device_put(forward(k, x), self.split[min(k + 1, self.K - 1)])
     run = lambda stages: [forward(k, inputs[k]) for _ in range(repeats) for k in stages]
-    alone = max(median_ms(lambda k=k: run([k]), 3) for k in range(self.K))
-    return median_ms(lambda: run(range(self.K)), 3) / alone
+    alone = [median_ms(lambda k=k: run([k]), 3) for k in range(self.K)]
+    return tuple(
+      median_ms(lambda n=n: run(range(n)), 3) / max(alone[:n]) for n in range(2, self.K + 1)
+    )
 
   def _measure_stage(self, k, state, x, targets, repeats):
     """Stage k's StageCost (ms) on microbatch input `x`, and its output."""

@@ -90,6 +90,10 @@ class StageCost:
         raise ValueError(f"StageCost.{field.name} must be a finite number >= 0, got {v!r}.")
 
 
+# The shared-core slowdown: one factor for any overlap, or one per count of busy stages (2, 3,
+# ...): `stretch`.
+Slowdown = float | tuple[float, ...]
+
 # Op costs relative to the stage forward, from one measurement: `scripts.benchmark_pipeline`
 # (2026-12-05, WORKSPACE.md "Pipeline schedules and the measured cost model"), resnet20 with pool
 # heads, batch 64, M = 8 (8 examples per microbatch), K = 2, the second stage (which has an input
@@ -448,20 +452,22 @@ class Schedule:
     _check_int("step", step, minimum=0)
     return [s.op for s in self.simulate(step + 1).slots if s.op.step == step]
 
-  def predict(self, steps: int = 4, slowdown: float = 1.0) -> dict:
+  def predict(self, steps: int = 4, slowdown: Slowdown = 1.0) -> dict:
     """Predicted timing from a simulation of `steps` consecutive optimizer steps.
 
     Args:
       steps: at least 2; the first step's fill is excluded from the steady state.
-      slowdown: how much slower ops run while two or more stages are busy at once, for devices
-        that share a host's cores (forced CPU devices); 1 for independent devices. A stage
-        alone (e.g. in a pipeline bubble) runs at full speed, so every stretch of the simulated
-        steady state in which several stages are busy takes `slowdown` times as long.
+      slowdown: how much slower ops run while several stages are busy at once, for devices
+        that share a host's cores (forced CPU devices); 1 for independent devices. A float for
+        any two or more busy stages, or a tuple per count of busy stages (2, 3, ...: `stretch`).
+        A stage alone (e.g. in a pipeline bubble) runs at full speed, so every stretch of the
+        simulated steady state in which n >= 2 stages are busy takes `stretch(slowdown, n)`
+        times as long.
 
     Returns:
       A dict with
         time_per_step: steady state, (end of the last step - end of the first) / (steps - 1),
-          stretched by `slowdown` where stages overlap.
+          stretched by `slowdown` where stages overlap (by how many overlap).
         makespan_one_step: one step from an empty pipeline to its last update.
         bubble_fraction: idle fraction of the K stages over the steady-state window.
         inflight_max: per stage, the most microbatches with residuals held at once.
@@ -475,9 +481,8 @@ class Schedule:
     busy = [0.0] * self.num_stages
     for op in self.ops(0):
       busy[op.stage] += self.duration(op)
-    overlap = _overlap(tl, lo, hi) if slowdown != 1.0 else 0.0
     return {
-      "time_per_step": (hi - lo + (slowdown - 1.0) * overlap) / (steps - 1),
+      "time_per_step": (hi - lo + _stretched(tl, lo, hi, slowdown)) / (steps - 1),
       "makespan_one_step": self.simulate(1).makespan,
       "bubble_fraction": 1.0 - busy_window / window if window > 0 else 0.0,
       "inflight_max": list(tl.inflight_max),
@@ -525,8 +530,31 @@ def _check_schedule(name) -> None:
     raise ValueError(f"Unknown pipeline schedule {name!r}; valid: {', '.join(SCHEDULES)}.")
 
 
-def _overlap(tl: Timeline, lo: float, hi: float) -> float:
-  """Time within [lo, hi] during which at least two stages are busy."""
+def stretch(slowdown: Slowdown, busy: int) -> float:
+  """How many times longer a stretch lasts in which `busy` stages are busy at once.
+
+  Args:
+    slowdown: a float for every count of two or more busy stages, or a tuple for the counts
+      2, 3, ... in turn (its last entry for more; `DataflowExecutor.measure_slowdown`).
+    busy: stages busy at once; one alone runs at full speed (1.0).
+  """
+  if busy < 2:
+    return 1.0
+  if isinstance(slowdown, (int, float)):
+    return float(slowdown)
+  return float(slowdown[min(busy, len(slowdown) + 1) - 2]) if slowdown else 1.0
+
+
+def describe_slowdown(slowdown: Slowdown) -> str:
+  """'1.40x' or '2 busy 1.40x, 3 busy 1.85x, ...': for tables and reports."""
+  if isinstance(slowdown, (int, float)):
+    return f"{slowdown:.2f}x"
+  return ", ".join(f"{n} busy {s:.2f}x" for n, s in enumerate(slowdown, start=2))
+
+
+def _stretched(tl: Timeline, lo: float, hi: float, slowdown: Slowdown) -> float:
+  """The time the shared-core slowdown adds within [lo, hi]: each stretch in which n stages
+  are busy at once lasts `stretch(slowdown, n)` times as long."""
   events = []
   for slot in tl.slots:
     start, end = max(slot.start, lo), min(slot.end, hi)
@@ -535,8 +563,7 @@ def _overlap(tl: Timeline, lo: float, hi: float) -> float:
   events.sort()
   total, busy, last = 0.0, 0, lo
   for t, delta in events:
-    if busy >= 2:
-      total += t - last
+    total += (stretch(slowdown, busy) - 1.0) * (t - last)
     busy, last = busy + delta, t
   return total
 
@@ -551,7 +578,7 @@ def build(
   schedule: str = "1f1b",
   transfer: Sequence[float] = (),
   split: Sequence[int] | None = None,
-  slowdown: float = 1.0,
+  slowdown: Slowdown = 1.0,
 ) -> Schedule:
   """The pipeline schedule of one strategy.
 
@@ -661,8 +688,10 @@ class MeasuredCosts:
     boundary_bytes: K - 1 bytes per microbatch crossing boundary b (a_b up; its cotangent,
       the same size, down).
     residual_bytes: K bytes of VJP residuals one in-flight microbatch holds on stage k.
-    slowdown: how much slower ops run while two or more stages are busy at once (devices
-      that share a host's cores); 1 for independent devices.
+    slowdown: how much slower ops run while several stages are busy at once (devices that
+      share a host's cores): per count of busy stages 2, 3, ..., K (a tuple, as
+      `DataflowExecutor.measure_slowdown` measures it), or one float for any count (costs
+      written before the counts were measured); 1 for independent devices.
     rows: examples per microbatch per device the costs were timed at; a prediction holds only
       for that microbatch size.
     source: what was measured where (model, device, batch), for reports.
@@ -672,7 +701,7 @@ class MeasuredCosts:
   link: Link
   boundary_bytes: tuple[int, ...]
   residual_bytes: tuple[int, ...]
-  slowdown: float = 1.0
+  slowdown: Slowdown = 1.0
   rows: int = 0
   source: str = ""
 
@@ -743,13 +772,16 @@ def predict_step(
   activation up, the cotangent down; a flush signal the latency alone), and the list-scheduling
   simulation over `steps` steps gives the steady-state time per step (`Schedule.predict`).
 
-  Devices that share cores (forced CPU devices on one host) are accounted for by one scalar,
-  `costs.slowdown`: every stretch of the simulated steady state in which two or more stages
-  are busy lasts `slowdown` times as long; a stage alone (a bubble elsewhere) runs at full
-  speed, since idle devices lend their cores. It is calibrated apart from the rows it
-  predicts: `DataflowExecutor.measure_slowdown` times every stage's forward dispatched at once
-  against the slowest stage's alone, never a training step; ops are timed alone the same way.
-  Nothing here is fitted to measured step times. On accelerators slowdown is about 1.
+  Devices that share cores (forced CPU devices on one host) are accounted for by
+  `costs.slowdown`, one factor per count of busy stages: every stretch of the simulated
+  steady state in which n >= 2 stages are busy lasts `stretch(slowdown, n)` times as long; a
+  stage alone (a bubble elsewhere) runs at full speed, since idle devices lend their cores.
+  On 2 cores, 2 busy stages of 4 share them about as 2 of 2 do, and 4 busy ones queue for
+  them: one factor for every overlap (all K busy) overstated every partial overlap. The
+  factors are calibrated apart from the rows they predict: `DataflowExecutor.measure_slowdown`
+  times the first n stages' forwards dispatched at once against the slowest of them alone,
+  never a training step; ops are timed alone the same way. Nothing here is fitted to measured
+  step times. On accelerators every factor is about 1.
 
   Args:
     costs: measured at the microbatch size of the run predicted (`costs.rows`).

@@ -37,7 +37,16 @@ import functools
 
 import numpy as np
 
-from ilbp.execution.schedule import Backward, Forward, Loss, Op, Schedule, Update
+from ilbp.execution.schedule import (
+  Backward,
+  Forward,
+  Loss,
+  Op,
+  Schedule,
+  Slowdown,
+  Update,
+  stretch,
+)
 from ilbp.interlock import BackwardOp
 
 
@@ -355,14 +364,14 @@ def _colour(per_stage: list[list[tuple]]) -> tuple[dict, int]:
   return slot_of, most
 
 
-def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) -> float:
+def predict_time(table: TickTable, schedule: Schedule, slowdown: Slowdown = 1.0) -> float:
   """The cost model of a lock-step program: time of one call of `table`, in the costs' unit.
 
   Every tick lasts as long as its slowest stage: the sum of its groups' ops' durations
   (`schedule.duration`, from `schedule.costs`), plus, under remat, a forward for a B group
-  (the B op's recompute). Ticks where two or more stages are busy take `slowdown` times as long
-  (devices sharing cores; 1 on accelerators), as in `Schedule.predict`. Without remat a B op
-  reads its stored residuals: no recompute.
+  (the B op's recompute). A tick in which n >= 2 stages are busy takes `stretch(slowdown, n)`
+  times as long (devices sharing cores; 1 on accelerators), as in `Schedule.predict`. Without
+  remat a B op reads its stored residuals: no recompute.
 
   Returns:
     The predicted time of the whole call (divide by its steps for time per step).
@@ -382,5 +391,5 @@ def predict_time(table: TickTable, schedule: Schedule, slowdown: float = 1.0) ->
       if (t, k) in table.groups:
         busy.append(time)
     if busy:
-      total += max(busy) * (slowdown if len(busy) > 1 else 1.0)
+      total += max(busy) * stretch(slowdown, len(busy))
   return total
