@@ -518,9 +518,10 @@ def main(argv):
       workdir_lock.require_local(FLAGS.out, "--out")
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-  for path in FLAGS.curves_from:  # Checked before anything trains.
+  curves_from = []  # Read (and so checked) before anything trains, used by the report.
+  for path in FLAGS.curves_from:
     try:
-      reproduce_report.read_curves_csv(path)
+      curves_from.append(reproduce_report.read_curves_csv(path))
     except (OSError, KeyError, ValueError) as e:
       raise app.UsageError(
         f"--curves_from={path}: not a readable curves.csv ({type(e).__name__}: {e}); pass the "
@@ -571,7 +572,7 @@ def main(argv):
       # still holds every finished run in DIR, e.g. those another host trained.
       missing=[r.name for r in runs if r not in finished],
       microbatches=FLAGS.pipeline_microbatches,
-      curves_from=FLAGS.curves_from,
+      curves_from=curves_from,
     )
   except reproduce_report.CurvesMismatch as e:  # The runs themselves are kept.
     raise app.UsageError(f"{e} Drop that --curves_from file; rerun with --report_only.") from None

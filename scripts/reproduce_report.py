@@ -552,12 +552,13 @@ def write(
   out: str, *, suite: str, runs, missing: list[str], microbatches: int = 8, curves_from=()
 ) -> list[str]:
   """Writes table.md, results.csv, runs.csv, curves.csv and the plots; returns their paths,
-  table first. `curves_from`: curves.csv files of earlier runs of the same suite whose
-  workdirs are gone; their seeds join the means, curves and curves.csv (`add_seeds`)."""
+  table first. `curves_from`: the curves of earlier runs of the same suite whose workdirs are
+  gone, each as `read_curves_csv` read its curves.csv; their seeds join the means, curves and
+  curves.csv (`add_seeds`)."""
   table = aggregate(runs, out, microbatches)
   added = []
-  for path in curves_from:
-    added += add_seeds(table, read_curves_csv(path))
+  for curves in curves_from:
+    added += add_seeds(table, curves)
   plots = os.path.join(out, "plots")
   os.makedirs(plots, exist_ok=True)
   written = [os.path.join(out, "table.md"), os.path.join(out, "results.csv")]

@@ -439,7 +439,8 @@ def test_seeds_from_an_earlier_curves_csv_join_the_report(tmp_path):
   seed0 = [r for r in chosen if r.seed == 0]
   reproduce_report.write(str(second), suite="t", runs=[r for r in chosen if r.seed], missing=[])
   curves = str(second / "curves.csv")
-  reproduce_report.write(str(first), suite="t", runs=seed0, missing=[], curves_from=[curves])
+  earlier = [reproduce_report.read_curves_csv(curves)]
+  reproduce_report.write(str(first), suite="t", runs=seed0, missing=[], curves_from=earlier)
   merged = reproduce_report.aggregate(seed0, str(first), 8)
   added = reproduce_report.add_seeds(merged, reproduce_report.read_curves_csv(curves))
   assert len(added) == 3 and all(a.endswith("seed 1") for a in added)

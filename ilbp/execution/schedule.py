@@ -542,7 +542,7 @@ def stretch(slowdown: Slowdown, busy: int) -> float:
     return 1.0
   if isinstance(slowdown, (int, float)):
     return float(slowdown)
-  return float(slowdown[min(busy, len(slowdown) + 1) - 2]) if slowdown else 1.0
+  return float(slowdown[min(busy - 2, len(slowdown) - 1)]) if slowdown else 1.0
 
 
 def describe_slowdown(slowdown: Slowdown) -> str:
